@@ -1,0 +1,72 @@
+"""The `infermesh` command: one entry point for every service and tool."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _up(argv: list[str]) -> int:
+    from infermesh.services.launcher import main
+
+    return main(argv)
+
+
+def _sim(argv: list[str]) -> int:
+    from infermesh.services.sim.__main__ import main
+
+    return main(argv)
+
+
+def _agent(argv: list[str]) -> int:
+    from infermesh.services.agent.__main__ import main
+
+    return main(argv)
+
+
+def _events(argv: list[str]) -> int:
+    from infermesh.services.tools.events import main
+
+    return main(argv)
+
+
+def _schema(argv: list[str]) -> int:
+    from infermesh.services.tools.schema import main
+
+    return main(argv)
+
+
+def _model(argv: list[str]) -> int:
+    from infermesh.libs.tinymodel.__main__ import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "up": (_up, "start nats-server, simulated engines, their agents and every service"),
+    "sim": (_sim, "run simulated vLLM engines"),
+    "agent": (_agent, "run the vLLM worker agent for one engine"),
+    "events": (_events, "bus tools: `events tail SUBJECT` prints live messages"),
+    "schema": (_schema, "`schema export DIR` writes a JSON Schema per bus message"),
+    "model": (_model, "build the deterministic tiny model folder"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a sub-command; each parses its own options (`infermesh CMD --help`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        p = argparse.ArgumentParser(prog="infermesh", description=__doc__)
+        p.add_argument("command", choices=sorted(COMMANDS), help="; ".join(
+            f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+        if not argv or argv[0] in ("-h", "--help"):
+            p.print_help()
+            return 0 if argv else 2
+        p.parse_args(argv[:1])  # exits with a usage error for an unknown command
+        return 2
+    fn, _ = COMMANDS[argv[0]]
+    return fn(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""structlog set-up: JSON lines when stderr is not a terminal, readable key=value when it is."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(service: str, level: str | None = None, json: bool | None = None) -> None:
+    """Configure structlog and stdlib logging once per process.
+
+    ``level`` defaults to ``$INFERMESH_LOG_LEVEL`` or ``info``; ``json`` defaults to "stderr is not
+    a TTY", so logs collected by Kubernetes or a test harness are machine-readable.
+    """
+    global _configured
+    level_name = (level or os.environ.get("INFERMESH_LOG_LEVEL", "info")).upper()
+    lvl = getattr(logging, level_name, logging.INFO)
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+    logging.basicConfig(level=max(lvl, logging.WARNING), stream=sys.stderr)
+    _configured = True
+
+
+def get_logger(name: str | None = None) -> Any:
+    """A structlog logger (bound to ``logger=name`` when given)."""
+    log = structlog.get_logger()
+    return log.bind(logger=name) if name else log

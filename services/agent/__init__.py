@@ -1,0 +1,1 @@
+"""The vLLM worker agent: engine KV events and load → the bus."""

@@ -1,0 +1,378 @@
+"""The vLLM worker agent: one per engine, the engine's adapter to the bus.
+
+It turns the engine's ZMQ KV events into the project's KVEventBatch stream on
+``im.kv.<pool>.<pod>`` (own gapless seq within an epoch), keeps the engine's block set so it can
+answer ``im.kv.snapshot.<pod>``, and publishes a PodState heartbeat from the engine's /metrics.
+
+Engine stream rules:
+
+* batches apply in engine-seq order; a gap is filled from the replay socket;
+* a seq lower than expected means the engine restarted: the pod's blocks are replaced (an
+  AllBlocksCleared goes out first), then rebuilt from the new engine's replay buffer;
+* after the ZMQ connection drops and comes back, or when the agent starts, the state is rebuilt
+  from the engine's replay buffer when it still reaches back to seq 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+import zmq
+import zmq.asyncio
+from aiohttp import web
+from nats.aio.client import Client
+from nats.micro.request import Request
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from infermesh.libs.bus import BusService, connect
+from infermesh.libs.telemetry import get_logger
+from infermesh.proto import codec
+from infermesh.proto.messages import (
+    AllBlocksCleared,
+    AnyKVEvent,
+    KVEventBatch,
+    LoraInfo,
+    PodState,
+    Snapshot,
+    SnapshotRequest,
+)
+from infermesh.proto.subjects import Subjects
+from infermesh.proto.vllm_kv import KVEventDecodeError, VllmEventDecoder
+
+from .blockset import BlockSet
+from .config import AgentConfig
+from .kvstream import KVSubscriber, RawBatch, ReplayError, replay
+from .scrape import EngineLoad, scrape_engine
+
+log = get_logger("agent")
+
+
+class AgentMetrics:
+    """The agent's own counters (served on its /metrics)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.engine_batches = Counter("infermesh_agent_engine_batches", "Engine batches applied", registry=r)
+        self.engine_events = Counter("infermesh_agent_engine_events", "Engine events applied", registry=r)
+        self.bad_frames = Counter("infermesh_agent_bad_frames", "ZMQ messages with bad framing", registry=r)
+        self.bad_payloads = Counter("infermesh_agent_bad_payloads", "Engine payloads that did not decode", registry=r)
+        self.gaps = Counter("infermesh_agent_seq_gaps", "Engine seq gaps seen", registry=r)
+        self.lost_batches = Counter("infermesh_agent_lost_batches", "Engine batches neither received nor replayed", registry=r)
+        self.replays = Counter("infermesh_agent_replays", "Replay requests made", ["outcome"], registry=r)
+        self.engine_restarts = Counter("infermesh_agent_engine_restarts", "Engine restarts detected", registry=r)
+        self.rebuilds = Counter("infermesh_agent_rebuilds", "Full rebuilds of the block set", registry=r)
+        self.bus_batches = Counter("infermesh_agent_bus_batches", "KVEventBatch messages published", registry=r)
+        self.bus_events = Counter("infermesh_agent_bus_events", "Events published on the bus", registry=r)
+        self.snapshots = Counter("infermesh_agent_snapshots", "Snapshot requests answered", ["outcome"], registry=r)
+        self.scrape_errors = Counter("infermesh_agent_scrape_errors", "Failed /metrics scrapes", registry=r)
+        self.blocks = Gauge("infermesh_agent_blocks", "Blocks the engine holds (any tier)", registry=r)
+
+
+class Agent:
+    """One engine's agent. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, cfg: AgentConfig, nc: Client | None = None) -> None:
+        self.cfg = cfg
+        self.pod = cfg.pod_name()
+        self.subjects = Subjects(cfg.subject_prefix)
+        self.epoch = secrets.token_hex(6)
+        self.seq = 0  # last bus seq published
+        self.blocks = BlockSet()
+        self.metrics = AgentMetrics()
+        self.load = EngineLoad()
+        self.model = cfg.model
+        self._nc = nc
+        self._own_nc = nc is None
+        self._ctx = zmq.asyncio.Context()
+        self._decoder = VllmEventDecoder()
+        self._expected: int | None = None  # next engine seq
+        self._recheck = True  # rebuild from replay at the next batch
+        self._pending: list[AnyKVEvent] = []
+        self._pending_engine_seq: int | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._sub: KVSubscriber | None = None
+        self._service: BusService | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.http_port: int | None = None
+        self._kv_subject = self.subjects.kv(cfg.pool, self.pod)
+        self._started = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect to the bus and the engine; start the loops and the snapshot endpoint."""
+        if self._nc is None:
+            self._nc = await connect(self.cfg.nats_url, f"agent-{self.pod}")
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.cfg.scrape_timeout_s)
+        )
+        self._sub = KVSubscriber(self._ctx, self.cfg.kv_endpoint, self.cfg.kv_topic, self._on_reconnect)
+        svc = BusService(self._nc, "infermesh-agent", description=f"vLLM agent of {self.pod}",
+                         registry=self.metrics.registry, metadata={"pod": self.pod})
+        svc.raw_endpoint("snapshot", self.subjects.kv_snapshot(self.pod), self._on_snapshot)
+        await svc.start()
+        self._service = svc
+        if self.cfg.http_port >= 0:
+            await self._start_http()
+        self._tasks = [
+            asyncio.create_task(self._kv_loop(), name="agent-kv"),
+            asyncio.create_task(self._scrape_loop(), name="agent-scrape"),
+            asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
+        ]
+        log.info("agent_started", pod=self.pod, pool=self.cfg.pool, epoch=self.epoch,
+                 engine=self.cfg.engine_url, kv=self.cfg.kv_endpoint, http_port=self.http_port)
+
+    async def stop(self) -> None:
+        """Stop everything this agent started."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+        if self._sub is not None:
+            await self._sub.close()
+        if self._http is not None:
+            await self._http.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._nc is not None and self._own_nc:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        self._ctx.term()
+
+    async def _start_http(self) -> None:
+        app = web.Application()
+
+        async def health(_: web.Request) -> web.Response:
+            ok = self._nc is not None and self._nc.is_connected
+            return web.json_response({"status": "ok" if ok else "bus_disconnected",
+                                      "pod": self.pod, "epoch": self.epoch, "seq": self.seq,
+                                      "blocks": len(self.blocks)}, status=200 if ok else 503)
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                content_type="text/plain", charset="utf-8")
+
+        app.router.add_get("/health", health)
+        app.router.add_get("/metrics", metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.http_host, self.cfg.http_port)
+        await site.start()
+        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ KV events
+
+    def _on_reconnect(self) -> None:
+        self._recheck = True
+
+    async def _kv_loop(self) -> None:
+        assert self._sub is not None
+        sock = self._sub.sock
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+                await self._on_frames(frames)
+                # Coalesce whatever else is already queued into the same bus message.
+                while len(self._pending) < self.cfg.max_batch_events and await sock.poll(0):
+                    await self._on_frames(await sock.recv_multipart())
+                await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop the stream
+                log.exception("kv_loop_error")
+                await asyncio.sleep(0.05)
+
+    async def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            self.metrics.bad_frames.inc()
+            return
+        seq = int.from_bytes(frames[1], "big")
+        payload = frames[2]
+        if self._recheck:
+            self._recheck = False
+            await self._resync(seq)
+            if self._expected is not None and seq < self._expected:
+                return  # the replay already covered this batch
+        elif self._expected is not None and seq != self._expected:
+            if seq < self._expected:
+                log.warning("engine_restart_detected", seq=seq, expected=self._expected)
+                self.metrics.engine_restarts.inc()
+                await self._rebuild(seq, restart=True)
+                if seq < (self._expected or 0):
+                    return
+            else:
+                self.metrics.gaps.inc()
+                await self._fill_gap(self._expected, seq)
+        self._apply(seq, payload)
+
+    def _apply(self, seq: int, payload: bytes) -> None:
+        self._expected = seq + 1
+        self._pending_engine_seq = seq
+        try:
+            batch = self._decoder.decode(payload)
+        except KVEventDecodeError as e:
+            self.metrics.bad_payloads.inc()
+            log.warning("engine_payload_invalid", seq=seq, error=str(e)[:200])
+            return
+        for ev in batch.events:
+            self.blocks.apply(ev)
+        self._pending.extend(batch.events)
+        self.metrics.engine_batches.inc()
+        self.metrics.engine_events.inc(len(batch.events))
+
+    async def _replay(self, start: int) -> list[RawBatch] | None:
+        if not self.cfg.replay_endpoint:
+            return None
+        try:
+            got = await replay(self._ctx, self.cfg.replay_endpoint, start, self.cfg.replay_timeout_s)
+        except ReplayError as e:
+            self.metrics.replays.labels("failed").inc()
+            log.warning("replay_failed", start=start, error=str(e))
+            return None
+        self.metrics.replays.labels("ok").inc()
+        return got
+
+    async def _fill_gap(self, start: int, stop: int) -> None:
+        got = await self._replay(start)
+        have = {s: p for s, p in (got or []) if start <= s < stop}
+        for s in range(start, stop):
+            if s in have:
+                self._apply(s, have[s])
+            else:
+                self.metrics.lost_batches.inc()
+        if len(have) < stop - start:
+            log.warning("engine_batches_lost", start=start, stop=stop, replayed=len(have))
+
+    async def _resync(self, live_seq: int) -> None:
+        """At start and after a reconnect: rebuild from replay if it reaches back to seq 0."""
+        restart = self._expected is not None and live_seq < self._expected
+        if restart:
+            self.metrics.engine_restarts.inc()
+        await self._rebuild(live_seq, restart=restart)
+
+    async def _rebuild(self, live_seq: int, *, restart: bool) -> None:
+        """Replace the block set with what the engine's replay buffer says, up to ``live_seq``."""
+        got = await self._replay(0)
+        before = [(s, p) for s, p in (got or []) if s < live_seq]
+        complete = bool(before) and before[0][0] == 0 or (got is not None and live_seq == 0)
+        if complete or restart:
+            self.metrics.rebuilds.inc()
+            self.blocks.clear()
+            self._pending.append(AllBlocksCleared())
+            self._expected = 0
+            for s, p in before:
+                if s == self._expected:
+                    self._apply(s, p)
+            if self._expected != live_seq:
+                self.metrics.lost_batches.inc(max(0, live_seq - (self._expected or 0)))
+                log.warning("rebuild_incomplete", replayed_to=self._expected, live=live_seq)
+            self._expected = live_seq
+        elif self._expected is None:
+            # First contact and history is gone: start from here, with what replay still has.
+            self._expected = before[0][0] if before else live_seq
+            for s, p in before:
+                if s == self._expected:
+                    self._apply(s, p)
+            if before:
+                log.warning("history_truncated", first_replayed=before[0][0])
+            self._expected = live_seq
+        elif live_seq > self._expected:
+            self.metrics.gaps.inc()
+            await self._fill_gap(self._expected, live_seq)
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        events, self._pending = self._pending, []
+        assert self._nc is not None
+        self.seq += 1
+        batch = KVEventBatch(pod=self.pod, pool=self.cfg.pool, epoch=self.epoch, seq=self.seq,
+                             ts=time.time(), events=events, engine_seq=self._pending_engine_seq)
+        await self._nc.publish(self._kv_subject, codec.encode(batch))
+        self.metrics.bus_batches.inc()
+        self.metrics.bus_events.inc(len(events))
+        self.metrics.blocks.set(len(self.blocks))
+
+    # ------------------------------------------------------------------ snapshots
+
+    async def _on_snapshot(self, req: Request) -> None:
+        try:
+            ask = codec.decode(req.data, SnapshotRequest)
+        except codec.DecodeError as e:
+            self.metrics.snapshots.labels("bad_request").inc()
+            await req.respond_error("400", str(e))
+            return
+        if ask.pod != self.pod:
+            self.metrics.snapshots.labels("bad_request").inc()
+            await req.respond_error("404", f"this agent serves pod {self.pod!r}, not {ask.pod!r}")
+            return
+        # Built in one go (no await) so it is consistent with self.seq.
+        await self._flush()
+        blocks = self.blocks.snapshot_blocks()
+        size = max(1, min(ask.max_blocks_per_part, self.cfg.snapshot_part_blocks))
+        parts = max(1, -(-len(blocks) // size))
+        seq = self.seq
+        msgs = [
+            codec.encode(Snapshot(pod=self.pod, pool=self.cfg.pool, epoch=self.epoch, seq=seq,
+                                  block_size=self.blocks.block_size or self.load.block_size,
+                                  part=i, parts=parts, blocks=blocks[i * size : (i + 1) * size]))
+            for i in range(parts)
+        ]
+        for m in msgs:
+            await req.respond(m)
+        self.metrics.snapshots.labels("ok").inc()
+
+    # ------------------------------------------------------------------ load and heartbeat
+
+    async def _scrape_loop(self) -> None:
+        assert self._http is not None
+        while True:
+            try:
+                self.load = await scrape_engine(self._http, self.cfg.engine_url, self.model)
+                if not self.model and self.load.model:
+                    self.model = self.load.model
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.metrics.scrape_errors.inc()
+                self.load = msgspec.structs.replace(self.load, ready=False)
+                log.debug("scrape_failed", error=repr(e))
+            await asyncio.sleep(self.cfg.heartbeat_s)
+
+    def pod_state(self) -> PodState:
+        """The heartbeat as of now."""
+        ld = self.load
+        return PodState(
+            pod=self.pod, pool=self.cfg.pool, model=self.model or ld.model, url=self.cfg.engine_url,
+            ts=time.time(), epoch=self.epoch, kv_seq=self.seq, ready=ld.ready,
+            running=ld.running, waiting=ld.waiting, kv_usage=ld.kv_usage,
+            block_size=ld.block_size or self.blocks.block_size, num_gpu_blocks=ld.num_gpu_blocks,
+            num_cpu_blocks=ld.num_cpu_blocks,
+            lora=LoraInfo(running=ld.lora_running, waiting=ld.lora_waiting, max_lora=ld.max_lora),
+            role=self.cfg.role, labels=self.cfg.labels,
+            prefix_cache_queries=ld.prefix_queries, prefix_cache_hits=ld.prefix_hits,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._nc is not None
+        subject = self.subjects.pod_state(self.cfg.pool, self.pod)
+        while True:
+            try:
+                await self._nc.publish(subject, codec.encode(self.pod_state()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the bus may be away; nats-py buffers and reconnects
+                log.debug("heartbeat_failed", error=repr(e))
+            await asyncio.sleep(self.cfg.heartbeat_s)

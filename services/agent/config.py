@@ -1,0 +1,54 @@
+"""Configuration of the vLLM worker agent (CLI, env ``INFERMESH_AGENT_*``, file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from infermesh.libs.config import knob
+from infermesh.proto.subjects import DEFAULT_PREFIX, check_token
+
+
+@dataclass
+class AgentConfig:
+    """Every knob of `infermesh agent`; one agent serves one engine."""
+
+    nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+    subject_prefix: str = knob(DEFAULT_PREFIX, "Prefix of every bus subject")
+    pool: str = knob("default", "Pool (model deployment) this engine belongs to")
+    pod: str = knob("", "Pod name on the bus; empty: derived from the engine URL")
+    engine_url: str = knob("http://127.0.0.1:8000", "The engine's HTTP base URL")
+    kv_endpoint: str = knob("tcp://127.0.0.1:5557", "The engine's ZMQ PUB endpoint to connect to")
+    replay_endpoint: str = knob("", "The engine's ZMQ replay (ROUTER) endpoint; empty: none")
+    kv_topic: str = knob("", "Topic prefix to subscribe to (empty: every topic)")
+    model: str = knob("", "Served model name; empty: read from the engine's /v1/models")
+    role: Literal["both", "prefill", "decode"] = knob("both", "Role in P/D disaggregation")
+    labels: dict[str, str] = knob(None, "Labels for filters, k=v,k2=v2", factory=dict)
+    heartbeat_s: float = knob(0.2, "PodState period (the heartbeat); at most 0.25")
+    scrape_timeout_s: float = knob(1.0, "Timeout of one /metrics scrape")
+    replay_timeout_s: float = knob(2.0, "Timeout of one replay request")
+    max_batch_events: int = knob(2048, "Engine events coalesced into one bus message at most")
+    snapshot_part_blocks: int = knob(2048, "Blocks per snapshot part (bus messages are capped)")
+    http_host: str = knob("127.0.0.1", "Address of the agent's own /health and /metrics")
+    http_port: int = knob(0, "Port of the agent's own HTTP server (0: a free port, -1: none)")
+
+    def __post_init__(self) -> None:
+        check_token(self.pool, "pool")
+        if self.pool == "snapshot":
+            raise ValueError("pool name 'snapshot' is reserved")
+        if self.pod:
+            check_token(self.pod, "pod")
+        if not 0 < self.heartbeat_s <= 0.25:
+            raise ValueError("heartbeat_s must be within (0, 0.25]")
+        if self.max_batch_events < 1 or self.snapshot_part_blocks < 1:
+            raise ValueError("max_batch_events and snapshot_part_blocks must be positive")
+
+    def pod_name(self) -> str:
+        """The configured pod name, or one derived from the engine URL's host and port."""
+        if self.pod:
+            return self.pod
+        from urllib.parse import urlparse
+
+        u = urlparse(self.engine_url)
+        host = (u.hostname or "engine").replace(".", "-").replace(":", "-")
+        return check_token(f"{host}-{u.port or 80}", "pod")

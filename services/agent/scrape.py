@@ -1,0 +1,92 @@
+"""Reading an engine's load from its Prometheus /metrics (vLLM's metric names)."""
+
+from __future__ import annotations
+
+import aiohttp
+import msgspec
+from prometheus_client.parser import text_string_to_metric_families
+
+
+class EngineLoad(msgspec.Struct, kw_only=True):
+    """What the heartbeat reports of one engine."""
+
+    ready: bool = False
+    model: str = ""
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    block_size: int = 0
+    num_gpu_blocks: int = 0
+    num_cpu_blocks: int = 0
+    lora_running: list[str] = []
+    lora_waiting: list[str] = []
+    max_lora: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+
+
+def _int(v: str | None) -> int:
+    try:
+        return int(float(v)) if v not in (None, "", "None") else 0
+    except ValueError:
+        return 0
+
+
+def parse_metrics(text: str, model: str = "") -> EngineLoad:
+    """Pick the load figures out of a vLLM /metrics page.
+
+    Values are summed over engines (``engine`` label) of the same server; when ``model`` is
+    given, only samples whose ``model_name`` label matches count.
+    """
+    ld = EngineLoad(ready=True)
+    latest_lora_ts = -1.0
+    for fam in text_string_to_metric_families(text):
+        name = fam.name
+        if not name.startswith("vllm:"):
+            continue
+        for s in fam.samples:
+            labels = s.labels
+            if model and labels.get("model_name", model) != model:
+                continue
+            sname = s.name
+            if sname == "vllm:num_requests_running":
+                ld.running += int(s.value)
+            elif sname == "vllm:num_requests_waiting":
+                ld.waiting += int(s.value)
+            elif sname in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+                ld.kv_usage = max(ld.kv_usage, float(s.value))
+            elif sname == "vllm:prefix_cache_queries_total":
+                ld.prefix_queries += int(s.value)
+            elif sname == "vllm:prefix_cache_hits_total":
+                ld.prefix_hits += int(s.value)
+            elif sname == "vllm:cache_config_info":
+                ld.block_size = _int(labels.get("block_size")) or ld.block_size
+                ld.num_gpu_blocks = _int(labels.get("num_gpu_blocks")) or ld.num_gpu_blocks
+                ld.num_cpu_blocks = _int(labels.get("num_cpu_blocks")) or ld.num_cpu_blocks
+            elif sname == "vllm:lora_requests_info":
+                # One sample per state change, valued with its timestamp; the newest wins.
+                if float(s.value) >= latest_lora_ts:
+                    latest_lora_ts = float(s.value)
+                    ld.lora_running = _split(labels.get("running_lora_adapters"))
+                    ld.lora_waiting = _split(labels.get("waiting_lora_adapters"))
+                    ld.max_lora = _int(labels.get("max_lora"))
+    return ld
+
+
+def _split(v: str | None) -> list[str]:
+    return [x for x in (v or "").split(",") if x]
+
+
+async def scrape_engine(session: aiohttp.ClientSession, base_url: str, model: str) -> EngineLoad:
+    """Scrape ``/metrics`` (and ``/v1/models`` while the model name is unknown)."""
+    if not model:
+        async with session.get(f"{base_url}/v1/models") as r:
+            r.raise_for_status()
+            data = await r.json()
+            model = data["data"][0]["id"]
+    async with session.get(f"{base_url}/metrics") as r:
+        r.raise_for_status()
+        text = await r.text()
+    ld = parse_metrics(text, model)
+    ld.model = model
+    return ld

@@ -1,0 +1,85 @@
+"""Configuration of the vLLM engine simulator (one dataclass; CLI, env ``INFERMESH_SIM_*``, file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from infermesh.libs.config import knob
+
+
+@dataclass
+class SimConfig:
+    """Every knob of `infermesh sim`. Latency defaults model an 8B model on one H100-class GPU."""
+
+    model: str = knob("", "Model folder (tokenizer + chat template); empty: the repo's tiny model")
+    served_model_name: str = knob("", "Name in the OpenAI API; empty: the tiny model's name")
+    engines: int = knob(1, "Simulated engines in this process, each with its own ports")
+    host: str = knob("127.0.0.1", "Address the HTTP servers listen on")
+    port: int = knob(0, "HTTP port of engine 0 (engine i uses port+i); 0: free ports")
+    kv_port: int = knob(0, "ZMQ PUB port of engine 0 (engine i: kv_port+2i, replay +1); 0: free")
+    kv_events: bool = knob(True, "Publish KV cache events on ZMQ")
+    event_form: Literal["map", "array"] = knob(
+        "map", "KV event form: 'map' (vLLM 0.32, 'type' key) or 'array' (older, positional)"
+    )
+    int_block_hashes: bool = knob(
+        True, "Block hashes as uint64 on the wire (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES)"
+    )
+    kv_topic: str = knob("", "Topic frame of KV events; empty: kv@HOST:PORT@MODEL")
+    replay_buffer_steps: int = knob(10_000, "Batches kept for the replay socket")
+    block_size: int = knob(16, "Tokens per KV block")
+    num_gpu_blocks: int = knob(29_000, "GPU KV capacity in blocks")
+    num_cpu_blocks: int = knob(0, "CPU tier capacity in blocks (0: no CPU tier)")
+    hash_algo: Literal["sha256", "sha256_cbor"] = knob("sha256", "Prefix-cache hash algorithm")
+    hash_seed: str = knob(
+        "", "PYTHONHASHSEED for the first block's parent; empty: from the environment"
+    )
+    max_num_seqs: int = knob(256, "Running sequences at most; the rest wait")
+    max_model_len: int = knob(131_072, "Longest prompt + output accepted")
+    default_max_tokens: int = knob(16, "Completion max_tokens when the request gives none")
+    chat_default_max_tokens: int = knob(
+        128, "Chat max_tokens when the request gives none (vLLM would fill the context)"
+    )
+    request_overhead_s: float = knob(0.015, "Fixed cost per request before prefill (s)")
+    prefill_tokens_per_s: float = knob(30_000.0, "Prefill throughput of uncached tokens")
+    cached_token_cost_s: float = knob(
+        3e-6, "Prefill cost per cached prefix token (attention over the prefix)"
+    )
+    cpu_load_bytes_per_s: float = knob(50e9, "CPU tier to GPU bandwidth for loading blocks")
+    kv_bytes_per_token: int = knob(131_072, "KV bytes per token (8B model, bf16)")
+    itl_s: float = knob(0.007, "Inter-token latency with one running sequence (s)")
+    itl_per_seq_s: float = knob(5e-5, "Extra inter-token latency per running sequence (s)")
+    prefill_itl_penalty: float = knob(
+        1.0, "Decode steps slow by this fraction while a prefill is in progress"
+    )
+    time_scale: float = knob(1.0, "Multiply every modelled delay (0: as fast as possible)")
+    failure_rate: float = knob(0.0, "Fraction of requests answered with an injected error")
+    failure_codes: list[int] = knob(None, "Status codes injected errors use", factory=lambda: [500])
+    loras: list[str] = knob(None, "LoRA adapters served (NAME or NAME=PATH)", factory=list)
+    max_loras: int = knob(4, "LoRA adapters active at once")
+    seed: int = knob(0, "Seed of the generated tokens")
+
+    def __post_init__(self) -> None:
+        if self.engines < 1:
+            raise ValueError("engines must be at least 1")
+        if self.block_size < 1 or self.num_gpu_blocks < 1:
+            raise ValueError("block_size and num_gpu_blocks must be positive")
+        if self.num_cpu_blocks < 0:
+            raise ValueError("num_cpu_blocks must be >= 0")
+        if not 0.0 <= self.failure_rate <= 1.0:
+            raise ValueError("failure_rate must be within [0, 1]")
+        if self.time_scale < 0:
+            raise ValueError("time_scale must be >= 0")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        for code in self.failure_codes:
+            if not 400 <= code <= 599:
+                raise ValueError(f"failure code {code} is not an HTTP error status")
+
+    def lora_paths(self) -> dict[str, str]:
+        """LoRA name → path (a name alone gets a path under /loras/)."""
+        out = {}
+        for spec in self.loras:
+            name, _, path = spec.partition("=")
+            out[name] = path or f"/loras/{name}"
+        return out

@@ -1,0 +1,351 @@
+"""The simulated engine core: admission, prefix cache, latency model, continuous batching.
+
+One asyncio task per engine plays vLLM's step loop. Each iteration admits waiting requests while
+there is room (FCFS: the head of the queue blocks the rest, as in vLLM), emits one token for every
+running request whose next token is due, caches blocks that generated tokens completed, and
+publishes the step's KV events as one batch.
+
+Latency model (seconds of modelled GPU time, multiplied by ``time_scale`` for the wall clock):
+
+* prefill = uncached tokens / prefill_tokens_per_s + cached tokens × cached_token_cost_s
+  + CPU-tier blocks × block bytes / cpu_load_bytes_per_s. Prefills run one at a time (FIFO),
+  so a burst of long prompts queues up and TTFT grows under load, as on a real GPU;
+* the first token is ready after request_overhead_s and the prefill;
+* inter-token latency = itl_s + itl_per_seq_s × running, slower by prefill_itl_penalty while a
+  prefill is in progress (decode steps share the GPU with prefill chunks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from infermesh.libs.telemetry import get_logger
+from infermesh.proto.vllm_kv import VllmEventEncoder
+
+from .block_hash import BlockHasher, block_extra_keys, to_wire, to_wire_bytes
+from .cache import Allocation, NoSpace, PrefixCache
+from .config import SimConfig
+from .metrics import EngineMetrics
+from .publisher import ZmqKVPublisher
+
+log = get_logger("sim.engine")
+
+
+@dataclass(slots=True)
+class Finished:
+    """The last item on a request's output queue."""
+
+    reason: str  # "length", "stop", "abort"
+
+
+@dataclass(eq=False)
+class SimRequest:
+    """One generation request inside the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    lora_name: str | None = None
+    cache_salt: str | None = None
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    out: asyncio.Queue[int | Finished] = field(default_factory=asyncio.Queue)
+    # filled in by the engine
+    arrival: float = 0.0
+    scheduled_at: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    next_at: float = 0.0
+    cached_tokens: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    alloc: Allocation | None = None
+    hashes: list[bytes] = field(default_factory=list)
+    rng: random.Random | None = None
+    finished: bool = False
+    modelled_ttft: float = 0.0
+
+
+class SimEngine:
+    """One simulated vLLM engine."""
+
+    def __init__(
+        self,
+        cfg: SimConfig,
+        index: int,
+        model_name: str,
+        vocab: list[int],
+        eos_token_id: int | None,
+        metrics: EngineMetrics,
+        publisher: ZmqKVPublisher | None,
+    ) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.model_name = model_name
+        self.metrics = metrics
+        self.publisher = publisher
+        self._vocab = vocab  # ids the engine samples output from
+        self.eos_token_id = eos_token_id
+        self.hasher = BlockHasher(cfg.hash_algo, cfg.hash_seed or _env_seed())
+        wire = to_wire if cfg.int_block_hashes else to_wire_bytes
+        self.cache = PrefixCache(
+            cfg.num_gpu_blocks, cfg.block_size, num_cpu_blocks=cfg.num_cpu_blocks, wire=wire
+        )
+        self._encoder = VllmEventEncoder(cfg.event_form)
+        self._lora_paths = cfg.lora_paths()
+        self._lora_ids = {name: i + 1 for i, name in enumerate(self._lora_paths)}
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._prefill_free_at = 0.0
+        self._scale = cfg.time_scale
+        self._seq = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the step loop."""
+        if self.publisher is not None:
+            self.publisher.start()
+        self._task = asyncio.create_task(self._run(), name=f"sim-engine-{self.index}")
+
+    async def stop(self) -> None:
+        """Stop the loop, abort what runs, close the publisher."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for r in list(self.running) + list(self.waiting):
+            self._finish(r, "abort")
+        if self.publisher is not None:
+            await self.publisher.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, req: SimRequest) -> None:
+        """Queue a request; tokens arrive on ``req.out``, then a :class:`Finished`."""
+        if req.lora_name is not None and req.lora_name not in self._lora_paths:
+            raise ValueError(f"unknown LoRA adapter {req.lora_name!r}")
+        req.arrival = time.monotonic()
+        seed = (
+            req.seed if req.seed is not None
+            else zlib.crc32(f"{self.cfg.seed}:{req.request_id}".encode())
+        )
+        req.rng = random.Random(seed)
+        lora_path = self._lora_paths.get(req.lora_name) if req.lora_name else None
+        req.hashes = self.hasher.hash_prompt(
+            req.prompt_ids, self.cfg.block_size, lora_name=req.lora_name,
+            lora_path=lora_path, cache_salt=req.cache_salt,
+        )
+        self.waiting.append(req)
+        self._wake.set()
+
+    def abort(self, req: SimRequest) -> None:
+        """The client went away: free the request's blocks now."""
+        if not req.finished:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(req)
+            self._finish(req, "abort")
+
+    def reset_prefix_cache(self) -> bool:
+        """``POST /reset_prefix_cache``; False while requests hold blocks (as vLLM)."""
+        ok = self.cache.reset()
+        self._wake.set()
+        return ok
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle | None = None
+        while True:
+            try:
+                now = time.monotonic()
+                self._admit(now)
+                if self.running:
+                    self._step(now)
+                await self._publish_events()
+                self._update_gauges()
+                self._wake.clear()
+                if self.running:
+                    delay = min(r.next_at for r in self.running) - time.monotonic()
+                    if delay <= 0:
+                        await asyncio.sleep(0)
+                        continue
+                    handle = loop.call_later(delay, self._wake.set)
+                await self._wake.wait()
+                if handle is not None:
+                    handle.cancel()
+                    handle = None
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad step kill the engine
+                log.exception("engine_step_failed", engine=self.index)
+                await asyncio.sleep(0.01)
+
+    def _admit(self, now: float) -> None:
+        cfg = self.cfg
+        while self.waiting and len(self.running) < cfg.max_num_seqs:
+            req = self.waiting[0]
+            n = len(req.prompt_ids)
+            try:
+                alloc, gpu_hit, cpu_hit = self.cache.allocate(
+                    req.hashes, req.prompt_ids, n, req.max_tokens,
+                    lora_name=req.lora_name, lora_id=self._lora_ids.get(req.lora_name or ""),
+                )
+            except NoSpace:
+                if not self.running:
+                    # Nothing will free space: the request can never fit.
+                    self.waiting.popleft()
+                    self._finish(req, "abort")
+                    continue
+                return
+            self.waiting.popleft()
+            req.alloc = alloc
+            bs = cfg.block_size
+            cached = gpu_hit * bs
+            loaded = cpu_hit * bs
+            req.cached_tokens = cached + loaded
+            self.metrics.on_prefix_query(n, req.cached_tokens)
+            compute = (
+                (n - cached - loaded) / cfg.prefill_tokens_per_s
+                + (cached + loaded) * cfg.cached_token_cost_s
+                + loaded * cfg.kv_bytes_per_token / cfg.cpu_load_bytes_per_s
+            )
+            ready = now + cfg.request_overhead_s * self._scale
+            start = max(ready, self._prefill_free_at)
+            done = start + compute * self._scale
+            self._prefill_free_at = done
+            req.scheduled_at = now
+            req.next_at = done
+            req.modelled_ttft = cfg.request_overhead_s + compute  # without queueing
+            self.running.append(req)
+
+    def _itl(self, now: float) -> float:
+        cfg = self.cfg
+        itl = cfg.itl_s + cfg.itl_per_seq_s * len(self.running)
+        if self._prefill_free_at > now:
+            itl *= 1.0 + cfg.prefill_itl_penalty
+        return itl
+
+    def _step(self, now: float) -> None:
+        itl = self._itl(now)
+        step = itl * self._scale
+        bs = self.cfg.block_size
+        done: list[SimRequest] = []
+        for req in self.running:
+            if req.next_at > now:
+                continue
+            tok = self._vocab[req.rng.randrange(len(self._vocab))] if req.rng else self._vocab[0]
+            first = not req.output_ids
+            req.output_ids.append(tok)
+            if first:
+                req.first_token_at = now
+                ttft = (now - req.arrival) / self._scale if self._scale else req.modelled_ttft
+                self.metrics.on_first_token(ttft)
+            else:
+                gap = (now - req.last_token_at) / self._scale if self._scale else itl
+                self.metrics.on_token(gap)
+            req.last_token_at = now
+            req.out.put_nowait(tok)
+            # vLLM caches a block once all its tokens are computed (all but the newest one).
+            alloc = req.alloc
+            if alloc is not None:
+                total = len(req.prompt_ids) + len(req.output_ids)
+                while total - 1 >= (len(alloc.chain) + 1) * bs:
+                    self._cache_generated(req, alloc)
+            if len(req.output_ids) >= req.max_tokens or tok in req.stop_token_ids:
+                done.append(req)
+            else:
+                req.next_at = max(req.next_at + step, now) if step else now
+        for req in done:
+            self._finish(req, "stop" if req.output_ids[-1] in req.stop_token_ids else "length")
+
+    def _cache_generated(self, req: SimRequest, alloc: Allocation) -> None:
+        bs = self.cfg.block_size
+        k = len(alloc.chain)
+        seq = req.prompt_ids + req.output_ids
+        toks = seq[k * bs : (k + 1) * bs]
+        lora_path = self._lora_paths.get(req.lora_name) if req.lora_name else None
+        extra = block_extra_keys(
+            k * bs, lora_name=req.lora_name, lora_path=lora_path, cache_salt=req.cache_salt
+        )
+        parent = alloc.chain[-1] if alloc.chain else None
+        h = self.hasher.hash_block(parent, toks, extra)
+        self.cache.cache_generated(
+            alloc, h, toks, req.lora_name, self._lora_ids.get(req.lora_name or "")
+        )
+
+    def _finish(self, req: SimRequest, reason: str) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        if req in self.running:
+            self.running.remove(req)
+        if req.alloc is not None:
+            self.cache.release(req.alloc)
+        now = time.monotonic()
+        scale = self._scale or 1.0
+        if req.output_ids:
+            e2e = (now - req.arrival) / scale if self._scale else req.modelled_ttft
+            queue_s = (req.scheduled_at - req.arrival) / scale if self._scale else 0.0
+            decode_s = (now - req.first_token_at) / scale if self._scale else 0.0
+            self.metrics.on_finished(
+                reason, len(req.prompt_ids), len(req.output_ids), e2e, queue_s,
+                max(0.0, req.modelled_ttft - queue_s), decode_s,
+            )
+        req.out.put_nowait(Finished(reason))
+        self._wake.set()
+
+    async def _publish_events(self) -> None:
+        events = self.cache.drain_events()
+        if not events or self.publisher is None:
+            return
+        payload = self._encoder.encode(time.time(), events, 0)
+        await self.publisher.publish(payload)
+
+    def _update_gauges(self) -> None:
+        self.metrics.set_queue(len(self.running), len(self.waiting))
+        self.metrics.set_kv_usage(self.cache.usage())
+        if self._lora_paths:
+            running = sorted({r.lora_name for r in self.running if r.lora_name})
+            waiting = sorted({r.lora_name for r in self.waiting if r.lora_name})
+            self.metrics.set_lora_info(running, waiting, self.cfg.max_loras)
+
+    # ------------------------------------------------------------------ introspection
+
+    def cache_contents(self) -> dict[str, Any]:
+        """Cached block hashes per tier as the engine's events name them."""
+        wire = to_wire if self.cfg.int_block_hashes else (lambda h: h.hex())
+        return {tier: [wire(h) for h in hs] for tier, hs in self.cache.contents().items()}
+
+
+def _env_seed() -> str | None:
+    import os
+
+    return os.environ.get("PYTHONHASHSEED")
+
+
+_WORD = re.compile(r"^ ?[a-z]{2,12}$")
+
+
+def sampling_vocab(tokenizer: Any) -> list[int]:
+    """Token ids that decode to a plain word, so generated text reads as text."""
+    ids = []
+    for i in range(tokenizer.vocab_size):
+        try:
+            s = tokenizer.decode([i], skip_special_tokens=True)
+        except Exception:
+            continue
+        if _WORD.match(s):
+            ids.append(i)
+    return ids or list(range(min(tokenizer.vocab_size, 1000)))

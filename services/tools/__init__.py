@@ -1,0 +1,1 @@
+"""Operator and tool-author commands (`infermesh events`, `infermesh schema`)."""
