@@ -1,0 +1,37 @@
+"""A deterministic tiny HF-style model folder generated from our own code.
+
+``python -m infermesh.libs.tinymodel DEST`` builds it; services call
+:func:`ensure_model_folder` to get the default one.
+"""
+
+from .build import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_SEED,
+    DEFAULT_VOCAB_SIZE,
+    GENERATOR_VERSION,
+    MODEL_DIR_ENV,
+    SPECIAL_TOKENS,
+    STAMP_FILE,
+    build_model_folder,
+    default_model_dir,
+    ensure_model_folder,
+    is_built,
+    render_files,
+)
+from .chat_template import CHAT_TEMPLATE
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_SEED",
+    "DEFAULT_VOCAB_SIZE",
+    "GENERATOR_VERSION",
+    "MODEL_DIR_ENV",
+    "SPECIAL_TOKENS",
+    "STAMP_FILE",
+    "build_model_folder",
+    "default_model_dir",
+    "ensure_model_folder",
+    "is_built",
+    "render_files",
+]
