@@ -309,11 +309,13 @@ class VllmEventEncoder:
                         medium=e.medium,
                         lora_name=e.lora_name,
                         extra_keys=e.extra_keys,
+                        group_idx=None if array else 0,
                     )
                 )
             elif e.kind == "removed":
                 cls = _WRemovedA if array else _WRemovedM
-                out.append(cls(block_hashes=e.block_hashes, medium=e.medium))
+                out.append(cls(block_hashes=e.block_hashes, medium=e.medium,
+                               group_idx=None if array else 0))
             else:
                 out.append(_WClearedA() if array else _WClearedM())
         return self._enc.encode((ts, out, dp_rank))

@@ -296,14 +296,25 @@ class Agent:
         if not self._pending:
             return
         events, self._pending = self._pending, []
+        await self._publish_events(events)
+        self.metrics.blocks.set(len(self.blocks))
+
+    async def _publish_events(self, events: list[AnyKVEvent]) -> None:
+        """Publish ``events`` as one batch, or as several when one would exceed max_payload."""
         assert self._nc is not None
-        self.seq += 1
-        batch = KVEventBatch(pod=self.pod, pool=self.cfg.pool, epoch=self.epoch, seq=self.seq,
+        batch = KVEventBatch(pod=self.pod, pool=self.cfg.pool, epoch=self.epoch, seq=self.seq + 1,
                              ts=time.time(), events=events, engine_seq=self._pending_engine_seq)
-        await self._nc.publish(self._kv_subject, codec.encode(batch))
+        data = codec.encode(batch)
+        limit = self._nc.max_payload or (1 << 20)
+        if len(data) > limit - 1024 and len(events) > 1:
+            half = len(events) // 2
+            await self._publish_events(events[:half])
+            await self._publish_events(events[half:])
+            return
+        self.seq += 1
+        await self._nc.publish(self._kv_subject, data)
         self.metrics.bus_batches.inc()
         self.metrics.bus_events.inc(len(events))
-        self.metrics.blocks.set(len(self.blocks))
 
     # ------------------------------------------------------------------ snapshots
 

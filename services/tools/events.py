@@ -10,6 +10,7 @@ import sys
 import msgspec
 
 from infermesh.libs.bus import connect
+from infermesh.libs.telemetry import configure_logging
 from infermesh.proto import codec
 from infermesh.proto.subjects import DEFAULT_PREFIX, Subjects
 
@@ -69,4 +70,5 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
     t.add_argument("--timeout", type=float, default=None, help="stop after S seconds")
     args = p.parse_args(argv)
+    configure_logging("events")  # logs go to stderr; stdout carries only the JSON lines
     return asyncio.run(tail(args.nats_url, args.subject, args.prefix, args.count, args.timeout))
