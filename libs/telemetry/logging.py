@@ -45,9 +45,9 @@ def configure_logging(service: str, level: str | None = None, json: bool | None 
 
 
 def get_logger(name: str | None = None) -> Any:
-    """A lazy structlog logger (``logger=name`` when given).
+    """A lazy structlog logger (``component=name`` when given).
 
     It is resolved at first use, so module-level loggers follow :func:`configure_logging` even
     though they are created at import time.
     """
-    return structlog.get_logger(logger=name) if name else structlog.get_logger()
+    return structlog.get_logger(component=name) if name else structlog.get_logger()
