@@ -58,6 +58,10 @@ class SimConfig:
     loras: list[str] = knob(None, "LoRA adapters served (NAME or NAME=PATH)", factory=list)
     max_loras: int = knob(4, "LoRA adapters active at once")
     seed: int = knob(0, "Seed of the generated tokens")
+    enable_prompt_tokens_details: bool = knob(
+        True, "Report usage.prompt_tokens_details.cached_tokens (vLLM's flag of that name)"
+    )
+    max_body_bytes: int = knob(64 * 1024 * 1024, "Largest HTTP request body accepted")
 
     def __post_init__(self) -> None:
         if self.engines < 1:

@@ -39,11 +39,9 @@ from .publisher import ZmqKVPublisher
 log = get_logger("sim.engine")
 
 
-@dataclass(slots=True)
-class Finished:
-    """The last item on a request's output queue."""
-
-    reason: str  # "length", "stop", "abort"
+# A request's output queue carries (token id, finish reason or None); a request that ends
+# without a token (aborted, never fit) gets (None, reason).
+Output = tuple[int | None, str | None]
 
 
 @dataclass(eq=False)
@@ -57,7 +55,7 @@ class SimRequest:
     cache_salt: str | None = None
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()
-    out: asyncio.Queue[int | Finished] = field(default_factory=asyncio.Queue)
+    out: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
     # filled in by the engine
     arrival: float = 0.0
     scheduled_at: float = 0.0
@@ -132,7 +130,7 @@ class SimEngine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, req: SimRequest) -> None:
-        """Queue a request; tokens arrive on ``req.out``, then a :class:`Finished`."""
+        """Queue a request; ``(token, finish_reason)`` pairs arrive on ``req.out``."""
         if req.lora_name is not None and req.lora_name not in self._lora_paths:
             raise ValueError(f"unknown LoRA adapter {req.lora_name!r}")
         req.arrival = time.monotonic()
@@ -241,7 +239,7 @@ class SimEngine:
         itl = self._itl(now)
         step = itl * self._scale
         bs = self.cfg.block_size
-        done: list[SimRequest] = []
+        done: list[tuple[SimRequest, str]] = []
         for req in self.running:
             if req.next_at > now:
                 continue
@@ -256,19 +254,24 @@ class SimEngine:
                 gap = (now - req.last_token_at) / self._scale if self._scale else itl
                 self.metrics.on_token(gap)
             req.last_token_at = now
-            req.out.put_nowait(tok)
             # vLLM caches a block once all its tokens are computed (all but the newest one).
             alloc = req.alloc
             if alloc is not None:
                 total = len(req.prompt_ids) + len(req.output_ids)
                 while total - 1 >= (len(alloc.chain) + 1) * bs:
                     self._cache_generated(req, alloc)
-            if len(req.output_ids) >= req.max_tokens or tok in req.stop_token_ids:
-                done.append(req)
+            reason = (
+                "stop" if tok in req.stop_token_ids
+                else "length" if len(req.output_ids) >= req.max_tokens
+                else None
+            )
+            req.out.put_nowait((tok, reason))
+            if reason is not None:
+                done.append((req, reason))
             else:
                 req.next_at = max(req.next_at + step, now) if step else now
-        for req in done:
-            self._finish(req, "stop" if req.output_ids[-1] in req.stop_token_ids else "length")
+        for req, reason in done:
+            self._finish(req, reason, notify=False)
 
     def _cache_generated(self, req: SimRequest, alloc: Allocation) -> None:
         bs = self.cfg.block_size
@@ -285,7 +288,7 @@ class SimEngine:
             alloc, h, toks, req.lora_name, self._lora_ids.get(req.lora_name or "")
         )
 
-    def _finish(self, req: SimRequest, reason: str) -> None:
+    def _finish(self, req: SimRequest, reason: str, notify: bool = True) -> None:
         if req.finished:
             return
         req.finished = True
@@ -303,7 +306,8 @@ class SimEngine:
                 reason, len(req.prompt_ids), len(req.output_ids), e2e, queue_s,
                 max(0.0, req.modelled_ttft - queue_s), decode_s,
             )
-        req.out.put_nowait(Finished(reason))
+        if notify:
+            req.out.put_nowait((None, reason))
         self._wake.set()
 
     async def _publish_events(self) -> None:

@@ -32,20 +32,29 @@ class ZmqKVPublisher:
         topic: str = "",
         buffer_steps: int = 10_000,
         hwm: int = 100_000,
+        bind: bool | None = None,
     ) -> None:
         self._pub = ctx.socket(zmq.PUB)
         self._pub.set_hwm(hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
-        # vLLM binds when the endpoint is a wildcard or ipc/inproc, and connects otherwise.
-        if "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://")):
+        # vLLM binds when the endpoint is a wildcard or ipc/inproc, and connects otherwise
+        # ("bind stable, connect volatile"); ``bind`` overrides that for the simulator.
+        if bind is None:
+            bind = "*" in endpoint or "::" in endpoint or endpoint.startswith(
+                ("ipc://", "inproc://"))
+        if bind:
             self._pub.bind(endpoint)
+            endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             self._pub.connect(endpoint)
+        self.endpoint = endpoint
         self._replay: zmq.asyncio.Socket | None = None
+        self.replay_endpoint: str | None = None
         if replay_endpoint:
             self._replay = ctx.socket(zmq.ROUTER)
             self._replay.setsockopt(zmq.LINGER, 0)
             self._replay.bind(replay_endpoint)
+            self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         self._topic = topic.encode()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = 0
