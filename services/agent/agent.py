@@ -58,20 +58,48 @@ class AgentMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.engine_batches = Counter("infermesh_agent_engine_batches", "Engine batches applied", registry=r)
-        self.engine_events = Counter("infermesh_agent_engine_events", "Engine events applied", registry=r)
-        self.bad_frames = Counter("infermesh_agent_bad_frames", "ZMQ messages with bad framing", registry=r)
-        self.bad_payloads = Counter("infermesh_agent_bad_payloads", "Engine payloads that did not decode", registry=r)
+        self.engine_batches = Counter(
+            "infermesh_agent_engine_batches", "Engine batches applied", registry=r
+        )
+        self.engine_events = Counter(
+            "infermesh_agent_engine_events", "Engine events applied", registry=r
+        )
+        self.bad_frames = Counter(
+            "infermesh_agent_bad_frames", "ZMQ messages with bad framing", registry=r
+        )
+        self.bad_payloads = Counter(
+            "infermesh_agent_bad_payloads", "Engine payloads that did not decode", registry=r
+        )
         self.gaps = Counter("infermesh_agent_seq_gaps", "Engine seq gaps seen", registry=r)
-        self.lost_batches = Counter("infermesh_agent_lost_batches", "Engine batches neither received nor replayed", registry=r)
-        self.replays = Counter("infermesh_agent_replays", "Replay requests made", ["outcome"], registry=r)
-        self.engine_restarts = Counter("infermesh_agent_engine_restarts", "Engine restarts detected", registry=r)
-        self.rebuilds = Counter("infermesh_agent_rebuilds", "Full rebuilds of the block set", registry=r)
-        self.bus_batches = Counter("infermesh_agent_bus_batches", "KVEventBatch messages published", registry=r)
-        self.bus_events = Counter("infermesh_agent_bus_events", "Events published on the bus", registry=r)
-        self.snapshots = Counter("infermesh_agent_snapshots", "Snapshot requests answered", ["outcome"], registry=r)
-        self.scrape_errors = Counter("infermesh_agent_scrape_errors", "Failed /metrics scrapes", registry=r)
-        self.blocks = Gauge("infermesh_agent_blocks", "Blocks the engine holds (any tier)", registry=r)
+        self.lost_batches = Counter(
+            "infermesh_agent_lost_batches",
+            "Engine batches neither received nor replayed",
+            registry=r,
+        )
+        self.replays = Counter(
+            "infermesh_agent_replays", "Replay requests made", ["outcome"], registry=r
+        )
+        self.engine_restarts = Counter(
+            "infermesh_agent_engine_restarts", "Engine restarts detected", registry=r
+        )
+        self.rebuilds = Counter(
+            "infermesh_agent_rebuilds", "Full rebuilds of the block set", registry=r
+        )
+        self.bus_batches = Counter(
+            "infermesh_agent_bus_batches", "KVEventBatch messages published", registry=r
+        )
+        self.bus_events = Counter(
+            "infermesh_agent_bus_events", "Events published on the bus", registry=r
+        )
+        self.snapshots = Counter(
+            "infermesh_agent_snapshots", "Snapshot requests answered", ["outcome"], registry=r
+        )
+        self.scrape_errors = Counter(
+            "infermesh_agent_scrape_errors", "Failed /metrics scrapes", registry=r
+        )
+        self.blocks = Gauge(
+            "infermesh_agent_blocks", "Blocks the engine holds (any tier)", registry=r
+        )
 
 
 class Agent:
@@ -92,7 +120,9 @@ class Agent:
         self._ctx = zmq.asyncio.Context()
         self._decoder = VllmEventDecoder()
         self._expected: int | None = None  # next engine seq
-        self._recheck = True  # rebuild from replay at the next batch
+        self._last: tuple[int, int] | None = None  # (seq, payload hash) last applied
+        self._seen: dict[int, int] = {}  # seq → payload hash of the last replay
+        self._recheck = True  # re-check against the replay buffer at the next batch
         self._pending: list[AnyKVEvent] = []
         self._pending_engine_seq: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -113,9 +143,16 @@ class Agent:
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.cfg.scrape_timeout_s)
         )
-        self._sub = KVSubscriber(self._ctx, self.cfg.kv_endpoint, self.cfg.kv_topic, self._on_reconnect)
-        svc = BusService(self._nc, "infermesh-agent", description=f"vLLM agent of {self.pod}",
-                         registry=self.metrics.registry, metadata={"pod": self.pod})
+        self._sub = KVSubscriber(
+            self._ctx, self.cfg.kv_endpoint, self.cfg.kv_topic, self._on_reconnect
+        )
+        svc = BusService(
+            self._nc,
+            "infermesh-agent",
+            description=f"vLLM agent of {self.pod}",
+            registry=self.metrics.registry,
+            metadata={"pod": self.pod},
+        )
         svc.raw_endpoint("snapshot", self.subjects.kv_snapshot(self.pod), self._on_snapshot)
         await svc.start()
         self._service = svc
@@ -126,8 +163,15 @@ class Agent:
             asyncio.create_task(self._scrape_loop(), name="agent-scrape"),
             asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
         ]
-        log.info("agent_started", pod=self.pod, pool=self.cfg.pool, epoch=self.epoch,
-                 engine=self.cfg.engine_url, kv=self.cfg.kv_endpoint, http_port=self.http_port)
+        log.info(
+            "agent_started",
+            pod=self.pod,
+            pool=self.cfg.pool,
+            epoch=self.epoch,
+            engine=self.cfg.engine_url,
+            kv=self.cfg.kv_endpoint,
+            http_port=self.http_port,
+        )
 
     async def stop(self) -> None:
         """Stop everything this agent started."""
@@ -156,13 +200,23 @@ class Agent:
 
         async def health(_: web.Request) -> web.Response:
             ok = self._nc is not None and self._nc.is_connected
-            return web.json_response({"status": "ok" if ok else "bus_disconnected",
-                                      "pod": self.pod, "epoch": self.epoch, "seq": self.seq,
-                                      "blocks": len(self.blocks)}, status=200 if ok else 503)
+            return web.json_response(
+                {
+                    "status": "ok" if ok else "bus_disconnected",
+                    "pod": self.pod,
+                    "epoch": self.epoch,
+                    "seq": self.seq,
+                    "blocks": len(self.blocks),
+                },
+                status=200 if ok else 503,
+            )
 
         async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(self.metrics.registry),
-                                content_type="text/plain", charset="utf-8")
+            return web.Response(
+                body=generate_latest(self.metrics.registry),
+                content_type="text/plain",
+                charset="utf-8",
+            )
 
         app.router.add_get("/health", health)
         app.router.add_get("/metrics", metrics)
@@ -180,6 +234,13 @@ class Agent:
     async def _kv_loop(self) -> None:
         assert self._sub is not None
         sock = self._sub.sock
+        # Start from the engine's replay buffer, so blocks stored before this agent started
+        # (or while it was away) are known without waiting for new traffic.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._sub.connected.wait(), self.cfg.replay_timeout_s)
+        if await self._sync():
+            self._recheck = False
+            await self._flush()
         while True:
             try:
                 frames = await sock.recv_multipart()
@@ -200,26 +261,34 @@ class Agent:
             return
         seq = int.from_bytes(frames[1], "big")
         payload = frames[2]
-        if self._recheck:
+        if self._recheck or self._expected is None:
+            # After a reconnect the engine may be a new process: re-check against replay.
             self._recheck = False
-            await self._resync(seq)
-            if self._expected is not None and seq < self._expected:
-                return  # the replay already covered this batch
-        elif self._expected is not None and seq != self._expected:
-            if seq < self._expected:
-                log.warning("engine_restart_detected", seq=seq, expected=self._expected)
-                self.metrics.engine_restarts.inc()
-                await self._rebuild(seq, restart=True)
-                if seq < (self._expected or 0):
-                    return
-            else:
-                self.metrics.gaps.inc()
-                await self._fill_gap(self._expected, seq)
-        self._apply(seq, payload)
+            await self._sync()
+        exp = self._expected
+        if exp is None or seq == exp:
+            self._apply(seq, payload)
+            return
+        if seq < exp and self._seen.get(seq) == hash(payload):
+            return  # already applied through a replay
+        if seq > exp:
+            self.metrics.gaps.inc()
+        else:
+            log.warning("engine_restart_suspected", seq=seq, expected=exp)
+        await self._sync()
+        exp = self._expected
+        if exp is None or seq == exp:
+            self._apply(seq, payload)
+        elif seq > exp:
+            # The replay buffer no longer holds the missing batches.
+            self.metrics.lost_batches.inc(seq - exp)
+            log.warning("engine_batches_lost", expected=exp, got=seq)
+            self._apply(seq, payload)
 
     def _apply(self, seq: int, payload: bytes) -> None:
         self._expected = seq + 1
         self._pending_engine_seq = seq
+        self._last = (seq, hash(payload))
         try:
             batch = self._decoder.decode(payload)
         except KVEventDecodeError as e:
@@ -236,7 +305,9 @@ class Agent:
         if not self.cfg.replay_endpoint:
             return None
         try:
-            got = await replay(self._ctx, self.cfg.replay_endpoint, start, self.cfg.replay_timeout_s)
+            got = await replay(
+                self._ctx, self.cfg.replay_endpoint, start, self.cfg.replay_timeout_s
+            )
         except ReplayError as e:
             self.metrics.replays.labels("failed").inc()
             log.warning("replay_failed", start=start, error=str(e))
@@ -244,53 +315,38 @@ class Agent:
         self.metrics.replays.labels("ok").inc()
         return got
 
-    async def _fill_gap(self, start: int, stop: int) -> None:
-        got = await self._replay(start)
-        have = {s: p for s, p in (got or []) if start <= s < stop}
-        for s in range(start, stop):
-            if s in have:
-                self._apply(s, have[s])
-            else:
-                self.metrics.lost_batches.inc()
-        if len(have) < stop - start:
-            log.warning("engine_batches_lost", start=start, stop=stop, replayed=len(have))
+    async def _sync(self) -> bool:
+        """Bring the block set in line with the engine's replay buffer; False if unreachable.
 
-    async def _resync(self, live_seq: int) -> None:
-        """At start and after a reconnect: rebuild from replay if it reaches back to seq 0."""
-        restart = self._expected is not None and live_seq < self._expected
-        if restart:
-            self.metrics.engine_restarts.inc()
-        await self._rebuild(live_seq, restart=restart)
-
-    async def _rebuild(self, live_seq: int, *, restart: bool) -> None:
-        """Replace the block set with what the engine's replay buffer says, up to ``live_seq``."""
+        If the buffer still holds the last batch this agent applied (same seq, same bytes), the
+        engine is the same process: only the batches after it are applied. Otherwise the engine
+        is new (or this agent is): the block set is replaced by what the buffer rebuilds, and
+        consumers are told with an AllBlocksCleared first.
+        """
         got = await self._replay(0)
-        before = [(s, p) for s, p in (got or []) if s < live_seq]
-        complete = bool(before) and before[0][0] == 0 or (got is not None and live_seq == 0)
-        if complete or restart:
-            self.metrics.rebuilds.inc()
-            self.blocks.clear()
-            self._pending.append(AllBlocksCleared())
-            self._expected = 0
-            for s, p in before:
-                if s == self._expected:
+        if got is None:
+            return False
+        self._seen = {s: hash(p) for s, p in got}
+        last = self._last
+        if last is not None and self._seen.get(last[0]) == last[1]:
+            for s, p in got:
+                if s > last[0] and s == self._expected:
                     self._apply(s, p)
-            if self._expected != live_seq:
-                self.metrics.lost_batches.inc(max(0, live_seq - (self._expected or 0)))
-                log.warning("rebuild_incomplete", replayed_to=self._expected, live=live_seq)
-            self._expected = live_seq
-        elif self._expected is None:
-            # First contact and history is gone: start from here, with what replay still has.
-            self._expected = before[0][0] if before else live_seq
-            for s, p in before:
-                if s == self._expected:
-                    self._apply(s, p)
-            if before:
-                log.warning("history_truncated", first_replayed=before[0][0])
-            self._expected = live_seq
-        elif live_seq > self._expected:
-            self.metrics.gaps.inc()
-            await self._fill_gap(self._expected, live_seq)
+            return True
+        if last is not None:
+            self.metrics.engine_restarts.inc()
+            log.warning("engine_restart_detected", last_seq=last[0])
+        self.metrics.rebuilds.inc()
+        self.blocks.clear()
+        self._pending.append(AllBlocksCleared())
+        self._expected = got[0][0] if got else 0
+        if got and got[0][0] != 0:
+            self.metrics.lost_batches.inc(got[0][0])
+            log.warning("history_truncated", first_replayed=got[0][0])
+        for s, p in got:
+            if s == self._expected:
+                self._apply(s, p)
+        return True
 
     async def _flush(self) -> None:
         if not self._pending:
@@ -302,8 +358,15 @@ class Agent:
     async def _publish_events(self, events: list[AnyKVEvent]) -> None:
         """Publish ``events`` as one batch, or as several when one would exceed max_payload."""
         assert self._nc is not None
-        batch = KVEventBatch(pod=self.pod, pool=self.cfg.pool, epoch=self.epoch, seq=self.seq + 1,
-                             ts=time.time(), events=events, engine_seq=self._pending_engine_seq)
+        batch = KVEventBatch(
+            pod=self.pod,
+            pool=self.cfg.pool,
+            epoch=self.epoch,
+            seq=self.seq + 1,
+            ts=time.time(),
+            events=events,
+            engine_seq=self._pending_engine_seq,
+        )
         data = codec.encode(batch)
         limit = self._nc.max_payload or (1 << 20)
         if len(data) > limit - 1024 and len(events) > 1:
@@ -336,9 +399,18 @@ class Agent:
         parts = max(1, -(-len(blocks) // size))
         seq = self.seq
         msgs = [
-            codec.encode(Snapshot(pod=self.pod, pool=self.cfg.pool, epoch=self.epoch, seq=seq,
-                                  block_size=self.blocks.block_size or self.load.block_size,
-                                  part=i, parts=parts, blocks=blocks[i * size : (i + 1) * size]))
+            codec.encode(
+                Snapshot(
+                    pod=self.pod,
+                    pool=self.cfg.pool,
+                    epoch=self.epoch,
+                    seq=seq,
+                    block_size=self.blocks.block_size or self.load.block_size,
+                    part=i,
+                    parts=parts,
+                    blocks=blocks[i * size : (i + 1) * size],
+                )
+            )
             for i in range(parts)
         ]
         for m in msgs:
@@ -366,14 +438,25 @@ class Agent:
         """The heartbeat as of now."""
         ld = self.load
         return PodState(
-            pod=self.pod, pool=self.cfg.pool, model=self.model or ld.model, url=self.cfg.engine_url,
-            ts=time.time(), epoch=self.epoch, kv_seq=self.seq, ready=ld.ready,
-            running=ld.running, waiting=ld.waiting, kv_usage=ld.kv_usage,
-            block_size=ld.block_size or self.blocks.block_size, num_gpu_blocks=ld.num_gpu_blocks,
+            pod=self.pod,
+            pool=self.cfg.pool,
+            model=self.model or ld.model,
+            url=self.cfg.engine_url,
+            ts=time.time(),
+            epoch=self.epoch,
+            kv_seq=self.seq,
+            ready=ld.ready,
+            running=ld.running,
+            waiting=ld.waiting,
+            kv_usage=ld.kv_usage,
+            block_size=ld.block_size or self.blocks.block_size,
+            num_gpu_blocks=ld.num_gpu_blocks,
             num_cpu_blocks=ld.num_cpu_blocks,
             lora=LoraInfo(running=ld.lora_running, waiting=ld.lora_waiting, max_lora=ld.max_lora),
-            role=self.cfg.role, labels=self.cfg.labels,
-            prefix_cache_queries=ld.prefix_queries, prefix_cache_hits=ld.prefix_hits,
+            role=self.cfg.role,
+            labels=self.cfg.labels,
+            prefix_cache_queries=ld.prefix_queries,
+            prefix_cache_hits=ld.prefix_hits,
         )
 
     async def _heartbeat_loop(self) -> None:

@@ -1,0 +1,150 @@
+"""Helpers for integration tests: bus collectors, HTTP calls, waiting on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import zmq
+import zmq.asyncio
+
+from infermesh.proto import codec
+from infermesh.proto.messages import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    PodState,
+)
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0,
+                     what: str = "condition", interval: float = 0.05) -> None:
+    """Poll ``cond`` until it holds; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        ok = cond()
+        if not isinstance(ok, bool):
+            ok = await ok
+        if ok:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class KVStreamView:
+    """What a consumer of one pod's bus stream knows: the block set per tier, seqs, epochs."""
+
+    def __init__(self) -> None:
+        self.batches: list[KVEventBatch] = []
+        self.gpu: set[int] = set()
+        self.cpu: set[int] = set()
+        self.cleared = 0
+        self.events = 0
+        self.block_events = 0
+
+    def apply(self, b: KVEventBatch) -> None:
+        self.batches.append(b)
+        for ev in b.events:
+            self.events += 1
+            tier = self.cpu if getattr(ev, "tier", "GPU") == "CPU" else self.gpu
+            if isinstance(ev, BlockStored):
+                tier.update(ev.block_hashes)
+                self.block_events += len(ev.block_hashes)
+            elif isinstance(ev, BlockRemoved):
+                tier.difference_update(ev.block_hashes)
+                self.block_events += len(ev.block_hashes)
+            elif isinstance(ev, AllBlocksCleared):
+                self.cleared += 1
+                self.gpu.clear()
+                self.cpu.clear()
+
+    def epochs(self) -> list[str]:
+        out: list[str] = []
+        for b in self.batches:
+            if not out or out[-1] != b.epoch:
+                out.append(b.epoch)
+        return out
+
+    def seqs(self, epoch: str) -> list[int]:
+        return [b.seq for b in self.batches if b.epoch == epoch]
+
+
+class BusWatcher:
+    """Subscribes to KV streams and heartbeats and keeps a view per pod."""
+
+    def __init__(self, nc: Any) -> None:
+        self.nc = nc
+        self.kv: dict[str, KVStreamView] = {}
+        self.states: dict[str, PodState] = {}
+        self.bad = 0
+
+    async def start(self) -> BusWatcher:
+        await self.nc.subscribe("im.kv.*.*", cb=self._on_kv)
+        await self.nc.subscribe("im.pod.*.*", cb=self._on_pod)
+        await self.nc.flush()
+        return self
+
+    async def _on_kv(self, msg: Any) -> None:
+        try:
+            b = codec.decode(msg.data, KVEventBatch)
+        except codec.DecodeError:
+            self.bad += 1
+            return
+        self.kv.setdefault(b.pod, KVStreamView()).apply(b)
+
+    async def _on_pod(self, msg: Any) -> None:
+        try:
+            st = codec.decode(msg.data, PodState)
+        except codec.DecodeError:
+            self.bad += 1
+            return
+        self.states[st.pod] = st
+
+    def view(self, pod: str) -> KVStreamView:
+        return self.kv.setdefault(pod, KVStreamView())
+
+
+async def sim_cache(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with session.get(f"{base}/sim/cache") as r:
+        r.raise_for_status()
+        return await r.json()  # type: ignore[no-any-return]
+
+
+async def complete_ids(session: aiohttp.ClientSession, base: str, ids: list[int],
+                       max_tokens: int = 1, model: str = "infermesh/tiny-llama") -> dict[str, Any]:
+    body = {"model": model, "prompt": ids, "max_tokens": max_tokens}
+    async with session.post(f"{base}/v1/completions", json=body) as r:
+        data = await r.json()
+        assert r.status == 200, data
+        return data  # type: ignore[no-any-return]
+
+
+def random_prompt(rng: random.Random, n: int, vocab: int = 4000) -> list[int]:
+    return [rng.randrange(10, vocab) for _ in range(n)]
+
+
+async def zmq_replay(ctx: zmq.asyncio.Context, endpoint: str, start: int = 0,
+                     timeout: float = 10.0) -> list[list[bytes]]:
+    """Raw replay: every answer message's frames (after the empty delimiter), END included."""
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    out = []
+    try:
+        await s.send_multipart([b"", start.to_bytes(8, "big")])
+        while True:
+            if not await s.poll(int(timeout * 1000)):
+                raise AssertionError("replay timed out")
+            frames = await s.recv_multipart()
+            assert frames[0] == b""
+            out.append(frames[1:])
+            if frames[-2] == b"\xff" * 8:
+                return out
+    finally:
+        s.close(0)

@@ -1,0 +1,146 @@
+"""The agent between a real simulator process and a real nats-server: every block reaches the
+bus, snapshots match the engine, and restarts of either side leave the right block set."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import aiohttp
+import pytest
+
+from infermesh.libs.bus import connect, request_parts
+from infermesh.proto.messages import Snapshot, SnapshotRequest
+
+from .helpers import BusWatcher, complete_ids, random_prompt, sim_cache, wait_until
+
+BS = 16
+
+
+def free_ports(n: int) -> int:
+    """A base port with n consecutive free ports after it."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65000:
+            continue
+        try:
+            socks = []
+            for i in range(n):
+                t = socket.socket()
+                t.bind(("127.0.0.1", base + i))
+                socks.append(t)
+        except OSError:
+            continue
+        finally:
+            for t in locals().get("socks", []):
+                t.close()
+        return base
+    raise RuntimeError("no free port range")
+
+
+async def snapshot(nc, pod: str) -> tuple[set[int], list[Snapshot]]:
+    parts = await request_parts(nc, f"im.kv.snapshot.{pod}",
+                                SnapshotRequest(pod=pod, max_blocks_per_part=50), Snapshot,
+                                parts_of=lambda s: (s.part, s.parts), timeout=5)
+    blocks = {b.block_hash for p in parts for b in p.blocks if "GPU" in b.tiers}
+    return blocks, parts
+
+
+async def traffic(http, base: str, rng: random.Random, n: int, shared: list[int]) -> None:
+    for i in range(n):
+        prefix = shared if i % 2 else []
+        await complete_ids(http, base, prefix + random_prompt(rng, rng.randrange(1, 6) * BS + 3),
+                           max_tokens=rng.randrange(1, 40))
+
+
+async def test_every_block_reaches_the_bus_and_survives_an_agent_restart(nats_server, procs):
+    _, info = procs.sim("--time-scale", "0", "--num-gpu-blocks", "120")
+    eng = info["engines"][0]
+    nc = await connect(nats_server.url, "test")
+    watch = await BusWatcher(nc).start()
+    agent = procs.agent(nats_server.url, eng, "pod-a")
+    await wait_until(lambda: "pod-a" in watch.states and watch.states["pod-a"].ready,
+                     what="first ready heartbeat")
+    rng = random.Random(7)
+    shared = random_prompt(rng, 4 * BS)
+    async with aiohttp.ClientSession() as http:
+        await traffic(http, eng["http"], rng, 60, shared)
+        cache = set((await sim_cache(http, eng["http"]))["GPU"])
+        view = watch.view("pod-a")
+        await wait_until(lambda: view.gpu == cache, what="bus view == engine cache")
+        assert view.block_events > 300  # evictions happened too
+        (epoch,) = view.epochs()
+        assert view.seqs(epoch) == list(range(1, len(view.seqs(epoch)) + 1)), "gapless seq"
+        snap, parts = await snapshot(nc, "pod-a")
+        assert snap == cache and len(parts) > 1 and parts[0].epoch == epoch
+        assert parts[0].seq == view.seqs(epoch)[-1] and parts[0].block_size == BS
+        # Parents come before children in a snapshot.
+        seen: set[int] = set()
+        for b in (b for p in parts for b in p.blocks):
+            assert b.parent_hash is None or b.parent_hash in seen or b.parent_hash not in snap
+            seen.add(b.block_hash)
+        hb = watch.states["pod-a"]
+        assert hb.block_size == BS and hb.num_gpu_blocks == 120 and hb.ready
+
+        # kill -9 the agent; a new one rebuilds the full block set from the replay buffer.
+        agent.kill()
+        procs.agent(nats_server.url, eng, "pod-a")
+        await wait_until(lambda: watch.states["pod-a"].epoch != epoch, what="new agent")
+        snap2, parts2 = await snapshot(nc, "pod-a")
+        assert snap2 == cache and parts2[0].epoch != epoch
+        # More traffic after the restart still flows and the bus view follows it.
+        await traffic(http, eng["http"], rng, 10, shared)
+        cache2 = set((await sim_cache(http, eng["http"]))["GPU"])
+        await wait_until(lambda: view.gpu == cache2, what="bus view after agent restart")
+    await nc.close()
+
+
+async def test_engine_restart_replaces_the_blocks(nats_server, procs):
+    http_port, kv_port = free_ports(1), free_ports(2)
+    args = ("--time-scale", "0", "--port", str(http_port), "--kv-port", str(kv_port))
+    sim, info = procs.sim(*args)
+    eng = info["engines"][0]
+    nc = await connect(nats_server.url, "test")
+    watch = await BusWatcher(nc).start()
+    procs.agent(nats_server.url, eng, "pod-b")
+    await wait_until(lambda: "pod-b" in watch.states and watch.states["pod-b"].ready,
+                     what="first ready heartbeat")
+    rng = random.Random(8)
+    view = watch.view("pod-b")
+    async with aiohttp.ClientSession() as http:
+        await traffic(http, eng["http"], rng, 20, random_prompt(rng, 2 * BS))
+        old = set((await sim_cache(http, eng["http"]))["GPU"])
+        await wait_until(lambda: view.gpu == old, what="bus view of the first engine")
+        sim.kill()
+        cleared_before = view.cleared
+        _, info2 = procs.sim(*args)
+        assert info2["engines"][0]["kv"] == eng["kv"]
+    async with aiohttp.ClientSession() as http:  # the old keep-alive connections died
+        await traffic(http, eng["http"], rng, 5, random_prompt(rng, 2 * BS))
+        new = set((await sim_cache(http, eng["http"]))["GPU"])
+        assert new and not (new & old)
+        await wait_until(lambda: view.gpu == new, what="bus view replaced by the new engine")
+        assert view.cleared > cleared_before
+        snap, _ = await snapshot(nc, "pod-b")
+        assert snap == new
+    await nc.close()
+
+
+@pytest.mark.parametrize("form", ["array"])
+async def test_agent_reads_the_positional_form(nats_server, procs, form):
+    _, info = procs.sim("--time-scale", "0", "--event-form", form)
+    eng = info["engines"][0]
+    nc = await connect(nats_server.url, "test")
+    watch = await BusWatcher(nc).start()
+    procs.agent(nats_server.url, eng, "pod-c")
+    await wait_until(lambda: "pod-c" in watch.states and watch.states["pod-c"].ready,
+                     what="first ready heartbeat")
+    rng = random.Random(9)
+    async with aiohttp.ClientSession() as http:
+        await traffic(http, eng["http"], rng, 10, [])
+        cache = set((await sim_cache(http, eng["http"]))["GPU"])
+    view = watch.view("pod-c")
+    await wait_until(lambda: view.gpu == cache and len(cache) > 0, what="bus view")
+    await nc.close()
