@@ -241,8 +241,15 @@ class Agent:
         if await self._sync():
             self._recheck = False
             await self._flush()
+        idle_ms = int(self.cfg.idle_check_s * 1000)
         while True:
             try:
+                if not await sock.poll(idle_ms):
+                    # Quiet engine: make sure nothing was missed (a PUB drops messages while a
+                    # SUB is still connecting), and re-check identity after a reconnect.
+                    await self._catch_up()
+                    await self._flush()
+                    continue
                 frames = await sock.recv_multipart()
                 await self._on_frames(frames)
                 # Coalesce whatever else is already queued into the same bus message.
@@ -314,6 +321,23 @@ class Agent:
             return None
         self.metrics.replays.labels("ok").inc()
         return got
+
+    async def _catch_up(self) -> None:
+        """Apply batches the engine published after the last one seen, if any."""
+        if self._recheck or self._last is None:
+            self._recheck = False
+            await self._sync()
+            return
+        last_seq, last_hash = self._last
+        got = await self._replay(last_seq)
+        if got is None:
+            return
+        if not got or got[0][0] != last_seq or hash(got[0][1]) != last_hash:
+            await self._sync()  # our last batch is not in the buffer: a new engine or a gap
+            return
+        for seq, payload in got[1:]:
+            if seq == self._expected:
+                self._apply(seq, payload)
 
     async def _sync(self) -> bool:
         """Bring the block set in line with the engine's replay buffer; False if unreachable.

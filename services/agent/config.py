@@ -27,6 +27,9 @@ class AgentConfig:
     heartbeat_s: float = knob(0.2, "PodState period (the heartbeat); at most 0.25")
     scrape_timeout_s: float = knob(1.0, "Timeout of one /metrics scrape")
     replay_timeout_s: float = knob(2.0, "Timeout of one replay request")
+    idle_check_s: float = knob(
+        1.0, "With no events for this long, ask the replay socket whether any were missed"
+    )
     max_batch_events: int = knob(2048, "Engine events coalesced into one bus message at most")
     snapshot_part_blocks: int = knob(2048, "Blocks per snapshot part (bus messages are capped)")
     http_host: str = knob("127.0.0.1", "Address of the agent's own /health and /metrics")
