@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         p = argparse.ArgumentParser(prog="infermesh", description=__doc__)
-        p.add_argument("command", choices=sorted(COMMANDS), help="; ".join(
-            f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+        p.add_argument(
+            "command",
+            choices=sorted(COMMANDS),
+            help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()),
+        )
         if not argv or argv[0] in ("-h", "--help"):
             p.print_help()
             return 0 if argv else 2

@@ -314,8 +314,11 @@ class VllmEventEncoder:
                 )
             elif e.kind == "removed":
                 cls = _WRemovedA if array else _WRemovedM
-                out.append(cls(block_hashes=e.block_hashes, medium=e.medium,
-                               group_idx=None if array else 0))
+                out.append(
+                    cls(
+                        block_hashes=e.block_hashes, medium=e.medium, group_idx=None if array else 0
+                    )
+                )
             else:
                 out.append(_WClearedA() if array else _WClearedM())
         return self._enc.encode((ts, out, dp_rank))

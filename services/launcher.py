@@ -41,8 +41,9 @@ class Child:
     def start(self) -> None:
         """Start (or restart) the process in its own process group."""
         env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(self.args, env=env, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.args, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
     def alive(self) -> bool:
         """Whether the process runs."""
@@ -66,14 +67,25 @@ def _py(module: str, *args: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `infermesh up`."""
-    p = argparse.ArgumentParser(prog="infermesh up", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="infermesh up",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--engines", type=int, default=4, help="simulated engines (default 4)")
     p.add_argument("--nats-port", type=int, default=4222, help="NATS client port (0: free port)")
-    p.add_argument("--sim-port", type=int, default=8100,
-                   help="HTTP port of engine 0; engine i uses +i (0: free ports)")
-    p.add_argument("--kv-port", type=int, default=5557,
-                   help="ZMQ PUB port of engine 0; engine i uses +2i, its replay socket +1")
+    p.add_argument(
+        "--sim-port",
+        type=int,
+        default=8100,
+        help="HTTP port of engine 0; engine i uses +i (0: free ports)",
+    )
+    p.add_argument(
+        "--kv-port",
+        type=int,
+        default=5557,
+        help="ZMQ PUB port of engine 0; engine i uses +2i, its replay socket +1",
+    )
     p.add_argument("--pool", default="default", help="pool name of the engines")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="bus subject prefix")
     p.add_argument("--block-size", type=int, default=16, help="KV block size of the engines")
@@ -81,8 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=1.0, help="sim latency time scale")
     p.add_argument("--state-dir", default="", help="where ready files and logs go (default: temp)")
     p.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for startup")
-    p.add_argument("--exit-after-ready", action="store_true",
-                   help="stop everything once all is up (a smoke test)")
+    p.add_argument(
+        "--exit-after-ready",
+        action="store_true",
+        help="stop everything once all is up (a smoke test)",
+    )
     return p
 
 
@@ -142,12 +157,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ready_file = state / "sim.json"
         ready_file.unlink(missing_ok=True)
-        sim = Child("sim", _py(
-            "infermesh.services.sim", "--engines", str(args.engines), "--port", str(args.sim_port),
-            "--kv-port", str(args.kv_port),
-            "--model", str(model_dir), "--block-size", str(args.block_size),
-            "--num-gpu-blocks", str(args.num_gpu_blocks), "--time-scale", str(args.time_scale),
-            "--ready-file", str(ready_file)))
+        sim = Child(
+            "sim",
+            _py(
+                "infermesh.services.sim",
+                "--engines",
+                str(args.engines),
+                "--port",
+                str(args.sim_port),
+                "--kv-port",
+                str(args.kv_port),
+                "--model",
+                str(model_dir),
+                "--block-size",
+                str(args.block_size),
+                "--num-gpu-blocks",
+                str(args.num_gpu_blocks),
+                "--time-scale",
+                str(args.time_scale),
+                "--ready-file",
+                str(ready_file),
+            ),
+        )
         sim.start()
         children.append(sim)
         info = _wait_file(ready_file, sim, args.ready_timeout)
@@ -157,10 +188,26 @@ def main(argv: list[str] | None = None) -> int:
         for e in engines:
             pod = f"sim-{e['index']}"
             pods.add(pod)
-            agent = Child(f"agent {pod}", _py(
-                "infermesh.services.agent", "--nats-url", nats.url, "--pool", args.pool,
-                "--pod", pod, "--engine-url", e["http"], "--kv-endpoint", e["kv"],
-                "--replay-endpoint", e["replay"], "--subject-prefix", args.prefix))
+            agent = Child(
+                f"agent {pod}",
+                _py(
+                    "infermesh.services.agent",
+                    "--nats-url",
+                    nats.url,
+                    "--pool",
+                    args.pool,
+                    "--pod",
+                    pod,
+                    "--engine-url",
+                    e["http"],
+                    "--kv-endpoint",
+                    e["kv"],
+                    "--replay-endpoint",
+                    e["replay"],
+                    "--subject-prefix",
+                    args.prefix,
+                ),
+            )
             agent.start()
             children.append(agent)
         asyncio.run(_wait_heartbeats(nats.url, args.prefix, pods, args.ready_timeout))

@@ -68,7 +68,9 @@ async def connect(
         blog.warning("bus_disconnected")
 
     async def on_reconnect() -> None:
-        blog.info("bus_reconnected", server=str(nc.connected_url.netloc if nc.connected_url else ""))
+        blog.info(
+            "bus_reconnected", server=str(nc.connected_url.netloc if nc.connected_url else "")
+        )
 
     async def on_error(e: Exception) -> None:
         blog.warning("bus_error", error=repr(e))
@@ -81,10 +83,20 @@ async def connect(
     deadline = loop.time() + first_connect_timeout
     while True:
         try:
-            await _connect_once(nc, urls, name, connect_timeout, max_reconnect_attempts,
-                                on_disconnect, on_reconnect, on_error, on_closed, kwargs)
+            await _connect_once(
+                nc,
+                urls,
+                name,
+                connect_timeout,
+                max_reconnect_attempts,
+                on_disconnect,
+                on_reconnect,
+                on_error,
+                on_closed,
+                kwargs,
+            )
             break
-        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError, nats.errors.NoServersError) as e:
             if loop.time() >= deadline:
                 raise BusError(f"cannot connect to NATS at {urls}: {e!r}") from e
             blog.info("bus_connect_retry", error=repr(e))
@@ -95,8 +107,16 @@ async def connect(
 
 
 async def _connect_once(
-    nc: Client, urls: list[str], name: str, connect_timeout: float, max_reconnect_attempts: int,
-    on_disconnect: Any, on_reconnect: Any, on_error: Any, on_closed: Any, kwargs: dict[str, Any],
+    nc: Client,
+    urls: list[str],
+    name: str,
+    connect_timeout: float,
+    max_reconnect_attempts: int,
+    on_disconnect: Any,
+    on_reconnect: Any,
+    on_error: Any,
+    on_closed: Any,
+    kwargs: dict[str, Any],
 ) -> None:
     await nc.connect(
         servers=urls,
@@ -133,7 +153,9 @@ async def request(
     the headers.
     """
     try:
-        resp = await nc.request(subject, codec.encode(msg), timeout=timeout, headers=inject_context())
+        resp = await nc.request(
+            subject, codec.encode(msg), timeout=timeout, headers=inject_context()
+        )
     except NoRespondersError:
         raise NoResponders(f"no responders on {subject}") from None
     except NatsTimeout:

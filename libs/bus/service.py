@@ -52,8 +52,9 @@ class BusService:
         )
         self._service: Service | None = None
         self._pending: list[EndpointConfig] = []
-        reg = registry
-        kw: dict[str, Any] = {"registry": reg} if reg is not None else {}
+        # A registry per service unless told otherwise: several services may share a process.
+        self.registry = registry if registry is not None else CollectorRegistry()
+        kw: dict[str, Any] = {"registry": self.registry}
         self.requests = Counter(
             "infermesh_bus_requests", "Requests handled per endpoint and outcome",
             ["service", "endpoint", "outcome"], **kw,

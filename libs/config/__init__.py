@@ -1,6 +1,6 @@
 """One config dataclass per service, read from defaults < file (YAML) < environment < CLI.
 
-Each field documents itself once through ``knob(default, "help")``; the CLI flags (``--field-name``),
+Each field documents itself once through ``knob(default, "help")``; CLI flags (``--field-name``),
 the environment variables (``<PREFIX>_FIELD_NAME``) and the YAML keys (``field_name``) are derived
 from the field, so ``--help`` and the docs cannot drift from the code.
 """
@@ -68,7 +68,11 @@ def _convert(raw: Any, tp: Any, name: str) -> Any:
         if origin is list:
             (item,) = typing.get_args(base) or (str,)
             items = raw.split(",") if isinstance(raw, str) else list(raw)
-            return [_convert(i.strip() if isinstance(i, str) else i, item, name) for i in items if i != ""]
+            return [
+                _convert(i.strip() if isinstance(i, str) else i, item, name)
+                for i in items
+                if i != ""
+            ]
         if origin is dict or base is dict:
             if isinstance(raw, str):
                 pairs = [p.split("=", 1) for p in raw.split(",") if p]
@@ -92,14 +96,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
         flag = "--" + f.name.replace("_", "-")
         base, _ = _base_type(hints[f.name])
         default = (
-            f.default if f.default is not dataclasses.MISSING
-            else f.default_factory() if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+            f.default
+            if f.default is not dataclasses.MISSING
+            else f.default_factory()
+            if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
             else None
         )
         help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
         if base is bool:
-            parser.add_argument(flag, dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text)
 

@@ -1,4 +1,4 @@
-"""Configuration of the vLLM engine simulator (one dataclass; CLI, env ``INFERMESH_SIM_*``, file)."""
+"""Configuration of the vLLM engine simulator (CLI, env ``INFERMESH_SIM_*``, YAML file)."""
 
 from __future__ import annotations
 

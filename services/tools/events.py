@@ -33,7 +33,7 @@ def render(subjects: Subjects, subject: str, data: bytes) -> bytes:
 
 
 async def tail(url: str, subject: str, prefix: str, count: int, timeout: float | None) -> int:
-    """Print messages on ``subject`` until ``count`` were printed, ``timeout`` passed or a signal."""
+    """Print messages on ``subject`` until ``count`` were printed, a timeout or a signal."""
     subjects = Subjects(prefix)
     nc = await connect(url, "events-tail")
     done = asyncio.Event()
@@ -53,7 +53,7 @@ async def tail(url: str, subject: str, prefix: str, count: int, timeout: float |
         loop.add_signal_handler(sig, done.set)
     try:
         await asyncio.wait_for(done.wait(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await nc.close()
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
+
 from infermesh.libs.bus import NatsServer
 from infermesh.proto import codec
 from infermesh.proto.messages import LoraInfo, PodState

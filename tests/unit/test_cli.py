@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 import pytest
+
+from infermesh.cli import COMMANDS, main
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     MESSAGE_TYPES,
@@ -35,8 +37,6 @@ from infermesh.proto.messages import (
     TokenizeReply,
     TokenizeRequest,
 )
-
-from infermesh.cli import COMMANDS, main
 
 EXPECTED_COMMANDS = {"up", "sim", "agent", "events", "schema", "model"}
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from infermesh.libs import tinymodel
 from infermesh.libs.tinymodel import (
     CHAT_TEMPLATE,

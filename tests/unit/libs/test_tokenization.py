@@ -18,6 +18,7 @@ import jinja2.nodes
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from infermesh.libs.tinymodel import CHAT_TEMPLATE, build_model_folder
 from infermesh.libs.tokenization import (
     ChatTemplateError,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from infermesh.services.sim.block_hash import (
     DEFAULT_NONE_HASH_SEED,
     BlockHasher,
