@@ -200,11 +200,21 @@ class VllmEventDecoder:
         raise KVEventDecodeError("not a vLLM KV event batch (" + "; ".join(errors) + ")")
 
 
+def _u64_list(hashes: list[int | bytes]) -> list[int]:
+    """The hashes as uint64s; the common case (already uint64 ints) costs two C-level scans."""
+    try:
+        if not hashes or (min(hashes) >= 0 and max(hashes) <= _U64):  # type: ignore[type-var]
+            return hashes  # type: ignore[return-value]
+    except TypeError:  # bytes, or ints mixed with bytes
+        pass
+    return [hash_to_u64(h) for h in hashes]
+
+
 def _normalise(e: Any) -> AnyKVEvent:
     if isinstance(e, (_StoredA, _StoredM)):
         parent = e.parent_block_hash
         return BlockStored(
-            block_hashes=[hash_to_u64(h) for h in e.block_hashes],
+            block_hashes=_u64_list(e.block_hashes),
             parent_hash=None if parent is None else hash_to_u64(parent),
             token_ids=e.token_ids,
             block_size=e.block_size,
@@ -214,7 +224,7 @@ def _normalise(e: Any) -> AnyKVEvent:
         )
     if isinstance(e, (_RemovedA, _RemovedM)):
         return BlockRemoved(
-            block_hashes=[hash_to_u64(h) for h in e.block_hashes],
+            block_hashes=_u64_list(e.block_hashes),
             tier=medium_to_tier(e.medium),
         )
     return AllBlocksCleared()

@@ -1,11 +1,16 @@
-"""The block set of one engine, per tier, as the agent learns it from the engine's events."""
+"""The block set of one engine, per tier, as the agent learns it from the engine's events.
+
+This is the agent's hot path (every block of every event passes through ``apply``), so a block is
+a small list rather than an object, its tiers a bit mask, and its tokens a reference into the
+event's token list (sliced only when a snapshot needs them).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from infermesh.proto.messages import (
+    TIERS,
     AllBlocksCleared,
     AnyKVEvent,
     BlockRemoved,
@@ -13,31 +18,44 @@ from infermesh.proto.messages import (
     SnapshotBlock,
 )
 
+# Fields of a block record: [parent hash, token list, offset in it, block size, lora, tier mask]
+PARENT, TOKENS, OFFSET, SIZE, LORA, MASK = range(6)
 
-@dataclass(slots=True)
-class BlockRecord:
-    """One block the engine holds in at least one tier."""
-
-    parent: int | None
-    token_ids: list[int]
-    lora_name: str | None
-    tiers: set[str] = field(default_factory=set)
+_NO_TOKENS: list[int] = []
 
 
 class BlockSet:
     """engine hash → block, with the tiers holding it. Applying events is idempotent."""
 
     def __init__(self) -> None:
-        self.blocks: dict[int, BlockRecord] = {}
+        self.blocks: dict[int, list] = {}  # type: ignore[type-arg]
         self.block_size = 0
         self.anomalies = 0  # events that did not fit (counted, not fatal)
+        self._bits: dict[str, int] = {t: 1 << i for i, t in enumerate(TIERS)}
 
     def __len__(self) -> int:
         return len(self.blocks)
 
+    def _bit(self, tier: str) -> int:
+        bit = self._bits.get(tier)
+        if bit is None:  # a medium we have not seen: give it the next bit
+            bit = self._bits[tier] = 1 << len(self._bits)
+        return bit
+
+    def tiers(self, h: int) -> list[str]:
+        """Tiers holding block ``h`` (best first)."""
+        mask = self.blocks[h][MASK]
+        return [t for t, b in self._bits.items() if mask & b]
+
+    def tokens(self, h: int) -> list[int]:
+        """Token ids of block ``h`` (empty when the engine did not send them)."""
+        rec = self.blocks[h]
+        return rec[TOKENS][rec[OFFSET] : rec[OFFSET] + rec[SIZE]]
+
     def count(self, tier: str) -> int:
         """Blocks held in ``tier``."""
-        return sum(1 for b in self.blocks.values() if tier in b.tiers)
+        bit = self._bit(tier)
+        return sum(1 for r in self.blocks.values() if r[MASK] & bit)
 
     def clear(self) -> None:
         """Forget everything."""
@@ -48,43 +66,51 @@ class BlockSet:
         if isinstance(ev, BlockStored):
             self._stored(ev)
         elif isinstance(ev, BlockRemoved):
-            for h in ev.block_hashes:
-                rec = self.blocks.get(h)
-                if rec is None:
-                    continue
-                rec.tiers.discard(ev.tier)
-                if not rec.tiers:
-                    del self.blocks[h]
+            self._drop(ev.block_hashes, self._bit(ev.tier))
         elif isinstance(ev, AllBlocksCleared):
             if ev.tier is None:
                 self.blocks.clear()
             else:
-                for h in [h for h, r in self.blocks.items() if ev.tier in r.tiers]:
-                    rec = self.blocks[h]
-                    rec.tiers.discard(ev.tier)
-                    if not rec.tiers:
-                        del self.blocks[h]
+                bit = self._bit(ev.tier)
+                self._drop([h for h, r in self.blocks.items() if r[MASK] & bit], bit)
+
+    def _drop(self, hashes: list[int], bit: int) -> None:
+        blocks = self.blocks
+        for h in hashes:
+            rec = blocks.get(h)
+            if rec is not None:
+                rec[MASK] &= ~bit
+                if not rec[MASK]:
+                    del blocks[h]
 
     def _stored(self, ev: BlockStored) -> None:
         bs = ev.block_size
         if bs > 0:
             self.block_size = bs
-        parent = ev.parent_hash
-        have_tokens = bs > 0 and len(ev.token_ids) >= len(ev.block_hashes) * bs
-        if ev.token_ids and not have_tokens:
+        toks = ev.token_ids
+        have = bs > 0 and len(toks) >= len(ev.block_hashes) * bs
+        if toks and not have:
             self.anomalies += 1
-        for i, h in enumerate(ev.block_hashes):
-            rec = self.blocks.get(h)
+            toks = _NO_TOKENS
+        size = bs if have else 0
+        bit = self._bit(ev.tier)
+        lora = ev.lora_name
+        parent = ev.parent_hash
+        blocks = self.blocks
+        off = 0
+        for h in ev.block_hashes:
+            rec = blocks.get(h)
             if rec is None:
-                toks = ev.token_ids[i * bs : (i + 1) * bs] if have_tokens else []
-                rec = self.blocks[h] = BlockRecord(parent, toks, ev.lora_name)
-            elif not rec.token_ids and have_tokens:
-                rec.token_ids = ev.token_ids[i * bs : (i + 1) * bs]
-            rec.tiers.add(ev.tier)
+                blocks[h] = [parent, toks, off, size, lora, bit]
+            else:
+                rec[MASK] |= bit
+                if not rec[SIZE] and size:
+                    rec[TOKENS], rec[OFFSET], rec[SIZE] = toks, off, size
             parent = h
+            off += size
 
-    def ordered(self) -> Iterator[tuple[int, BlockRecord]]:
-        """Every block, each parent before its children (for snapshots)."""
+    def ordered(self) -> Iterator[int]:
+        """Every block hash, each parent before its children (for snapshots)."""
         done: set[int] = set()
         blocks = self.blocks
         for h in blocks:
@@ -96,13 +122,13 @@ class BlockSet:
             while cur is not None and cur in blocks and cur not in done:
                 chain.append(cur)
                 done.add(cur)
-                cur = blocks[cur].parent
-            for c in reversed(chain):
-                yield c, blocks[c]
+                cur = blocks[cur][PARENT]
+            yield from reversed(chain)
 
     def snapshot_blocks(self) -> list[SnapshotBlock]:
         """The whole set as snapshot entries, parents first."""
+        b = self.blocks
         return [
-            SnapshotBlock(h, r.parent, r.token_ids, sorted(r.tiers), r.lora_name)
-            for h, r in self.ordered()
+            SnapshotBlock(h, b[h][PARENT], self.tokens(h), self.tiers(h), b[h][LORA])
+            for h in self.ordered()
         ]

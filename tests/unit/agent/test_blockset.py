@@ -14,11 +14,11 @@ def test_store_is_idempotent_and_tiers_are_tracked() -> None:
     s = BlockSet()
     s.apply(stored([1, 2], None))
     s.apply(stored([1, 2], None))
-    assert len(s) == 2 and s.blocks[2].parent == 1 and s.blocks[2].token_ids == [2, 2]
+    assert len(s) == 2 and s.tokens(2) == [2, 2] and s.snapshot_blocks()[1].parent_hash == 1
     s.apply(stored([2], 1, tier="CPU"))
-    assert s.blocks[2].tiers == {"GPU", "CPU"}
+    assert s.tiers(2) == ["GPU", "CPU"]
     s.apply(BlockRemoved(block_hashes=[2], tier="GPU"))
-    assert s.blocks[2].tiers == {"CPU"} and s.count("GPU") == 1
+    assert s.tiers(2) == ["CPU"] and s.count("GPU") == 1
     s.apply(BlockRemoved(block_hashes=[2, 99], tier="CPU"))  # unknown hash ignored
     assert 2 not in s.blocks
 
@@ -29,7 +29,7 @@ def test_clear_per_tier_and_all() -> None:
     s.apply(stored([1], None, tier="CPU"))
     s.apply(stored([5], None, tier="CPU"))
     s.apply(AllBlocksCleared(tier="CPU"))
-    assert set(s.blocks) == {1} and s.blocks[1].tiers == {"GPU"}
+    assert set(s.blocks) == {1} and s.tiers(1) == ["GPU"]
     s.apply(AllBlocksCleared())
     assert len(s) == 0
 
@@ -46,4 +46,13 @@ def test_snapshot_orders_parents_first_even_after_reinsertion() -> None:
 def test_short_token_list_is_an_anomaly_not_a_crash() -> None:
     s = BlockSet()
     s.apply(BlockStored(block_hashes=[1, 2], token_ids=[1], block_size=4))
-    assert s.anomalies == 1 and s.blocks[1].token_ids == []
+    assert s.anomalies == 1 and s.tokens(1) == []
+
+
+def test_unknown_medium_gets_its_own_tier() -> None:
+    s = BlockSet()
+    s.apply(stored([1], None, tier="LMCACHE_DISK"))
+    s.apply(stored([1], None))
+    assert s.tiers(1) == ["GPU", "LMCACHE_DISK"]
+    s.apply(AllBlocksCleared(tier="LMCACHE_DISK"))
+    assert s.tiers(1) == ["GPU"]

@@ -38,7 +38,7 @@ def test_map_form_of_vllm_032() -> None:
                     "session_id": "abc",
                     "a_field_from_the_future": {"x": 1},
                 },
-                {"type": "BlockRemoved", "block_hashes": [7], "medium": "CPU", "group_idx": 0},
+                {"type": "BlockRemoved", "block_hashes": [7, -1], "medium": "CPU", "group_idx": 0},
                 {"type": "AllBlocksCleared"},
             ],
             0,
@@ -50,6 +50,7 @@ def test_map_form_of_vllm_032() -> None:
     assert isinstance(st_, BlockStored) and st_.block_hashes == [BIG, 7]
     assert st_.parent_hash == 3 and st_.token_ids == [1, 2, 3, 4] and st_.tier == "GPU"
     assert isinstance(rm, BlockRemoved) and rm.tier == "CPU"
+    assert rm.block_hashes == [7, BIG]  # a signed int reads as its two's complement
     assert isinstance(cl, AllBlocksCleared)
 
 
