@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -148,3 +149,26 @@ async def zmq_replay(ctx: zmq.asyncio.Context, endpoint: str, start: int = 0,
                 return out
     finally:
         s.close(0)
+
+
+def free_ports(n: int) -> int:
+    """A base port with ``n`` consecutive ports free after it (checked by binding them)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n >= 65000:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no free port range")

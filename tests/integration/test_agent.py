@@ -4,7 +4,6 @@ bus, snapshots match the engine, and restarts of either side leave the right blo
 from __future__ import annotations
 
 import random
-import socket
 
 import aiohttp
 import pytest
@@ -12,32 +11,16 @@ import pytest
 from infermesh.libs.bus import connect, request_parts
 from infermesh.proto.messages import Snapshot, SnapshotRequest
 
-from .helpers import BusWatcher, complete_ids, random_prompt, sim_cache, wait_until
+from .helpers import (
+    BusWatcher,
+    complete_ids,
+    free_ports,
+    random_prompt,
+    sim_cache,
+    wait_until,
+)
 
 BS = 16
-
-
-def free_ports(n: int) -> int:
-    """A base port with n consecutive free ports after it."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65000:
-            continue
-        try:
-            socks = []
-            for i in range(n):
-                t = socket.socket()
-                t.bind(("127.0.0.1", base + i))
-                socks.append(t)
-        except OSError:
-            continue
-        finally:
-            for t in locals().get("socks", []):
-                t.close()
-        return base
-    raise RuntimeError("no free port range")
 
 
 async def snapshot(nc, pod: str) -> tuple[set[int], list[Snapshot]]:
