@@ -105,7 +105,7 @@ class SimEngine:
         self._task: asyncio.Task[None] | None = None
         self._prefill_free_at = 0.0
         self._scale = cfg.time_scale
-        self._seq = 0
+        self._lora_state: tuple[list[str], list[str]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -167,13 +167,13 @@ class SimEngine:
         handle: asyncio.TimerHandle | None = None
         while True:
             try:
+                self._wake.clear()  # first: a wake set during this iteration is not lost
                 now = time.monotonic()
                 self._admit(now)
                 if self.running:
                     self._step(now)
                 await self._publish_events()
                 self._update_gauges()
-                self._wake.clear()
                 if self.running:
                     delay = min(r.next_at for r in self.running) - time.monotonic()
                     if delay <= 0:
@@ -323,7 +323,9 @@ class SimEngine:
         if self._lora_paths:
             running = sorted({r.lora_name for r in self.running if r.lora_name})
             waiting = sorted({r.lora_name for r in self.waiting if r.lora_name})
-            self.metrics.set_lora_info(running, waiting, self.cfg.max_loras)
+            if (running, waiting) != self._lora_state:  # vLLM stamps a series per change
+                self._lora_state = (running, waiting)
+                self.metrics.set_lora_info(running, waiting, self.cfg.max_loras)
 
     # ------------------------------------------------------------------ introspection
 

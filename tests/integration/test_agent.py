@@ -3,6 +3,7 @@ bus, snapshots match the engine, and restarts of either side leave the right blo
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import aiohttp
@@ -126,4 +127,33 @@ async def test_agent_reads_the_positional_form(nats_server, procs, form):
         cache = set((await sim_cache(http, eng["http"]))["GPU"])
     view = watch.view("pod-c")
     await wait_until(lambda: view.gpu == cache and len(cache) > 0, what="bus view")
+    await nc.close()
+
+
+async def test_heartbeat_reports_load_and_lora(nats_server, procs):
+    _, info = procs.sim("--time-scale", "0.05", "--loras", "ad1", "--max-loras", "3",
+                        "--num-gpu-blocks", "500", "--max-num-seqs", "2")
+    eng = info["engines"][0]
+    nc = await connect(nats_server.url, "test")
+    watch = await BusWatcher(nc).start()
+    procs.agent(nats_server.url, eng, "pod-l", "--labels", "zone=z1", "--role", "decode")
+    await wait_until(lambda: "pod-l" in watch.states and watch.states["pod-l"].ready,
+                     what="first ready heartbeat")
+    st = watch.states["pod-l"]
+    assert st.model == "infermesh/tiny-llama" and st.url == eng["http"]
+    assert st.lora.max_lora == 3 and st.labels == {"zone": "z1"} and st.role == "decode"
+    assert st.num_gpu_blocks == 500 and st.block_size == BS
+    rng = random.Random(3)
+    async with aiohttp.ClientSession() as http:
+        # Four slow requests on a 2-sequence engine: 2 run, 2 wait, on the adapter.
+        reqs = [asyncio.create_task(complete_ids(http, eng["http"], random_prompt(rng, 40),
+                                                 max_tokens=200, model="ad1"))
+                for _ in range(4)]
+        await wait_until(lambda: watch.states["pod-l"].running == 2
+                         and watch.states["pod-l"].waiting == 2, what="load in the heartbeat")
+        st = watch.states["pod-l"]
+        assert st.kv_usage > 0 and st.lora.running == ["ad1"]
+        await asyncio.gather(*reqs)
+    await wait_until(lambda: watch.states["pod-l"].running == 0, what="load gone")
+    assert watch.states["pod-l"].prefix_cache_queries >= 160
     await nc.close()
