@@ -34,6 +34,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 schema: $(STAMP)
 	$(BIN)/infermesh schema export docs/schema

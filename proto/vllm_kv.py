@@ -203,7 +203,7 @@ class VllmEventDecoder:
 def _u64_list(hashes: list[int | bytes]) -> list[int]:
     """The hashes as uint64s; the common case (already uint64 ints) costs two C-level scans."""
     try:
-        if not hashes or (min(hashes) >= 0 and max(hashes) <= _U64):  # type: ignore[type-var]
+        if not hashes or (min(hashes) >= 0 and max(hashes) <= _U64):  # type: ignore[type-var,operator]
             return hashes  # type: ignore[return-value]
     except TypeError:  # bytes, or ints mixed with bytes
         pass

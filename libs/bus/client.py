@@ -121,8 +121,9 @@ async def _connect_once(
     await nc.connect(
         servers=urls,
         name=name,
-        connect_timeout=connect_timeout,
-        reconnect_time_wait=0.25,
+        # nats-py annotates these as int but uses them as seconds of any precision.
+        connect_timeout=connect_timeout,  # type: ignore[arg-type]
+        reconnect_time_wait=0.25,  # type: ignore[arg-type]
         max_reconnect_attempts=max_reconnect_attempts,
         allow_reconnect=True,
         disconnected_cb=on_disconnect,

@@ -104,7 +104,7 @@ def _train_tokenizer(vocab_size: int, seed: int) -> Any:
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
         ]
     )
-    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)  # type: ignore[call-arg]
     trainer = BpeTrainer(
         vocab_size=vocab_size - n_special,
         min_frequency=2,

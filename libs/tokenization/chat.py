@@ -318,13 +318,14 @@ def render(
 
     final_text = ""
     if continue_final_message:
-        final_text = conversation[-1].get("content")
-        if not isinstance(final_text, str):
+        content = conversation[-1].get("content")
+        if not isinstance(content, str):
             raise ChatTemplateError(
                 "continue_final_message is set but the final message has no content"
             )
         if "content" not in compiled.source:
             raise ChatTemplateError("continue_final_message is not supported by this chat template")
+        final_text = content
         last = {**conversation[-1], "content": final_text + _CONTINUE_TAG}
         conversation = [*conversation[:-1], last]
 

@@ -20,7 +20,7 @@ from typing import Any
 try:  # tokenizers >= 0.21
     from tokenizers.decoders import DecodeStream as _DecodeStream
 except ImportError:  # pragma: no cover - depends on the installed tokenizers
-    _DecodeStream = None
+    _DecodeStream = None  # type: ignore[misc,assignment]
 
 _REPLACEMENT = "\ufffd"
 

@@ -1417,7 +1417,7 @@ def _tokenize(
         (TokenizeChatRequest, _TOKENIZE_CHAT_RAW, _TOKENIZE_CHAT_CHECKS),
     ):
         try:
-            return _validate(data, cls, raw, checks)  # type: ignore[arg-type]
+            return _validate(data, cls, raw, checks)  # type: ignore[arg-type,return-value]
         except RequestError as exc:
             failures.append(exc)
     errors = [e for exc in failures for e in exc.errors]
