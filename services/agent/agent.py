@@ -123,6 +123,7 @@ class Agent:
         self._last: tuple[int, int] | None = None  # (seq, payload hash) last applied
         self._seen: dict[int, int] = {}  # seq → payload hash of the last replay
         self._recheck = True  # re-check against the replay buffer at the next batch
+        self._synced = asyncio.Event()  # the start-up sync with the engine is over
         self._pending: list[AnyKVEvent] = []
         self._pending_engine_seq: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -238,9 +239,12 @@ class Agent:
         # (or while it was away) are known without waiting for new traffic.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._sub.connected.wait(), self.cfg.replay_timeout_s)
-        if await self._sync():
-            self._recheck = False
-            await self._flush()
+        try:
+            if await self._sync():
+                self._recheck = False
+                await self._flush()
+        finally:
+            self._synced.set()
         idle_ms = int(self.cfg.idle_check_s * 1000)
         while True:
             try:
@@ -416,6 +420,9 @@ class Agent:
             self.metrics.snapshots.labels("bad_request").inc()
             await req.respond_error("404", f"this agent serves pod {self.pod!r}, not {ask.pod!r}")
             return
+        # Answer from the engine's full history, not from a half-started agent.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), 2 * self.cfg.replay_timeout_s + 1)
         # Built in one go (no await) so it is consistent with self.seq.
         await self._flush()
         blocks = self.blocks.snapshot_blocks()

@@ -131,7 +131,7 @@ async def test_agent_reads_the_positional_form(nats_server, procs, form):
 
 
 async def test_heartbeat_reports_load_and_lora(nats_server, procs):
-    _, info = procs.sim("--time-scale", "0.05", "--loras", "ad1", "--max-loras", "3",
+    _, info = procs.sim("--time-scale", "0.1", "--loras", "ad1", "--max-loras", "3",
                         "--num-gpu-blocks", "500", "--max-num-seqs", "2")
     eng = info["engines"][0]
     nc = await connect(nats_server.url, "test")
@@ -145,9 +145,9 @@ async def test_heartbeat_reports_load_and_lora(nats_server, procs):
     assert st.num_gpu_blocks == 500 and st.block_size == BS
     rng = random.Random(3)
     async with aiohttp.ClientSession() as http:
-        # Four slow requests on a 2-sequence engine: 2 run, 2 wait, on the adapter.
+        # Four slow requests (~1.4 s each) on a 2-sequence engine: 2 run, 2 wait.
         reqs = [asyncio.create_task(complete_ids(http, eng["http"], random_prompt(rng, 40),
-                                                 max_tokens=200, model="ad1"))
+                                                 max_tokens=2000, model="ad1"))
                 for _ in range(4)]
         await wait_until(lambda: watch.states["pod-l"].running == 2
                          and watch.states["pod-l"].waiting == 2, what="load in the heartbeat")
@@ -157,3 +157,45 @@ async def test_heartbeat_reports_load_and_lora(nats_server, procs):
     await wait_until(lambda: watch.states["pod-l"].running == 0, what="load gone")
     assert watch.states["pod-l"].prefix_cache_queries >= 160
     await nc.close()
+
+
+async def test_agent_survives_a_bus_restart(procs, tmp_path):
+    from infermesh.libs.bus import NatsServer
+
+    srv = NatsServer()
+    srv.start()
+    try:
+        _, info = procs.sim("--time-scale", "0")
+        eng = info["engines"][0]
+        agent = procs.agent(srv.url, eng, "pod-n")
+        nc = await connect(srv.url, "test")
+        watch = await BusWatcher(nc).start()
+        await wait_until(lambda: "pod-n" in watch.states and watch.states["pod-n"].ready,
+                         what="first ready heartbeat")
+        rng = random.Random(5)
+        async with aiohttp.ClientSession() as http:
+            await traffic(http, eng["http"], rng, 5, [])
+            srv.kill()  # the bus goes away
+            await wait_until(lambda: not nc.is_connected, what="test client disconnected")
+            await traffic(http, eng["http"], rng, 5, [])  # engine keeps working meanwhile
+            srv2 = NatsServer(srv.port)
+            srv2.start()
+            try:
+                await wait_until(lambda: nc.is_connected, timeout=30, what="test reconnected")
+                seen = watch.states["pod-n"].ts
+                await wait_until(lambda: watch.states["pod-n"].ts > seen, timeout=30,
+                                 what="heartbeats after the bus came back")
+                await traffic(http, eng["http"], rng, 5, [])
+                cache = set((await sim_cache(http, eng["http"]))["GPU"])
+                # A consumer that missed the outage repairs itself with a snapshot.
+                await wait_until(lambda: watch.view("pod-n").seqs(
+                    watch.view("pod-n").epochs()[-1])[-1] == watch.states["pod-n"].kv_seq,
+                    what="stream caught up with the heartbeat's kv_seq")
+                snap, _ = await snapshot(nc, "pod-n")
+                assert snap == cache
+                assert agent.alive()
+            finally:
+                await nc.close()
+                srv2.stop()
+    finally:
+        srv.stop()
