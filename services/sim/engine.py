@@ -154,6 +154,13 @@ class SimEngine:
                 self.waiting.remove(req)
             self._finish(req, "abort")
 
+    def finish_stop(self, req: SimRequest) -> None:
+        """A stop string matched (detokenizing is the server's job): end it as "stop"."""
+        if not req.finished:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(req)
+            self._finish(req, "stop", notify=False)
+
     def reset_prefix_cache(self) -> bool:
         """``POST /reset_prefix_cache``; False while requests hold blocks (as vLLM)."""
         ok = self.cache.reset()
@@ -302,9 +309,14 @@ class SimEngine:
             e2e = (now - req.arrival) / scale if self._scale else req.modelled_ttft
             queue_s = (req.scheduled_at - req.arrival) / scale if self._scale else 0.0
             decode_s = (now - req.first_token_at) / scale if self._scale else 0.0
+            prefill_s = (
+                (req.first_token_at - req.scheduled_at) / scale if self._scale
+                else req.modelled_ttft
+            )
             self.metrics.on_finished(
                 reason, len(req.prompt_ids), len(req.output_ids), e2e, queue_s,
-                max(0.0, req.modelled_ttft - queue_s), decode_s,
+                prefill_s, decode_s, cached_tokens=req.cached_tokens,
+                max_tokens=req.max_tokens,
             )
         if notify:
             req.out.put_nowait((None, reason))

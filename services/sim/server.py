@@ -246,10 +246,10 @@ class EngineApp:
                                                     prompt_tokens=len(ids),
                                                     system_fingerprint=self.fingerprint)
             return await self._stream(request, sreq, stream, req, chat=False)
-        text, reason, stop_reason = await self._collect(sreq, req)
+        text, reason, stop_reason, used = await self._collect(sreq, req)
         body = P.completion_response(
             rid, req.model or self.served, text, prompt_tokens=len(ids),
-            completion_tokens=len(sreq.output_ids), finish_reason=reason,
+            completion_tokens=used, finish_reason=reason,
             stop_reason=stop_reason, cached_tokens=self._cached(sreq),
             system_fingerprint=self.fingerprint)
         return web.Response(body=body, content_type="application/json")
@@ -277,10 +277,10 @@ class EngineApp:
                                               prompt_tokens=len(ids),
                                               system_fingerprint=self.fingerprint)
             return await self._stream(request, sreq, stream, req, chat=True)
-        text, reason, stop_reason = await self._collect(sreq, req)
+        text, reason, stop_reason, used = await self._collect(sreq, req)
         body = P.chat_completion_response(
             rid, req.model or self.served, text, prompt_tokens=len(ids),
-            completion_tokens=len(sreq.output_ids), finish_reason=reason,
+            completion_tokens=used, finish_reason=reason,
             stop_reason=stop_reason, cached_tokens=self._cached(sreq),
             system_fingerprint=self.fingerprint)
         return web.Response(body=body, content_type="application/json")
@@ -304,24 +304,43 @@ class EngineApp:
 
     async def _collect(self, sreq: SimRequest,
                        req: P.CompletionRequest | P.ChatCompletionRequest,
-                       ) -> tuple[str, str, str | int | None]:
+                       ) -> tuple[str, str, str | int | None, int]:
+        """Wait for a non-streamed request: (text, finish reason, stop reason, tokens used).
+
+        Stop strings are checked as tokens arrive, as vLLM does, so a match ends the request
+        there instead of generating to max_tokens.
+        """
+        detok = self.tok.detokenizer(sreq.prompt_ids)
+        stops = self._stops(req)
+        text = ""
+        used = 0
         reason: str | None = None
-        while reason is None:
-            _tok, reason = await sreq.out.get()
-        text = self.tok.decode(sreq.output_ids)
         stop_reason: str | int | None = None
-        for s in self._stops(req):
-            at = text.find(s)
-            if at >= 0:
-                text = text[: at + (len(s) if req.include_stop_str_in_output else 0)]
-                reason, stop_reason = "stop", s
-                break
-        if reason == "stop" and stop_reason is None and sreq.output_ids:
-            stop_reason = sreq.output_ids[-1]
+        try:
+            while reason is None:
+                tok, reason = await sreq.out.get()
+                if tok is None:
+                    break
+                used += 1
+                before = len(text)
+                text += detok.step(tok)
+                for s in stops:
+                    at = text.find(s, max(0, before - len(s) + 1))
+                    if at >= 0:
+                        text = text[: at + (len(s) if req.include_stop_str_in_output else 0)]
+                        reason, stop_reason = "stop", s
+                        self.engine.finish_stop(sreq)
+                        break
+                if reason == "stop" and stop_reason is None:
+                    stop_reason = tok
+        except asyncio.CancelledError:  # the client went away: free the blocks now
+            self.engine.abort(sreq)
+            raise
         if reason == "abort":
             raise P.RequestError(503, "The request could not be scheduled: it does not fit the "
                                  "KV cache", "ServiceUnavailableError")
-        return text, reason, stop_reason
+        assert reason is not None
+        return text, reason, stop_reason, used
 
     async def _stream(self, request: web.Request, sreq: SimRequest, stream: Any,
                       req: P.CompletionRequest | P.ChatCompletionRequest,
@@ -352,7 +371,7 @@ class EngineApp:
                             cut = at + (len(s) if req.include_stop_str_in_output else 0)
                             delta = text_so_far[before:cut] if cut > before else ""
                             reason, stop_reason = "stop", s
-                            self.engine.abort(sreq)
+                            self.engine.finish_stop(sreq)
                             break
                 if reason == "stop" and stop_reason is None:
                     stop_reason = tok
@@ -426,7 +445,10 @@ class SimServer:
         return sock
 
     async def _serve(self, app: EngineApp, sock: socket.socket) -> None:
-        runner = web.AppRunner(app.app(), access_log=None, handle_signals=False)
+        # handler_cancellation: a client that hangs up cancels its handler, which aborts the
+        # request in the engine (as vLLM does); shutdown_timeout: stop promptly on SIGTERM.
+        runner = web.AppRunner(app.app(), access_log=None, handle_signals=False,
+                               handler_cancellation=True, shutdown_timeout=2.0)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         self._runners.append(runner)
@@ -449,10 +471,10 @@ class SimServer:
         os.replace(tmp, path)
 
     async def stop(self) -> None:
-        """Stop serving, stop every engine, close the sockets."""
+        """Stop every engine (in-flight requests end), stop serving, close the sockets."""
+        for e in self.engines:
+            await e.stop()
         for r in self._runners:
             with contextlib.suppress(Exception):
                 await r.cleanup()
-        for e in self.engines:
-            await e.stop()
         self.ctx.term()
