@@ -235,24 +235,7 @@ class EngineApp:
         ids = self._prompt_ids(req.prompt, req.add_special_tokens)
         if req.max_tokens is None:
             req.max_tokens = self.cfg.default_max_tokens
-        max_tokens = P.resolve_max_tokens(req, len(ids), self.cfg.max_model_len)
-        failed = self._inject_failure()
-        if failed is not None:
-            return failed
-        rid = P.response_id("completion", req, request.headers.get("X-Request-Id"))
-        sreq = self._submit(rid, ids, max_tokens, lora, req)
-        if req.stream:
-            stream = P.CompletionStream.for_request(req, rid, req.model or self.served,
-                                                    prompt_tokens=len(ids),
-                                                    system_fingerprint=self.fingerprint)
-            return await self._stream(request, sreq, stream, req, chat=False)
-        text, reason, stop_reason, used = await self._collect(sreq, req)
-        body = P.completion_response(
-            rid, req.model or self.served, text, prompt_tokens=len(ids),
-            completion_tokens=used, finish_reason=reason,
-            stop_reason=stop_reason, cached_tokens=self._cached(sreq),
-            system_fingerprint=self.fingerprint)
-        return web.Response(body=body, content_type="application/json")
+        return await self._generate(request, req, ids, lora)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req = P.decode_request(await request.read(), "chat", content_type=request.content_type,
@@ -266,23 +249,31 @@ class EngineApp:
         if req.max_tokens is None and req.max_completion_tokens is None:
             # vLLM would fill the context; a random model never stops, so cap it.
             req.max_completion_tokens = self.cfg.chat_default_max_tokens
+        return await self._generate(request, req, ids, lora)
+
+    async def _generate(self, request: web.Request,
+                        req: P.CompletionRequest | P.ChatCompletionRequest,
+                        ids: list[int], lora: str | None) -> web.StreamResponse:
+        """Run one checked request on the engine; stream it or answer with one body."""
+        chat = isinstance(req, P.ChatCompletionRequest)
         max_tokens = P.resolve_max_tokens(req, len(ids), self.cfg.max_model_len)
         failed = self._inject_failure()
         if failed is not None:
             return failed
-        rid = P.response_id("chat", req, request.headers.get("X-Request-Id"))
+        rid = P.response_id("chat" if chat else "completion", req,
+                            request.headers.get("X-Request-Id"))
         sreq = self._submit(rid, ids, max_tokens, lora, req)
+        model = req.model or self.served
         if req.stream:
-            stream = P.ChatStream.for_request(req, rid, req.model or self.served,
-                                              prompt_tokens=len(ids),
-                                              system_fingerprint=self.fingerprint)
-            return await self._stream(request, sreq, stream, req, chat=True)
+            stream_cls = P.ChatStream if chat else P.CompletionStream
+            stream = stream_cls.for_request(req, rid, model, prompt_tokens=len(ids),
+                                            system_fingerprint=self.fingerprint)
+            return await self._stream(request, sreq, stream, req, chat=chat)
         text, reason, stop_reason, used = await self._collect(sreq, req)
-        body = P.chat_completion_response(
-            rid, req.model or self.served, text, prompt_tokens=len(ids),
-            completion_tokens=used, finish_reason=reason,
-            stop_reason=stop_reason, cached_tokens=self._cached(sreq),
-            system_fingerprint=self.fingerprint)
+        build = P.chat_completion_response if chat else P.completion_response
+        body = build(rid, model, text, prompt_tokens=len(ids), completion_tokens=used,
+                     finish_reason=reason, stop_reason=stop_reason,
+                     cached_tokens=self._cached(sreq), system_fingerprint=self.fingerprint)
         return web.Response(body=body, content_type="application/json")
 
     def _cached(self, sreq: SimRequest) -> int | None:
