@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from infermesh.libs.config import add_arguments, load_config
 from infermesh.libs.telemetry import configure_logging
+from infermesh.libs.telemetry.ops import run_until_stopped
 
 from .agent import Agent
 from .config import AgentConfig
@@ -25,13 +25,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 async def run(cfg: AgentConfig) -> None:
     """Run until SIGINT/SIGTERM."""
     agent = Agent(cfg)
-    await agent.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await agent.stop()
+    await run_until_stopped(agent.start, agent.stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,13 +25,13 @@ import aiohttp
 import msgspec
 import zmq
 import zmq.asyncio
-from aiohttp import web
 from nats.aio.client import Client
 from nats.micro.request import Request
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from infermesh.libs.bus import BusService, connect
 from infermesh.libs.telemetry import get_logger
+from infermesh.libs.telemetry.ops import OpsServer
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     AllBlocksCleared,
@@ -130,7 +130,7 @@ class Agent:
         self._sub: KVSubscriber | None = None
         self._service: BusService | None = None
         self._http: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
+        self._ops: OpsServer | None = None
         self.http_port: int | None = None
         self._kv_subject = self.subjects.kv(cfg.pool, self.pod)
         self._started = time.time()
@@ -158,7 +158,8 @@ class Agent:
         await svc.start()
         self._service = svc
         if self.cfg.http_port >= 0:
-            await self._start_http()
+            self._ops = OpsServer([self.metrics.registry], self._health)
+            self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
         self._tasks = [
             asyncio.create_task(self._kv_loop(), name="agent-kv"),
             asyncio.create_task(self._scrape_loop(), name="agent-scrape"),
@@ -189,43 +190,17 @@ class Agent:
             await self._sub.close()
         if self._http is not None:
             await self._http.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._ops is not None:
+            await self._ops.stop()
         if self._nc is not None and self._own_nc:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
         self._ctx.term()
 
-    async def _start_http(self) -> None:
-        app = web.Application()
-
-        async def health(_: web.Request) -> web.Response:
-            ok = self._nc is not None and self._nc.is_connected
-            return web.json_response(
-                {
-                    "status": "ok" if ok else "bus_disconnected",
-                    "pod": self.pod,
-                    "epoch": self.epoch,
-                    "seq": self.seq,
-                    "blocks": len(self.blocks),
-                },
-                status=200 if ok else 503,
-            )
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(
-                body=generate_latest(self.metrics.registry),
-                content_type="text/plain",
-                charset="utf-8",
-            )
-
-        app.router.add_get("/health", health)
-        app.router.add_get("/metrics", metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.http_host, self.cfg.http_port)
-        await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        ok = self._nc is not None and self._nc.is_connected
+        return ok, {"pod": self.pod, "epoch": self.epoch, "seq": self.seq,
+                    "blocks": len(self.blocks), "engine_ready": self.load.ready}
 
     # ------------------------------------------------------------------ KV events
 
