@@ -78,6 +78,7 @@ class KVEventBatch(Message, kw_only=True):
     ts: float
     events: list[AnyKVEvent]
     engine_seq: int | None = None
+    model: str = ""  # the engine's served model name (block keys are seeded by it)
 
 
 class SnapshotRequest(Message, kw_only=True):
@@ -112,6 +113,7 @@ class Snapshot(Message, kw_only=True):
     part: int
     parts: int
     blocks: list[SnapshotBlock]
+    model: str = ""
 
 
 # --------------------------------------------------------------------------- pod state
@@ -163,10 +165,15 @@ class TokenizeRequest(Message, kw_only=True):
     block_size: int
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # None: the endpoint's default (True / False for chat)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
     lora_name: str | None = None
+    cache_salt: str | None = None
     return_token_ids: bool = False
 
 

@@ -214,6 +214,11 @@ class Agent:
         # (or while it was away) are known without waiting for new traffic.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._sub.connected.wait(), self.cfg.replay_timeout_s)
+        # Batches name the model (consumers seed block keys with it): learn it first if we can.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.replay_timeout_s
+        while not (self.model or self.load.model) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         try:
             if await self._sync():
                 self._recheck = False
@@ -369,6 +374,7 @@ class Agent:
             ts=time.time(),
             events=events,
             engine_seq=self._pending_engine_seq,
+            model=self.model or self.load.model,
         )
         data = codec.encode(batch)
         limit = self._nc.max_payload or (1 << 20)
@@ -412,6 +418,7 @@ class Agent:
                     epoch=self.epoch,
                     seq=seq,
                     block_size=self.blocks.block_size or self.load.block_size,
+                    model=self.model or self.load.model,
                     part=i,
                     parts=parts,
                     blocks=blocks[i * size : (i + 1) * size],
