@@ -153,6 +153,8 @@ class PodState(Message, kw_only=True):
     labels: dict[str, str] = {}
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    max_model_len: int = 0
+    adapters: list[str] = []  # LoRA adapters the engine serves (model names besides `model`)
 
 
 # --------------------------------------------------------------------------- request path

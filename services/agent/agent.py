@@ -436,7 +436,9 @@ class Agent:
         assert self._http is not None
         while True:
             try:
-                self.load = await scrape_engine(self._http, self.cfg.engine_url, self.model)
+                self.load = await scrape_engine(
+                    self._http, self.cfg.engine_url, self.model, self.load
+                )
                 if not self.model and self.load.model:
                     self.model = self.load.model
             except asyncio.CancelledError:
@@ -470,6 +472,8 @@ class Agent:
             labels=self.cfg.labels,
             prefix_cache_queries=ld.prefix_queries,
             prefix_cache_hits=ld.prefix_hits,
+            max_model_len=ld.max_model_len,
+            adapters=ld.adapters,
         )
 
     async def _heartbeat_loop(self) -> None:

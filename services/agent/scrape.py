@@ -23,6 +23,8 @@ class EngineLoad(msgspec.Struct, kw_only=True):
     max_lora: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
+    max_model_len: int = 0
+    adapters: list[str] = []
 
 
 def _int(v: str | None) -> int:
@@ -77,16 +79,33 @@ def _split(v: str | None) -> list[str]:
     return [x for x in (v or "").split(",") if x]
 
 
-async def scrape_engine(session: aiohttp.ClientSession, base_url: str, model: str) -> EngineLoad:
-    """Scrape ``/metrics`` (and ``/v1/models`` while the model name is unknown)."""
-    if not model:
-        async with session.get(f"{base_url}/v1/models") as r:
-            r.raise_for_status()
-            data = await r.json()
-            model = data["data"][0]["id"]
+async def read_models(
+    session: aiohttp.ClientSession, base_url: str
+) -> tuple[str, int, list[str]]:
+    """(base model name, its max_model_len, LoRA adapters) from the engine's ``/v1/models``."""
+    async with session.get(f"{base_url}/v1/models") as r:
+        r.raise_for_status()
+        data = await r.json()
+    cards = data["data"]
+    base = [c for c in cards if not c.get("parent")] or cards
+    adapters = [str(c["id"]) for c in cards if c.get("parent")]
+    return str(base[0]["id"]), int(base[0].get("max_model_len") or 0), adapters
+
+
+async def scrape_engine(
+    session: aiohttp.ClientSession, base_url: str, model: str, known: EngineLoad | None = None
+) -> EngineLoad:
+    """Scrape ``/metrics``; read ``/v1/models`` too until the served models are known."""
+    max_model_len = known.max_model_len if known else 0
+    adapters = known.adapters if known else []
+    if not model or not max_model_len:
+        found, max_model_len, adapters = await read_models(session, base_url)
+        model = model or found
     async with session.get(f"{base_url}/metrics") as r:
         r.raise_for_status()
         text = await r.text()
     ld = parse_metrics(text, model)
     ld.model = model
+    ld.max_model_len = max_model_len
+    ld.adapters = adapters
     return ld
