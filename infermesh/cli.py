@@ -24,6 +24,30 @@ def _agent(argv: list[str]) -> int:
     return main(argv)
 
 
+def _ingress(argv: list[str]) -> int:
+    from infermesh.services.ingress.__main__ import main
+
+    return main(argv)
+
+
+def _tokenizer(argv: list[str]) -> int:
+    from infermesh.services.tokenizer.__main__ import main
+
+    return main(argv)
+
+
+def _indexer(argv: list[str]) -> int:
+    from infermesh.services.indexer.__main__ import main
+
+    return main(argv)
+
+
+def _scheduler(argv: list[str]) -> int:
+    from infermesh.services.scheduler.__main__ import main
+
+    return main(argv)
+
+
 def _events(argv: list[str]) -> int:
     from infermesh.services.tools.events import main
 
@@ -46,6 +70,10 @@ COMMANDS = {
     "up": (_up, "start nats-server, simulated engines, their agents and every service"),
     "sim": (_sim, "run simulated vLLM engines"),
     "agent": (_agent, "run the vLLM worker agent for one engine"),
+    "ingress": (_ingress, "run the OpenAI-compatible ingress"),
+    "tokenizer": (_tokenizer, "run the tokenizer service (im.tokenize)"),
+    "indexer": (_indexer, "run the KV-block indexer (im.index.lookup)"),
+    "scheduler": (_scheduler, "run the scheduler (im.schedule)"),
     "events": (_events, "bus tools: `events tail SUBJECT` prints live messages"),
     "schema": (_schema, "`schema export DIR` writes a JSON Schema per bus message"),
     "model": (_model, "build the deterministic tiny model folder"),

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible ingress: tokenize, schedule, proxy to the chosen engine."""

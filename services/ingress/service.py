@@ -1,0 +1,556 @@
+"""The ingress: an OpenAI-compatible HTTP front that routes each request to the best engine.
+
+For each completion or chat request: check the body, ask the tokenizer for the prompt's length and
+block keys, ask the scheduler for a pod, publish a ``routed`` event, and proxy the original body to
+that pod (streamed responses pass through as they come). If the pod fails before answering, another
+is tried. ``first_token`` and ``finished`` events follow, so every scheduler replica sees the same
+load. Client mistakes get OpenAI-style JSON errors (4xx), never a 500.
+
+When the tokenizer or the scheduler does not answer in time, the ingress still serves: it routes
+by the load the heartbeats report (and logs it), and cache-aware routing resumes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from infermesh.libs.bus import BusError, RemoteError, connect, request
+from infermesh.libs.telemetry import get_logger
+from infermesh.proto import codec
+from infermesh.proto.messages import (
+    PodState,
+    RequestEvent,
+    ScheduleDecision,
+    ScheduleRequest,
+    TokenizeReply,
+    TokenizeRequest,
+)
+from infermesh.proto.subjects import Subjects
+
+from .config import IngressConfig
+
+log = get_logger("ingress")
+
+ENDPOINT_HEADER = "x-infermesh-endpoint"
+PROFILE_HEADER = "x-infermesh-profile"
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                413: "RequestEntityTooLarge", 429: "RateLimitError", 502: "BadGatewayError",
+                503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
+
+_json = msgspec.json.Encoder()
+
+
+class ClientError(Exception):
+    """A request the ingress refuses; becomes an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """``{"error": {"message", "type", "param", "code"}}`` with the given status."""
+    body = _json.encode({"error": {"message": message,
+                                   "type": _ERROR_TYPES.get(status, "BadRequestError"),
+                                   "param": param, "code": status}})
+    return web.Response(status=status, body=body, content_type="application/json",
+                        headers=headers)
+
+
+class _Body(msgspec.Struct):
+    """The fields of a completion or chat body that routing needs; the rest passes through."""
+
+    model: str | None = None
+    prompt: Any = None
+    messages: Any = None
+    stream: bool | None = False
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, Any]] | None = None
+    cache_salt: str | None = None
+
+
+_body_decoder = msgspec.json.Decoder(_Body)
+
+
+class _UsageDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_details: _UsageDetails | None = None
+
+
+class _WithUsage(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_usage_decoder = msgspec.json.Decoder(_WithUsage)
+_USAGE_RE = re.compile(rb'data: (\{[^\n]*"usage":\{[^\n]*\})\s*$', re.M)
+
+
+@dataclass
+class _Pod:
+    state: PodState
+    seen: float
+    in_flight: int = 0
+
+
+@dataclass
+class _Route:
+    request_id: str
+    model: str
+    lora: str | None
+    num_tokens: int
+    block_keys: list[int]
+    profile: str | None
+    received: float
+    excluded: list[str] = field(default_factory=list)
+
+
+class IngressMetrics:
+    """The ingress's own Prometheus metrics."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("infermesh_ingress_requests", "Requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.rejected = Counter("infermesh_ingress_rejected", "Client errors by reason",
+                                ["reason"], registry=r)
+        self.routing = Histogram(
+            "infermesh_ingress_routing_seconds",
+            "Request received to its first byte leaving for the engine",
+            buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0), registry=r)
+        self.tokenize = Histogram("infermesh_ingress_tokenize_seconds", "Tokenizer round trip",
+                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                           0.25, 1.0), registry=r)
+        self.schedule = Histogram("infermesh_ingress_schedule_seconds", "Scheduler round trip",
+                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                           0.25, 1.0), registry=r)
+        self.ttft = Histogram("infermesh_ingress_ttft_seconds", "Time to first byte of the answer",
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                                       30.0, 60.0), registry=r)
+        self.retries = Counter("infermesh_ingress_retries", "Requests retried on another pod",
+                               registry=r)
+        self.fallbacks = Counter("infermesh_ingress_fallbacks",
+                                 "Requests served without a control-plane answer", ["reason"],
+                                 registry=r)
+        self.in_flight = Gauge("infermesh_ingress_in_flight", "Requests being served", registry=r)
+
+
+class Ingress:
+    """One ingress process: the HTTP server and its bus side."""
+
+    def __init__(self, cfg: IngressConfig) -> None:
+        self.cfg = cfg
+        self.subjects = Subjects(cfg.subject_prefix)
+        self.instance = cfg.instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = IngressMetrics()
+        self.pods: dict[str, _Pod] = {}
+        self.nc: Client | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect to the bus, follow heartbeats, serve HTTP."""
+        self.nc = await connect(self.cfg.nats_url, f"ingress-{self.instance}")
+        await self.nc.subscribe(self.subjects.pod_state_all, cb=self._on_pod_state)
+        self.http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            auto_decompress=False,
+        )
+        app = web.Application(client_max_size=self.cfg.max_body_bytes,
+                              middlewares=[self._errors])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.get_metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     handler_cancellation=True, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        log.info("ingress_started", url=f"http://{self.cfg.host}:{self.port}",
+                 pool=self.cfg.pool, instance=self.instance)
+
+    async def stop(self) -> None:
+        """Stop serving and close connections."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.http is not None:
+            await self.http.close()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    # ------------------------------------------------------------------ pods
+
+    async def _on_pod_state(self, msg: Any) -> None:
+        try:
+            st = codec.decode(msg.data, PodState)
+        except codec.DecodeError:
+            self.metrics.rejected.labels("bad_pod_state").inc()
+            return
+        if st.pool != self.cfg.pool:
+            return
+        pod = self.pods.get(st.pod)
+        if pod is None:
+            self.pods[st.pod] = _Pod(st, time.monotonic())
+        else:
+            pod.state, pod.seen = st, time.monotonic()
+
+    def live_pods(self) -> list[_Pod]:
+        """Pods with a fresh, ready heartbeat."""
+        cutoff = time.monotonic() - self.cfg.pod_timeout_s
+        return [p for p in self.pods.values() if p.seen >= cutoff and p.state.ready]
+
+    def _resolve_model(self, model: str | None) -> tuple[str, str | None]:
+        """(base model, LoRA adapter or None) for a model name; 404 when nobody serves it."""
+        pods = self.live_pods()
+        if not pods:
+            raise ClientError(503, "No engine is available for this pool right now")
+        if model is None:
+            return pods[0].state.model, None
+        for p in pods:
+            if p.state.model == model:
+                return model, None
+        for p in pods:
+            if model in p.state.adapters:
+                return p.state.model, model
+        served = sorted({p.state.model for p in pods} | {a for p in pods for a in p.state.adapters})
+        raise ClientError(404, f"The model `{model}` does not exist. Valid models: "
+                          f"{', '.join(served)}.", "model")
+
+    # ------------------------------------------------------------------ HTTP: simple endpoints
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        except ClientError as e:
+            self.metrics.rejected.labels(str(e.status)).inc()
+            return error_response(e.status, e.message, e.param)
+        except web.HTTPRequestEntityTooLarge:
+            self.metrics.rejected.labels("413").inc()
+            return error_response(413, f"Request body is larger than the limit of "
+                                  f"{self.cfg.max_body_bytes} bytes")
+        except web.HTTPException as e:
+            if e.status >= 400:
+                self.metrics.rejected.labels(str(e.status)).inc()
+                return error_response(e.status, e.reason)
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as e:  # a bug: answer cleanly, keep serving
+            log.exception("handler_failed", path=request.path)
+            return error_response(500, f"internal error: {type(e).__name__}")
+
+    async def health(self, _: web.Request) -> web.Response:
+        ok = self.nc is not None and self.nc.is_connected
+        body = {"status": "ok" if ok else "bus_disconnected", "pods": len(self.live_pods())}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def get_metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            content_type="text/plain", charset="utf-8")
+
+    async def models(self, _: web.Request) -> web.Response:
+        cards: dict[str, dict[str, Any]] = {}
+        for p in self.live_pods():
+            st = p.state
+            cards.setdefault(st.model, {"id": st.model, "object": "model", "created": int(st.ts),
+                                        "owned_by": "infermesh", "root": st.model, "parent": None,
+                                        "max_model_len": st.max_model_len or None})
+            for a in st.adapters:
+                cards.setdefault(a, {"id": a, "object": "model", "created": int(st.ts),
+                                     "owned_by": "infermesh", "root": a, "parent": st.model,
+                                     "max_model_len": None})
+        return web.Response(body=_json.encode({"object": "list", "data": list(cards.values())}),
+                            content_type="application/json")
+
+    # ------------------------------------------------------------------ HTTP: generation
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        received = time.perf_counter()
+        endpoint = "chat" if chat else "completions"
+        raw = await request.read()
+        body = self._parse(raw, chat)
+        model, lora = self._resolve_model(body.model)
+        profile = request.headers.get(PROFILE_HEADER) or self.cfg.profile or None
+        route = _Route(request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
+                       model=model, lora=lora, num_tokens=0, block_keys=[], profile=profile,
+                       received=received)
+        await self._tokenize(route, body, chat)
+        self.metrics.in_flight.inc()
+        try:
+            resp = await self._proxy(request, route, raw, bool(body.stream))
+        finally:
+            self.metrics.in_flight.dec()
+        self.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        return resp
+
+    def _parse(self, raw: bytes, chat: bool) -> _Body:
+        if not raw:
+            raise ClientError(400, "The request body is empty; send a JSON object")
+        try:
+            body = _body_decoder.decode(raw)
+        except msgspec.ValidationError as e:
+            raise ClientError(400, f"Invalid request: {e}") from None
+        except msgspec.DecodeError as e:
+            raise ClientError(400, f"The request body is not valid JSON: {e}") from None
+        if chat:
+            msgs = body.messages
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+                raise ClientError(400, "`messages` must be a non-empty list of message objects",
+                                  "messages")
+        else:
+            p = body.prompt
+            ok = isinstance(p, str) or (isinstance(p, list) and p and (
+                all(type(t) is int for t in p) or all(isinstance(t, (str, list)) for t in p)))
+            if not ok:
+                raise ClientError(400, "`prompt` must be a string, a list of token ids, or a "
+                                  "list of those", "prompt")
+        return body
+
+    def _block_size(self) -> int:
+        sizes = [p.state.block_size for p in self.live_pods() if p.state.block_size]
+        return sizes[0] if sizes else 16
+
+    def _max_len(self) -> int:
+        if self.cfg.max_prompt_tokens:
+            return self.cfg.max_prompt_tokens
+        lens = [p.state.max_model_len for p in self.live_pods() if p.state.max_model_len]
+        return min(lens) if lens else 0
+
+    async def _tokenize(self, route: _Route, body: _Body, chat: bool) -> None:
+        assert self.nc is not None
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and not all(type(t) is int for t in prompt):
+            prompt = prompt[0]  # a batch goes to one engine: route by its first prompt
+        if isinstance(prompt, list) and not all(type(t) is int for t in prompt):
+            raise ClientError(400, "`prompt` lists must hold token ids (ints)", "prompt")
+        req = TokenizeRequest(
+            model=route.model, block_size=self._block_size(),
+            prompt=None if chat else prompt, messages=body.messages if chat else None,
+            add_special_tokens=body.add_special_tokens,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            chat_template_kwargs=body.chat_template_kwargs, chat_template=body.chat_template,
+            tools=body.tools, documents=body.documents, lora_name=route.lora,
+            cache_salt=body.cache_salt,
+        )
+        t0 = time.perf_counter()
+        try:
+            reply = await request(self.nc, self.subjects.tokenize, req, TokenizeReply,
+                                  timeout=self.cfg.tokenize_timeout_s)
+        except RemoteError as e:
+            status = int(e.code) if e.code.isdigit() else 500
+            if 400 <= status < 500:
+                raise ClientError(status, e.description) from None
+            self.metrics.fallbacks.labels("tokenizer_error").inc()
+            log.warning("tokenizer_failed", error=str(e))
+            return
+        except BusError as e:
+            # Route without block keys (load only) rather than fail the request.
+            self.metrics.fallbacks.labels("tokenizer_unavailable").inc()
+            log.warning("tokenizer_unavailable", error=str(e))
+            return
+        finally:
+            self.metrics.tokenize.observe(time.perf_counter() - t0)
+        route.num_tokens, route.block_keys = reply.num_tokens, reply.block_keys
+        limit = self._max_len()
+        if limit and reply.num_tokens > limit:
+            raise ClientError(400, f"This model's maximum context length is {limit} tokens. "
+                              f"However, your prompt contains {reply.num_tokens} input tokens. "
+                              "Please reduce the length of the input prompt.", "input_tokens")
+
+    async def _pick(self, route: _Route) -> tuple[str, str]:
+        """(pod, url) from the scheduler, or from heartbeats when it does not answer."""
+        assert self.nc is not None
+        req = ScheduleRequest(request_id=route.request_id, model=route.model,
+                              num_tokens=route.num_tokens, block_keys=route.block_keys,
+                              pool=self.cfg.pool, lora_name=route.lora, profile=route.profile,
+                              exclude=route.excluded)
+        t0 = time.perf_counter()
+        try:
+            d = await request(self.nc, self.subjects.schedule, req, ScheduleDecision,
+                              timeout=self.cfg.schedule_timeout_s)
+            return d.pod, d.url
+        except RemoteError as e:
+            if e.code == "400":
+                raise ClientError(400, e.description) from None
+            if e.code == "503":
+                raise ClientError(503, e.description) from None
+            self.metrics.fallbacks.labels("scheduler_error").inc()
+            log.warning("scheduler_failed", error=str(e))
+        except BusError as e:
+            self.metrics.fallbacks.labels("scheduler_unavailable").inc()
+            log.warning("scheduler_unavailable_routing_by_load", error=str(e))
+        finally:
+            self.metrics.schedule.observe(time.perf_counter() - t0)
+        return self._least_loaded(route)
+
+    def _least_loaded(self, route: _Route) -> tuple[str, str]:
+        pods = [p for p in self.live_pods() if p.state.pod not in route.excluded
+                and (p.state.model == route.model)]
+        if not pods:
+            raise ClientError(503, "No engine is available for this model right now")
+        best = min(p.state.running + p.state.waiting + p.in_flight for p in pods)
+        choice = self._rng.choice([p for p in pods
+                                   if p.state.running + p.state.waiting + p.in_flight == best])
+        return choice.state.pod, choice.state.url
+
+    async def _event(self, route: _Route, kind: str, pod: str, **kw: Any) -> None:
+        assert self.nc is not None
+        ev = RequestEvent(kind=kind, request_id=route.request_id, pod=pod,  # type: ignore[arg-type]
+                          pool=self.cfg.pool, model=route.model, ts=time.time(),
+                          replica=self.instance, **kw)
+        with contextlib.suppress(Exception):  # events are best effort; never fail a request
+            await self.nc.publish(self.subjects.req(self.cfg.pool), codec.encode(ev))
+
+    async def _proxy(self, request: web.Request, route: _Route, raw: bytes,
+                     stream: bool) -> web.StreamResponse:
+        assert self.http is not None
+        last_error = "no engine answered"
+        for attempt in range(self.cfg.max_attempts):
+            pod, url = await self._pick(route)
+            await self._event(route, "routed", pod, num_tokens=route.num_tokens,
+                              block_keys=route.block_keys)
+            tracked = self.pods.get(pod)
+            if tracked is not None:
+                tracked.in_flight += 1
+            if attempt == 0:
+                self.metrics.routing.observe(time.perf_counter() - route.received)
+            try:
+                upstream = await self.http.post(
+                    url + request.path, data=raw,
+                    headers={"Content-Type": "application/json",
+                             "X-Request-Id": route.request_id})
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                last_error = f"engine {pod} unreachable: {type(e).__name__}"
+                await self._failed_attempt(route, pod, tracked, last_error)
+                continue
+            if upstream.status >= 500 and attempt + 1 < self.cfg.max_attempts:
+                last_error = f"engine {pod} answered {upstream.status}"
+                upstream.release()
+                await self._failed_attempt(route, pod, tracked, last_error)
+                continue
+            try:
+                return await self._relay(request, route, pod, upstream, stream)
+            finally:
+                if tracked is not None:
+                    tracked.in_flight -= 1
+                upstream.release()
+        raise ClientError(503, f"No engine could serve the request: {last_error}")
+
+    async def _failed_attempt(self, route: _Route, pod: str, tracked: _Pod | None,
+                              why: str) -> None:
+        log.warning("engine_attempt_failed", pod=pod, error=why, request_id=route.request_id)
+        if tracked is not None:
+            tracked.in_flight -= 1
+        route.excluded.append(pod)
+        self.metrics.retries.inc()
+        await self._event(route, "finished", pod, status="failed")
+
+    async def _relay(self, request: web.Request, route: _Route, pod: str,
+                     upstream: aiohttp.ClientResponse, stream: bool) -> web.StreamResponse:
+        headers = {ENDPOINT_HEADER: pod,
+                   "Content-Type": upstream.headers.get("Content-Type", "application/json")}
+        status = "ok" if upstream.status < 400 else f"http_{upstream.status}"
+        if not stream or upstream.status >= 400:
+            data = await upstream.read()
+            e2e = time.perf_counter() - route.received
+            out, cached = _usage_of(data)
+            await self._event(route, "finished", pod, output_tokens=out, cached_tokens=cached,
+                              status=status, ttft_s=e2e)
+            return web.Response(status=upstream.status, body=data, headers=headers)
+        resp = web.StreamResponse(status=upstream.status, headers=headers)
+        await resp.prepare(request)
+        first = True
+        tail = b""
+        ttft: float | None = None
+        try:
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    first = False
+                    ttft = time.perf_counter() - route.received
+                    self.metrics.ttft.observe(ttft)
+                    await self._event(route, "first_token", pod, ttft_s=ttft)
+                await resp.write(chunk)
+                tail = (tail + chunk)[-8192:]
+            await resp.write_eof()
+        except (TimeoutError, aiohttp.ClientError) as e:
+            # The engine died mid-stream: the client gets a clean error event and the end.
+            log.warning("engine_failed_mid_stream", pod=pod, error=repr(e))
+            status = "engine_failed"
+            err = _json.encode({"error": {"message": f"engine {pod} failed mid-stream",
+                                          "type": "BadGatewayError", "param": None,
+                                          "code": 502}})
+            with contextlib.suppress(Exception):
+                await resp.write(b"data: " + err + b"\n\ndata: [DONE]\n\n")
+                await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = "client_gone"
+            await self._event(route, "finished", pod, ttft_s=ttft, status=status)
+            raise
+        out, cached = _usage_of_stream(tail)
+        await self._event(route, "finished", pod, ttft_s=ttft, output_tokens=out,
+                          cached_tokens=cached, status=status)
+        return resp
+
+
+def _usage_of(data: bytes) -> tuple[int, int]:
+    try:
+        u = _usage_decoder.decode(data).usage
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0, 0
+    if u is None:
+        return 0, 0
+    details = u.prompt_tokens_details
+    return u.completion_tokens, (details.cached_tokens or 0) if details else 0
+
+
+def _usage_of_stream(tail: bytes) -> tuple[int, int]:
+    found = _USAGE_RE.findall(tail)
+    return _usage_of(found[-1]) if found else (0, 0)
