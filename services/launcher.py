@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,8 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import nats
 
 from infermesh.libs.bus import NatsServer, connect
 from infermesh.libs.telemetry import configure_logging, get_logger
@@ -86,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=5557,
         help="ZMQ PUB port of engine 0; engine i uses +2i, its replay socket +1",
     )
+    p.add_argument("--ingress-port", type=int, default=8000, help="port of the OpenAI API")
     p.add_argument("--pool", default="default", help="pool name of the engines")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="bus subject prefix")
     p.add_argument("--block-size", type=int, default=16, help="KV block size of the engines")
@@ -121,6 +126,44 @@ async def _wait_heartbeats(url: str, prefix: str, pods: set[str], timeout: float
         await asyncio.wait_for(done.wait(), timeout)
     finally:
         await nc.close()
+
+
+async def _wait_services(url: str, kinds: tuple[str, ...], timeout: float) -> None:
+    """Wait until a NATS micro service of each kind answers ``$SRV.PING``."""
+    nc = await connect(url, "up-watch")
+    found: set[str] = set()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.publish("$SRV.PING", b"", reply=inbox)
+            with contextlib.suppress(asyncio.TimeoutError, nats.errors.TimeoutError):
+                while True:
+                    m = await sub.next_msg(timeout=0.2)
+                    name = json.loads(m.data).get("name", "")
+                    found |= {k for k in kinds if k in name}
+            await sub.unsubscribe()
+            if found >= set(kinds):
+                return
+        raise TimeoutError(f"services not up within {timeout}s: {sorted(set(kinds) - found)}")
+    finally:
+        await nc.close()
+
+
+def _wait_http(url: str, child: Child, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{child.name} not ready within {timeout}s")
 
 
 def _wait_file(path: Path, child: Child, timeout: float) -> dict[str, object]:
@@ -210,12 +253,47 @@ def main(argv: list[str] | None = None) -> int:
             )
             agent.start()
             children.append(agent)
+        bus = ["--nats-url", nats.url, "--subject-prefix", args.prefix]
+        for name in ("tokenizer", "indexer"):
+            c = Child(name, _py(f"infermesh.services.{name}", *bus, "--http-port", "-1"))
+            c.start()
+            children.append(c)
+        scheduler = Child(
+            "scheduler", _py("infermesh.services.scheduler", *bus, "--http-port", "-1")
+        )
+        scheduler.start()
+        ingress = Child(
+            "ingress",
+            _py(
+                "infermesh.services.ingress",
+                *bus,
+                "--pool",
+                args.pool,
+                "--port",
+                str(args.ingress_port),
+            ),
+        )
+        ingress.start()
+        children += [scheduler, ingress]
         asyncio.run(_wait_heartbeats(nats.url, args.prefix, pods, args.ready_timeout))
+        asyncio.run(
+            _wait_services(nats.url, ("tokenizer", "indexer", "scheduler"), args.ready_timeout)
+        )
+        ingress_url = f"http://127.0.0.1:{args.ingress_port}"
+        _wait_http(f"{ingress_url}/health", ingress, args.ready_timeout)
         print("\ninfermesh is up", flush=True)
+        print(
+            f"  OpenAI API      {ingress_url}/v1  (ingress; header x-infermesh-endpoint "
+            "names the engine)"
+        )
         print(f"  nats            {nats.url}  (monitor http://127.0.0.1:{nats.monitor_port})")
         for e in engines:
             print(f"  engine sim-{e['index']:<4} {e['http']}  (OpenAI API; KV events {e['kv']})")
         print(f"  agents          {len(engines)} (heartbeats on {args.prefix}.pod.{args.pool}.*)")
+        print(
+            "  services        tokenizer, indexer, scheduler (profiles: "
+            "deploy/local/scheduler.yaml)"
+        )
         print(f"  model           {info.get('model')}  from {model_dir}")
         print(f"  watch the bus:  infermesh events tail '{args.prefix}.>' --nats-url {nats.url}")
         print("Ctrl-C stops everything.\n", flush=True)

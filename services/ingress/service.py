@@ -47,6 +47,7 @@ from .config import IngressConfig
 log = get_logger("ingress")
 
 ENDPOINT_HEADER = "x-infermesh-endpoint"
+ROUTING_HEADER = "x-infermesh-routing-ms"  # request received → first byte sent to the engine
 PROFILE_HEADER = "x-infermesh-profile"
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
@@ -131,6 +132,7 @@ class _Route:
     profile: str | None
     received: float
     excluded: list[str] = field(default_factory=list)
+    routing_s: float = 0.0
 
 
 class IngressMetrics:
@@ -414,19 +416,25 @@ class Ingress:
                               exclude=route.excluded)
         t0 = time.perf_counter()
         try:
-            d = await request(self.nc, self.subjects.schedule, req, ScheduleDecision,
-                              timeout=self.cfg.schedule_timeout_s)
-            return d.pod, d.url
-        except RemoteError as e:
-            if e.code == "400":
-                raise ClientError(400, e.description) from None
-            if e.code == "503":
-                raise ClientError(503, e.description) from None
-            self.metrics.fallbacks.labels("scheduler_error").inc()
-            log.warning("scheduler_failed", error=str(e))
-        except BusError as e:
-            self.metrics.fallbacks.labels("scheduler_unavailable").inc()
-            log.warning("scheduler_unavailable_routing_by_load", error=str(e))
+            # Twice: if the replica that got the request died, the queue group's next
+            # member answers the second one.
+            for attempt in (1, 2):
+                try:
+                    d = await request(self.nc, self.subjects.schedule, req, ScheduleDecision,
+                                      timeout=self.cfg.schedule_timeout_s)
+                    return d.pod, d.url
+                except RemoteError as e:
+                    if e.code == "400":
+                        raise ClientError(400, e.description) from None
+                    if e.code == "503":
+                        raise ClientError(503, e.description) from None
+                    self.metrics.fallbacks.labels("scheduler_error").inc()
+                    log.warning("scheduler_failed", error=str(e))
+                    break
+                except BusError as e:
+                    if attempt == 2:
+                        self.metrics.fallbacks.labels("scheduler_unavailable").inc()
+                        log.warning("scheduler_unavailable_routing_by_load", error=str(e))
         finally:
             self.metrics.schedule.observe(time.perf_counter() - t0)
         return self._least_loaded(route)
@@ -461,7 +469,8 @@ class Ingress:
             if tracked is not None:
                 tracked.in_flight += 1
             if attempt == 0:
-                self.metrics.routing.observe(time.perf_counter() - route.received)
+                route.routing_s = time.perf_counter() - route.received
+                self.metrics.routing.observe(route.routing_s)
             try:
                 upstream = await self.http.post(
                     url + request.path, data=raw,
@@ -495,7 +504,7 @@ class Ingress:
 
     async def _relay(self, request: web.Request, route: _Route, pod: str,
                      upstream: aiohttp.ClientResponse, stream: bool) -> web.StreamResponse:
-        headers = {ENDPOINT_HEADER: pod,
+        headers = {ENDPOINT_HEADER: pod, ROUTING_HEADER: f"{route.routing_s * 1000:.3f}",
                    "Content-Type": upstream.headers.get("Content-Type", "application/json")}
         status = "ok" if upstream.status < 400 else f"http_{upstream.status}"
         if not stream or upstream.status >= 400:
