@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ENGINES ?= 4
 ARGS ?=
 
-.PHONY: up test unit integration bench lint venv clean schema
+.PHONY: up test unit integration e2e bench lint venv clean schema
 
 venv: $(STAMP)
 
@@ -21,13 +21,16 @@ up: $(STAMP)
 	$(BIN)/infermesh up --engines $(ENGINES) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit tests/integration $(ARGS)
+	$(BIN)/python -m pytest -q tests/unit tests/integration tests/e2e $(ARGS)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit $(ARGS)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration $(ARGS)
+
+e2e: $(STAMP)
+	$(BIN)/python -m pytest -q tests/e2e $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m bench tests/bench $(ARGS)

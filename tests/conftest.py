@@ -117,6 +117,13 @@ class ProcessManager:
         self.procs.append(p)
         return p
 
+    def service(self, module: str, *args: str, name: str = "") -> Proc:
+        """Start ``python -m infermesh.services.<module> ARGS`` (stopped at teardown)."""
+        p = Proc([sys.executable, "-m", f"infermesh.services.{module}", *args],
+                 log=self._log(name or module)).start()
+        self.procs.append(p)
+        return p
+
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             p.stop()

@@ -279,7 +279,8 @@ def test_one_agent_per_engine(env: dict[str, str], args: dict[str, str], n: int)
     ag = agents(res)
     assert len(ag) == n
     assert sorted(flags(argv(a))["--pod"] for a in ag) == [f"sim-{i}" for i in range(n)]
-    assert set(res) == {"nats", "model", "sim"} | {a["name"] for a in ag}
+    routing = {"tokenizer", "indexer", "scheduler", "ingress"}
+    assert set(res) == {"nats", "model", "sim"} | routing | {a["name"] for a in ag}
     assert len(res["sim"]["links"]) == n
 
 
@@ -295,6 +296,16 @@ def test_unknown_setting_fails() -> None:
 
 def test_launcher_default_engine_count(default: dict, launcher_defaults: Any) -> None:
     assert len(agents(default)) == launcher_defaults.engines
+
+
+def test_routing_services_match_the_launcher(default: dict[str, dict[str, Any]],
+                                             launcher_defaults: Any) -> None:
+    for svc in ("tokenizer", "indexer", "scheduler", "ingress"):
+        assert f"infermesh.services.{svc}" in argv(default[svc])
+        assert flags(argv(default[svc]))["--nats-url"].endswith(":4222")
+        assert set(default[svc]["resource_deps"]) >= {"nats"}
+    assert flags(argv(default["ingress"]))["--port"] == str(launcher_defaults.ingress_port)
+    assert set(default["ingress"]["resource_deps"]) >= {"tokenizer", "indexer", "scheduler"}
 
 
 def test_dependencies(default: dict[str, dict[str, Any]]) -> None:
