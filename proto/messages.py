@@ -96,6 +96,7 @@ class SnapshotBlock(msgspec.Struct, array_like=True):
     token_ids: list[int]
     tiers: list[str]
     lora_name: str | None = None
+    extra_keys: list[Any] | None = None  # as BlockStored.extra_keys gave them for this block
 
 
 class Snapshot(Message, kw_only=True):
@@ -188,7 +189,11 @@ class TokenizeReply(Message, kw_only=True):
 
 
 class PodMatch(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One pod's longest run of matched blocks from the prompt start, with each block's tier."""
+    """One pod's longest run of matched blocks from the prompt start, with each block's tier.
+
+    ``tiers`` has one entry per matched block (its best tier), or is empty when every matched
+    block is on GPU — the common case, kept small on the wire.
+    """
 
     pod: str
     blocks: int

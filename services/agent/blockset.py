@@ -18,8 +18,9 @@ from infermesh.proto.messages import (
     SnapshotBlock,
 )
 
-# Fields of a block record: [parent hash, token list, offset in it, block size, lora, tier mask]
-PARENT, TOKENS, OFFSET, SIZE, LORA, MASK = range(6)
+# Fields of a block record:
+# [parent hash, token list, offset in it, block size, lora, tier mask, extra keys]
+PARENT, TOKENS, OFFSET, SIZE, LORA, MASK, EXTRA = range(7)
 
 _NO_TOKENS: list[int] = []
 
@@ -97,11 +98,15 @@ class BlockSet:
         lora = ev.lora_name
         parent = ev.parent_hash
         blocks = self.blocks
+        extras = ev.extra_keys
+        if extras is not None and len(extras) != len(ev.block_hashes):
+            self.anomalies += 1
+            extras = None
         off = 0
-        for h in ev.block_hashes:
+        for i, h in enumerate(ev.block_hashes):
             rec = blocks.get(h)
             if rec is None:
-                blocks[h] = [parent, toks, off, size, lora, bit]
+                blocks[h] = [parent, toks, off, size, lora, bit, extras[i] if extras else None]
             else:
                 rec[MASK] |= bit
                 if not rec[SIZE] and size:
@@ -129,6 +134,9 @@ class BlockSet:
         """The whole set as snapshot entries, parents first."""
         b = self.blocks
         return [
-            SnapshotBlock(h, b[h][PARENT], self.tokens(h), self.tiers(h), b[h][LORA])
+            SnapshotBlock(
+                h, b[h][PARENT], self.tokens(h), self.tiers(h), b[h][LORA],
+                None if b[h][EXTRA] is None else list(b[h][EXTRA]),
+            )
             for h in self.ordered()
         ]

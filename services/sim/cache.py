@@ -12,7 +12,9 @@ vLLM's terms; the engine drains them once per step, as vLLM does.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from infermesh.proto.vllm_kv import EngineEvent
 
@@ -26,6 +28,7 @@ class CachedBlock:
     token_ids: list[int]
     ref_cnt: int = 0
     lora_name: str | None = None
+    extra: tuple[Any, ...] | None = None  # the block's extra keys as events publish them
 
 
 @dataclass(slots=True)
@@ -35,6 +38,13 @@ class Allocation:
     held: list[bytes] = field(default_factory=list)  # cached blocks it references
     chain: list[bytes] = field(default_factory=list)  # every full block's hash, in order
     uncached: int = 0  # blocks held that are not cached: partial, duplicate or reserved
+
+
+ExtraKeys = Callable[[int], "tuple[Any, ...] | None"]
+
+
+def _no_extra(_: int) -> None:
+    return None
 
 
 class NoSpace(Exception):
@@ -141,6 +151,7 @@ class PrefixCache:
                 self.block_size,
                 medium="CPU",
                 lora_name=blk.lora_name,
+                extra_keys=[blk.extra],
             )
         )
 
@@ -152,13 +163,16 @@ class PrefixCache:
         reserve_tokens: int,
         lora_name: str | None = None,
         lora_id: int | None = None,
+        extra: ExtraKeys | None = None,
     ) -> tuple[Allocation, int, int]:
         """Admit a request: reuse its cached prefix, cache its other full prompt blocks.
 
         ``reserve_tokens`` more tokens (the output) get room reserved now, so a running request
-        never runs out of blocks. Returns (allocation, GPU hit blocks, CPU-loaded blocks);
-        raises :class:`NoSpace` (changing nothing) when it does not fit.
+        never runs out of blocks. ``extra(i)`` gives block i's extra keys as events carry
+        them. Returns (allocation, GPU hit blocks, CPU-loaded blocks); raises
+        :class:`NoSpace` (changing nothing) when it does not fit.
         """
+        extra = extra or _no_extra
         bs = self.block_size
         gpu_hit, cpu_hit = self.match(hashes, num_tokens)
         total_blocks = -(-(num_tokens + reserve_tokens) // bs)
@@ -174,24 +188,23 @@ class PrefixCache:
             alloc.chain.append(h)
         self._take_free(need_new)
         # The other full prompt blocks (loaded from CPU or computed) are cached now.
-        run: list[bytes] = []
-        run_start = gpu_hit
+        run: list[CachedBlock] = []
         for i in range(gpu_hit, len(hashes)):
             h = hashes[i]
             if h in self.blocks:
                 # Already cached past the hit limit (vLLM recomputes the last block): this
                 # copy holds a slot but is not cached twice.
                 alloc.uncached += 1
-                self._flush_run(run, run_start, hashes, token_ids, lora_name, lora_id)
-                run, run_start = [], i + 1
+                self._flush_run(run, lora_id)
+                run = []
             else:
                 parent = hashes[i - 1] if i else None
                 toks = token_ids[i * bs : (i + 1) * bs]
-                self.blocks[h] = CachedBlock(h, parent, toks, 1, lora_name)
+                blk = self.blocks[h] = CachedBlock(h, parent, toks, 1, lora_name, extra(i))
                 alloc.held.append(h)
-                run.append(h)
+                run.append(blk)
             alloc.chain.append(h)
-        self._flush_run(run, run_start, hashes, token_ids, lora_name, lora_id)
+        self._flush_run(run, lora_id)
         alloc.uncached += total_blocks - len(hashes)
         self._uncached_in_use += alloc.uncached
         return alloc, gpu_hit, cpu_hit
@@ -202,30 +215,22 @@ class PrefixCache:
             self._evictable.pop(h, None)
         blk.ref_cnt += 1
 
-    def _flush_run(
-        self,
-        run: list[bytes],
-        start: int,
-        hashes: list[bytes],
-        token_ids: list[int],
-        lora_name: str | None,
-        lora_id: int | None,
-    ) -> None:
+    def _flush_run(self, run: list[CachedBlock], lora_id: int | None) -> None:
         """Report one BlockStored for a run of consecutive newly cached blocks."""
         if not run:
             return
-        bs = self.block_size
-        parent = hashes[start - 1] if start else None
+        first = run[0]
         self.events.append(
             EngineEvent(
                 "stored",
-                [self._wire(h) for h in run],
-                None if parent is None else self._wire(parent),
-                token_ids[start * bs : (start + len(run)) * bs],
-                bs,
+                [self._wire(b.block_hash) for b in run],
+                None if first.parent is None else self._wire(first.parent),
+                [t for b in run for t in b.token_ids],
+                self.block_size,
                 medium="GPU",
                 lora_id=lora_id,
-                lora_name=lora_name,
+                lora_name=first.lora_name,
+                extra_keys=[b.extra for b in run],
             )
         )
 
@@ -236,6 +241,7 @@ class PrefixCache:
         token_ids: list[int],
         lora_name: str | None = None,
         lora_id: int | None = None,
+        extra: tuple[Any, ...] | None = None,
     ) -> None:
         """A reserved block was filled by generated tokens: cache it (it joins the chain)."""
         parent = alloc.chain[-1] if alloc.chain else None
@@ -244,12 +250,10 @@ class PrefixCache:
             return  # an identical block is cached already; ours stays an uncached slot
         alloc.uncached -= 1
         self._uncached_in_use -= 1
-        self.blocks[block_hash] = CachedBlock(block_hash, parent, list(token_ids), 1, lora_name)
+        blk = CachedBlock(block_hash, parent, list(token_ids), 1, lora_name, extra)
+        self.blocks[block_hash] = blk
         alloc.held.append(block_hash)
-        chain = alloc.chain
-        self._flush_run([block_hash], len(chain) - 1, chain, [], lora_name, lora_id)
-        # _flush_run slices token_ids by position; give it this block's own tokens instead.
-        self.events[-1].token_ids = list(token_ids)
+        self._flush_run([blk], lora_id)
 
     def release(self, alloc: Allocation) -> None:
         """A request finished: its blocks stay cached but become evictable (MRU)."""

@@ -23,6 +23,7 @@ import random
 import re
 import time
 import zlib
+from functools import partial
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,13 @@ from typing import Any
 from infermesh.libs.telemetry import get_logger
 from infermesh.proto.vllm_kv import VllmEventEncoder
 
-from .block_hash import BlockHasher, block_extra_keys, to_wire, to_wire_bytes
+from .block_hash import (
+    BlockHasher,
+    block_extra_keys,
+    event_extra_keys,
+    to_wire,
+    to_wire_bytes,
+)
 from .cache import Allocation, NoSpace, PrefixCache
 from .config import SimConfig
 from .metrics import EngineMetrics
@@ -206,6 +213,7 @@ class SimEngine:
                 alloc, gpu_hit, cpu_hit = self.cache.allocate(
                     req.hashes, req.prompt_ids, n, req.max_tokens,
                     lora_name=req.lora_name, lora_id=self._lora_ids.get(req.lora_name or ""),
+                    extra=partial(self._event_extra, req),
                 )
             except NoSpace:
                 if not self.running:
@@ -280,6 +288,13 @@ class SimEngine:
         for req, reason in done:
             self._finish(req, reason, notify=False)
 
+    def _event_extra(self, req: SimRequest, block: int) -> tuple[Any, ...] | None:
+        """Block ``block``'s extra keys in the untagged form vLLM's events carry."""
+        lora_path = self._lora_paths.get(req.lora_name) if req.lora_name else None
+        return event_extra_keys(block_extra_keys(
+            block * self.cfg.block_size, lora_name=req.lora_name, lora_path=lora_path,
+            cache_salt=req.cache_salt))
+
     def _cache_generated(self, req: SimRequest, alloc: Allocation) -> None:
         bs = self.cfg.block_size
         k = len(alloc.chain)
@@ -292,7 +307,8 @@ class SimEngine:
         parent = alloc.chain[-1] if alloc.chain else None
         h = self.hasher.hash_block(parent, toks, extra)
         self.cache.cache_generated(
-            alloc, h, toks, req.lora_name, self._lora_ids.get(req.lora_name or "")
+            alloc, h, toks, req.lora_name, self._lora_ids.get(req.lora_name or ""),
+            event_extra_keys(extra),
         )
 
     def _finish(self, req: SimRequest, reason: str, notify: bool = True) -> None:

@@ -56,6 +56,8 @@ async def test_events_decode_with_vllm_definitions(procs, form: str) -> None:
             if k == "BlockStored":
                 assert ev.block_size == BS and len(ev.token_ids) == BS * len(ev.block_hashes)
                 assert ev.medium == "GPU"
+                # vLLM 0.32 publishes one (untagged) extra-key entry per block, None here.
+                assert ev.extra_keys == [None] * len(ev.block_hashes)
                 assert all(isinstance(h, int) and 0 <= h < 2**64 for h in ev.block_hashes)
                 gpu.update(ev.block_hashes)
                 stored_chains.append(ev.block_hashes)

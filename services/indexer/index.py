@@ -1,0 +1,581 @@
+"""The block index: block key → {(pod, tier)}, each pod's engine hash → block key, and lookups.
+
+Keys are our own (``libs/kvblock``), recomputed from the token ids of every stored block, so the
+index does not depend on the engines' hash seed or algorithm. A block that comes without tokens
+(an offload to CPU) is keyed through its pod's engine-hash map.
+
+Layout, chosen for the lookup path (one prompt walks up to thousands of keys):
+
+* every pod gets a small slot number; per key the index keeps, as int bit masks over slots, the
+  pods that hold it at all (in LRU order) and the pods that hold it per tier, so the set of pods
+  still matching a prompt is one ``&`` per block;
+* a pod's engine-hash map holds its blocks, and a reverse map says which engine hash put the pod
+  on a key, so evicting a key (LRU, past ``max_blocks`` entries) forgets the pods' side too;
+  hashes of removed blocks stay known for a while (``retired``), and a block whose parent is not
+  known yet waits (``orphans``) until it is;
+* every map is ``int → int``: CPython's garbage collector does not track such dicts, so an index
+  of millions of blocks adds nothing to collection pauses (which would land on lookups).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from infermesh.libs import kvblock
+from infermesh.proto.messages import (
+    TIERS,
+    AllBlocksCleared,
+    AnyKVEvent,
+    BlockRemoved,
+    BlockStored,
+    PodMatch,
+    SnapshotBlock,
+)
+
+
+class IndexStats:
+    """Counters of what the index and the stream tracker did (exported by the metrics module)."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, int] = {"BlockStored": 0, "BlockRemoved": 0, "AllBlocksCleared": 0}
+        self.blocks_stored = 0
+        self.blocks_removed = 0
+        self.unkeyable = 0
+        self.evictions = 0
+        self.batches = 0
+        self.stale_batches = 0
+        self.bad_messages: dict[str, int] = {"kv": 0, "pod": 0}
+        self.gaps: dict[str, int] = {"seq": 0, "epoch": 0, "unknown_pod": 0, "heartbeat": 0,
+                                     "unkeyable": 0, "model": 0}
+        self.snapshots_requested = 0
+        self.snapshots_failed = 0
+        self.snapshots_applied = 0
+        self.buffer_overflows = 0
+        self.pods_dropped = 0
+        self.lookups = 0
+
+
+class PodBlocks:
+    """One pod's side of the index: its engine hashes and what cannot be keyed yet."""
+
+    __slots__ = ("name", "slot", "bit", "model", "keys", "masks", "rev", "retired", "orphans",
+                 "orphan_parent")
+
+    def __init__(self, name: str, slot: int) -> None:
+        self.name = name
+        self.slot = slot
+        self.bit = 1 << slot
+        self.model = ""
+        self.keys: dict[int, int] = {}  # engine hash → key
+        self.masks: dict[int, int] = {}  # engine hash → tiers holding it (bit per tier id)
+        self.rev: dict[int, int] = {}  # key → the engine hash that put this pod on it
+        self.retired: OrderedDict[int, int] = OrderedDict()  # engine hash → key, oldest first
+        # parent engine hash → {engine hash: [tokens, extra keys, tier mask]}
+        self.orphans: dict[int, dict[int, list[Any]]] = {}
+        self.orphan_parent: dict[int, int] = {}  # engine hash → parent hash, oldest first
+
+
+class KVIndex:
+    """Which pods hold which block keys, in which tier. Applying events is idempotent."""
+
+    def __init__(
+        self,
+        max_blocks: int = 4_000_000,
+        *,
+        retired_per_pod: int = 8192,
+        orphans_per_pod: int = 8192,
+        stats: IndexStats | None = None,
+    ) -> None:
+        self.max_blocks = max_blocks
+        self.retired_per_pod = retired_per_pod
+        self.orphans_per_pod = orphans_per_pod
+        self.stats = stats if stats is not None else IndexStats()
+        self.entries = 0  # (key, pod) pairs
+        self.pods: dict[str, PodBlocks] = {}
+        self._held: OrderedDict[int, int] = OrderedDict()  # key → pods; least recently used first
+        self._tiers: list[dict[int, int]] = [{} for _ in TIERS]  # per tier id: key → pods
+        self._slots: dict[int, PodBlocks] = {}
+        self._free: list[int] = []  # slots of dropped pods, lowest reused first
+        self._tier_ids: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
+        self._tier_names: list[str] = list(TIERS)
+        self._seeds: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """Distinct block keys held by at least one pod."""
+        return len(self._held)
+
+    # ------------------------------------------------------------------ pods and tiers
+
+    def pod(self, name: str) -> PodBlocks:
+        """The pod's entry, created (with a free slot) if new."""
+        p = self.pods.get(name)
+        if p is None:
+            slot = heapq.heappop(self._free) if self._free else len(self._slots)
+            p = self.pods[name] = self._slots[slot] = PodBlocks(name, slot)
+        return p
+
+    def drop_pod(self, name: str) -> bool:
+        """Forget a pod and every block it holds; False if it was not known."""
+        p = self.pods.pop(name, None)
+        if p is None:
+            return False
+        self._forget(p)
+        del self._slots[p.slot]
+        heapq.heappush(self._free, p.slot)
+        return True
+
+    def clear_pod(self, name: str) -> None:
+        """Drop every block of a pod (the pod stays known)."""
+        p = self.pods.get(name)
+        if p is not None:
+            self._forget(p)
+
+    def pod_blocks(self, name: str) -> dict[int, tuple[int, list[str]]]:
+        """engine hash → (key, tiers) of one pod (for tests and debugging)."""
+        p = self.pods.get(name)
+        if p is None:
+            return {}
+        return {h: (k, self._tiers_of(p.masks[h])) for h, k in p.keys.items()}
+
+    def holders(self, key: int) -> dict[str, list[str]]:
+        """pod → tiers holding one key (for tests and debugging)."""
+        out: dict[str, list[str]] = {}
+        for slot, p in self._slots.items():
+            tiers = [self._tier_names[t] for t, d in enumerate(self._tiers)
+                     if d.get(key, 0) >> slot & 1]
+            if tiers:
+                out[p.name] = tiers
+        return out
+
+    def tier_id(self, tier: str) -> int:
+        """The tier's position in preference order (media we do not know rank last)."""
+        t = self._tier_ids.get(tier)
+        if t is None:
+            t = self._tier_ids[tier] = len(self._tier_names)
+            self._tier_names.append(tier)
+            self._tiers.append({})
+        return t
+
+    def _tiers_of(self, mask: int) -> list[str]:
+        return [n for i, n in enumerate(self._tier_names) if mask >> i & 1]
+
+    def seed(self, model: str) -> int:
+        """The parent key of every first block of ``model`` (cached)."""
+        s = self._seeds.get(model)
+        if s is None:
+            s = self._seeds[model] = kvblock.model_seed(model)
+        return s
+
+    # ------------------------------------------------------------------ events
+
+    def apply(self, name: str, model: str, events: Iterable[AnyKVEvent]) -> int:
+        """Apply one pod's events in order; return how many blocks could not be keyed.
+
+        Raises ``OverflowError`` or ``ValueError`` on token ids that are not uint32s (a malformed
+        event); the events before it stay applied.
+        """
+        p = self.pod(name)
+        if model != p.model:
+            if p.model:  # same engine hashes, other keys: nothing we knew holds any more
+                self._forget(p)
+                p.retired.clear()
+            p.model = model
+        seed = self.seed(model)
+        stats = self.stats
+        missing = 0
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                missing += self._stored(p, ev, seed)
+            elif isinstance(ev, BlockRemoved):
+                tid = self.tier_id(ev.tier)
+                for h in ev.block_hashes:
+                    self._remove(p, h, tid)
+                stats.blocks_removed += len(ev.block_hashes)
+            elif isinstance(ev, AllBlocksCleared):
+                if ev.tier is None:
+                    self._forget(p)
+                else:
+                    self._clear_tier(p, self.tier_id(ev.tier))
+            stats.events[type(ev).__name__] += 1
+        stats.unkeyable += missing
+        self._evict()
+        return missing
+
+    def _stored(self, p: PodBlocks, ev: BlockStored, seed: int) -> int:
+        hashes = ev.block_hashes
+        n = len(hashes)
+        if not n:
+            return 0
+        self.stats.blocks_stored += n
+        tid = self.tier_id(ev.tier)
+        bs = ev.block_size
+        toks = ev.token_ids
+        known = p.keys
+        if not (bs > 0 and len(toks) >= n * bs):
+            # No tokens (an offload): the blocks are known by their engine hash, or not at all.
+            missing = 0
+            for h in hashes:
+                k = known.get(h)
+                if k is None:
+                    k = p.retired.get(h)
+                if k is None:
+                    missing += 1
+                else:
+                    self._link(p, h, k, tid)
+            return missing
+        extras = ev.extra_keys
+        if extras is not None and len(extras) != n:
+            extras = None  # not one entry per block: fall back to what the LoRA name gives
+        lora = (ev.lora_name,) if ev.lora_name else None
+        ph = ev.parent_hash
+        parent: int | None = seed
+        if ph is not None:
+            parent = known.get(ph)
+            if parent is None:
+                parent = p.retired.get(ph)
+        if parent is None:
+            prev = ph
+            for i, h in enumerate(hashes):
+                extra = extras[i] if extras is not None else lora
+                self._park(p, prev, h, toks[i * bs : (i + 1) * bs], extra, 1 << tid)  # type: ignore[arg-type]
+                prev = h
+            return n
+        keys = []
+        key = kvblock.key
+        for i, h in enumerate(hashes):
+            k = known.get(h)
+            if k is None:
+                extra = extras[i] if extras is not None else lora
+                k = key(parent, toks[i * bs : (i + 1) * bs], extra)
+            keys.append(k)
+            parent = k
+        # Children first, so that in LRU order a parent is always fresher than its children.
+        for i in range(n - 1, -1, -1):
+            self._link(p, hashes[i], keys[i], tid)
+        if ph is not None:
+            pk = known.get(ph)
+            if pk is not None and pk in self._held:
+                self._held.move_to_end(pk)
+        return 0
+
+    def _link(self, p: PodBlocks, h: int, k: int, tid: int) -> None:
+        """Store, then key whatever waited for this block as its parent."""
+        self._store(p, h, k, tid)
+        if p.orphans and h in p.orphans:
+            self._release(p, h, k)
+
+    def _store(self, p: PodBlocks, h: int, k: int, tid: int) -> None:
+        tb = 1 << tid
+        old = p.keys.get(h)
+        if old is None:
+            p.keys[h] = k
+            p.masks[h] = tb
+            if p.retired:
+                p.retired.pop(h, None)
+            if p.orphan_parent and h in p.orphan_parent:
+                self._unpark(p, h)
+        elif old != k:  # the hash now stands for other content: the newer wins
+            self._unlink(p, h, old)
+            p.keys[h] = k
+            p.masks[h] = tb
+        else:
+            p.masks[h] |= tb
+        bit = p.bit
+        held = self._held
+        m = held.get(k)
+        if m is None:
+            held[k] = bit
+            p.rev[k] = h
+            self.entries += 1
+        else:
+            held.move_to_end(k)
+            if not m & bit:
+                held[k] = m | bit
+                p.rev[k] = h
+                self.entries += 1
+            elif p.rev.get(k) != h:
+                return  # two engine hashes for one key: the first one's entry speaks for both
+        td = self._tiers[tid]
+        td[k] = td.get(k, 0) | bit
+
+    def _unlink(self, p: PodBlocks, h: int, k: int) -> None:
+        """Take the pod off key ``k`` (if engine hash ``h`` is what put it there)."""
+        if p.rev.get(k) != h:
+            return
+        del p.rev[k]
+        off = ~p.bit
+        m = self._held[k] & off
+        if m:
+            self._held[k] = m
+        else:
+            del self._held[k]
+        for td in self._tiers:
+            v = td.get(k)
+            if v is not None:
+                v &= off
+                if v:
+                    td[k] = v
+                else:
+                    del td[k]
+        self.entries -= 1
+
+    def _remove(self, p: PodBlocks, h: int, tid: int) -> None:
+        tb = 1 << tid
+        mask = p.masks.get(h)
+        if mask is None:
+            if p.orphan_parent and h in p.orphan_parent:
+                o = p.orphans[p.orphan_parent[h]][h]
+                o[2] &= ~tb
+                if not o[2]:
+                    self._unpark(p, h)
+            return
+        if not mask & tb:
+            return
+        mask &= ~tb
+        k = p.keys[h]
+        if mask:
+            p.masks[h] = mask
+            if p.rev.get(k) == h:
+                td = self._tiers[tid]
+                v = td.get(k, 0) & ~p.bit
+                if v:
+                    td[k] = v
+                else:
+                    td.pop(k, None)
+            return
+        del p.masks[h]
+        del p.keys[h]
+        self._unlink(p, h, k)
+        self._retire(p, h, k)
+
+    def _clear_tier(self, p: PodBlocks, tid: int) -> None:
+        tb = 1 << tid
+        for h in [h for h, m in p.masks.items() if m & tb]:
+            self._remove(p, h, tid)
+        for h in [h for h in p.orphan_parent if p.orphans[p.orphan_parent[h]][h][2] & tb]:
+            self._remove(p, h, tid)
+
+    def _forget(self, p: PodBlocks) -> None:
+        for h, k in p.keys.items():
+            self._unlink(p, h, k)
+        p.keys = {}
+        p.masks = {}
+        p.rev = {}
+        p.orphans.clear()
+        p.orphan_parent.clear()
+
+    def _retire(self, p: PodBlocks, h: int, k: int) -> None:
+        if self.retired_per_pod:
+            p.retired[h] = k
+            if len(p.retired) > self.retired_per_pod:
+                p.retired.popitem(last=False)
+
+    # ------------------------------------------------------------------ orphans
+
+    def _park(self, p: PodBlocks, parent: int, h: int, toks: list[int], extra: Any,
+              tb: int) -> None:
+        if not self.orphans_per_pod or h in p.keys:
+            return
+        old = p.orphan_parent.get(h)
+        if old is not None:
+            p.orphans[old][h][2] |= tb
+            return
+        p.orphan_parent[h] = parent
+        p.orphans.setdefault(parent, {})[h] = [toks, extra, tb]
+        if len(p.orphan_parent) > self.orphans_per_pod:
+            self._unpark(p, next(iter(p.orphan_parent)))
+
+    def _unpark(self, p: PodBlocks, h: int) -> list[Any]:
+        parent = p.orphan_parent.pop(h)
+        waiting = p.orphans[parent]
+        o = waiting.pop(h)
+        if not waiting:
+            del p.orphans[parent]
+        return o
+
+    def _release(self, p: PodBlocks, h: int, k: int) -> None:
+        """Key every block that waited (directly or down a chain) for block ``h``."""
+        stack = [(h, k)]
+        while stack:
+            ph, pk = stack.pop()
+            waiting = p.orphans.pop(ph, None)
+            if not waiting:
+                continue
+            for oh, (toks, extra, tmask) in waiting.items():
+                del p.orphan_parent[oh]
+                ok = kvblock.key(pk, toks, extra)
+                tid = 0
+                while tmask:
+                    if tmask & 1:
+                        self._store(p, oh, ok, tid)
+                    tmask >>= 1
+                    tid += 1
+                stack.append((oh, ok))
+
+    # ------------------------------------------------------------------ snapshots
+
+    def replace(self, name: str, model: str, blocks: Iterable[SnapshotBlock]) -> int:
+        """Replace a pod's blocks by a snapshot's (parents first); return the blocks not keyed.
+
+        The pod's previous map still resolves parents and tokenless blocks the snapshot names.
+        """
+        p = self.pod(name)
+        old = p.keys
+        self._forget(p)
+        if model != p.model:
+            old = {}
+            p.retired.clear()
+            p.model = model
+        seed = self.seed(model)
+        cur = p.keys
+        retired = p.retired
+        missing = 0
+        for b in blocks:
+            if not b.tiers:
+                continue
+            h = b.block_hash
+            k = cur.get(h)
+            if k is None:
+                k = old.get(h)
+            if k is None and b.token_ids:
+                ph = b.parent_hash
+                parent: int | None = seed
+                if ph is not None:
+                    parent = cur.get(ph)
+                    if parent is None:
+                        parent = old.get(ph)
+                    if parent is None:
+                        parent = retired.get(ph)
+                extra = getattr(b, "extra_keys", None)  # newer agents send the block's own
+                if extra is None and b.lora_name:
+                    extra = (b.lora_name,)
+                if parent is None:
+                    for t in b.tiers:
+                        self._park(p, ph, h, b.token_ids, extra, 1 << self.tier_id(t))  # type: ignore[arg-type]
+                    missing += 1
+                    continue
+                k = kvblock.key(parent, b.token_ids, extra)
+            elif k is None:
+                k = retired.get(h)
+                if k is None:
+                    missing += 1
+                    continue
+            for t in b.tiers:
+                self._link(p, h, k, self.tier_id(t))
+        self.stats.unkeyable += missing
+        self._evict()
+        return missing
+
+    # ------------------------------------------------------------------ bounded memory
+
+    def _evict(self) -> None:
+        held = self._held
+        if self.entries <= self.max_blocks:
+            return
+        tiers = self._tiers
+        slots = self._slots
+        while self.entries > self.max_blocks and held:
+            k, m = held.popitem(last=False)
+            for td in tiers:
+                td.pop(k, None)
+            n = m.bit_count()
+            while m:
+                low = m & -m
+                m ^= low
+                p = slots[low.bit_length() - 1]
+                h = p.rev.pop(k, None)
+                if h is not None and p.keys.get(h) == k:
+                    del p.keys[h]
+                    del p.masks[h]
+                    self._retire(p, h, k)
+            self.entries -= n
+            self.stats.evictions += n
+
+    # ------------------------------------------------------------------ lookups
+
+    def lookup(self, keys: Sequence[int], pods: Sequence[str] | None = None) -> list[PodMatch]:
+        """Each pod's longest run of held blocks from the prompt's start, with the best tiers.
+
+        With ``pods``, exactly those pods are answered (0 blocks for those holding none, in the
+        order asked); without, every pod holding the first block, longest match first. The walk
+        keeps the set of pods still matching as a bit mask and stops when it is empty.
+        """
+        self.stats.lookups += 1
+        if pods is not None:
+            want = 0
+            for name in pods:
+                p = self.pods.get(name)
+                if p is not None:
+                    want |= p.bit
+        else:
+            want = -1  # every pod: narrowed to the first block's holders
+        get = self._held.get
+        on_gpu = self._tiers[0].get
+        active = want
+        ends: list[tuple[int, int]] = []  # (pods, blocks they matched)
+        marks: list[tuple[int, int, int]] = []  # (block, pods holding it off-GPU, key)
+        i = 0
+        if want:
+            for k in keys:
+                m = get(k)
+                held = m & active if m is not None else 0
+                if held != active:
+                    if i:
+                        ends.append((active & ~held, i))
+                    active = held
+                    if not active:
+                        break
+                off_gpu = active & ~on_gpu(k, 0)
+                if off_gpu:
+                    marks.append((i, off_gpu, k))
+                i += 1
+            if active and i:
+                ends.append((active, i))
+        lengths: dict[int, int] = {}
+        for mask, n in ends:
+            while mask:
+                low = mask & -mask
+                lengths[low.bit_length() - 1] = n
+                mask ^= low
+        # Per-block tiers only for pods holding some matched block off-GPU; an empty list means
+        # "all on GPU" and keeps the common reply small.
+        gpu = self._tier_names[0]
+        tiers: dict[int, list[str]] = {}
+        lower = list(zip(self._tier_names[1:], self._tiers[1:], strict=True))
+        for i, mask, k in marks:
+            while mask:
+                low = mask & -mask
+                mask ^= low
+                slot = low.bit_length() - 1
+                for name, td in lower:
+                    if td.get(k, 0) & low:
+                        row = tiers.get(slot)
+                        if row is None:
+                            row = tiers[slot] = [gpu] * lengths[slot]
+                        row[i] = name
+                        break
+        if lengths:
+            # Matched keys are in use: keep them, parents freshest (touched last).
+            touch = self._held.move_to_end
+            for k in reversed(keys[: max(lengths.values())]):
+                touch(k)
+        slots = self._slots
+        if pods is not None:
+            out = []
+            seen = set()
+            for name in pods:
+                if name in seen:
+                    continue
+                seen.add(name)
+                p = self.pods.get(name)
+                if p is not None and p.slot in lengths:
+                    out.append(PodMatch(pod=name, blocks=lengths[p.slot],
+                                        tiers=tiers.get(p.slot, [])))
+                else:
+                    out.append(PodMatch(pod=name, blocks=0))
+            return out
+        ranked = sorted(lengths.items(), key=lambda sn: (-sn[1], slots[sn[0]].name))
+        return [PodMatch(pod=slots[s].name, blocks=n, tiers=tiers.get(s, [])) for s, n in ranked]

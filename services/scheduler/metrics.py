@@ -1,0 +1,66 @@
+"""The scheduler's Prometheus metrics (served on its /metrics next to the bus endpoint's)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Plugin calls take microseconds; an indexer round trip takes a fraction of a millisecond.
+_FAST_BUCKETS = (
+    0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+)
+
+
+class SchedulerMetrics:
+    """Every metric of one scheduler replica, in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.plugin_seconds = Histogram(
+            "infermesh_scheduler_plugin_seconds",
+            "Time of one plugin call per plugin instance",
+            ["plugin", "type"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "infermesh_scheduler_decision_seconds",
+            "Time of one whole scheduling cycle per profile",
+            ["profile"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "infermesh_scheduler_decisions",
+            "Requests scheduled per profile and chosen pod",
+            ["profile", "pod"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "infermesh_scheduler_rejections",
+            "Schedule requests answered with an error, per reason",
+            ["reason"],
+            registry=r,
+        )
+        self.index_lookups = Counter(
+            "infermesh_scheduler_index_lookups",
+            "Indexer lookups by precise prefix scorers, per outcome",
+            ["plugin", "outcome"],
+            registry=r,
+        )
+        self.bus_messages = Counter(
+            "infermesh_scheduler_bus_messages",
+            "Pod states and request events received, per kind and outcome",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.pods = Gauge("infermesh_scheduler_pods", "Live pods known to this replica", registry=r)
+        self.inflight = Gauge(
+            "infermesh_scheduler_inflight", "Requests in flight, as this replica counts them",
+            registry=r,
+        )
+        self.inflight_expired = Counter(
+            "infermesh_scheduler_inflight_expired",
+            "In-flight requests dropped without a finished event",
+            registry=r,
+        )

@@ -1,0 +1,68 @@
+"""Every plugin type the scheduler knows, registered in one place: type name → factory.
+
+One plugin per file, named after its type. A new plugin gets a file here and a line in
+:data:`PLUGIN_TYPES`; the YAML then instantiates it by its type name.
+"""
+
+from __future__ import annotations
+
+from ..framework import PluginFactory
+from .approx_prefix_scorer import ApproxPrefixCacheScorer
+from .kv_utilization_scorer import KVUtilizationScorer
+from .label_filter import LabelFilter
+from .load_aware_scorer import LoadAwareScorer
+from .lora_affinity_scorer import LoraAffinityScorer
+from .max_score_picker import MaxScorePicker
+from .precise_prefix_scorer import PrecisePrefixCacheScorer
+from .queue_scorer import QueueScorer
+from .random_picker import RandomPicker
+from .role_filter import RoleFilter
+from .round_robin_picker import RoundRobinPicker
+from .single_profile_handler import SingleProfileHandler
+
+PLUGIN_TYPES: dict[str, PluginFactory] = {
+    cls.type_name: cls.create
+    for cls in (
+        # scorers
+        PrecisePrefixCacheScorer,
+        ApproxPrefixCacheScorer,
+        QueueScorer,
+        KVUtilizationScorer,
+        LoadAwareScorer,
+        LoraAffinityScorer,
+        # filters
+        LabelFilter,
+        RoleFilter,
+        # pickers
+        MaxScorePicker,
+        RandomPicker,
+        RoundRobinPicker,
+        # profile handlers
+        SingleProfileHandler,
+    )
+}
+
+
+def register(type_name: str, factory: PluginFactory) -> None:
+    """Add a plugin type (for plugins that live outside this package)."""
+    if type_name in PLUGIN_TYPES:
+        raise ValueError(f"plugin type {type_name!r} is already registered")
+    PLUGIN_TYPES[type_name] = factory
+
+
+__all__ = [
+    "PLUGIN_TYPES",
+    "ApproxPrefixCacheScorer",
+    "KVUtilizationScorer",
+    "LabelFilter",
+    "LoadAwareScorer",
+    "LoraAffinityScorer",
+    "MaxScorePicker",
+    "PrecisePrefixCacheScorer",
+    "QueueScorer",
+    "RandomPicker",
+    "RoleFilter",
+    "RoundRobinPicker",
+    "SingleProfileHandler",
+    "register",
+]

@@ -1,0 +1,76 @@
+"""One scheduling cycle: the profile handler chooses profiles, each runs, one result answers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from infermesh.proto.messages import ScheduleDecision, ScheduleRequest
+
+from .config import TOTAL_SCORES
+from .framework import CycleState, Pipeline, Plugin, Pod, ProfileResult
+from .metrics import SchedulerMetrics
+
+
+class UnknownProfile(KeyError):
+    """A request named a profile the pipeline does not have."""
+
+
+class Scheduler:
+    """Runs a :class:`Pipeline` for one request and its candidate pods; times every plugin."""
+
+    def __init__(self, pipeline: Pipeline, metrics: SchedulerMetrics) -> None:
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self._plugin_hist: dict[int, Any] = {}
+        self._decision_hist: dict[str, Any] = {}
+
+    def profile_name(self, request: ScheduleRequest) -> str:
+        """The profile a request asks for (the default when it names none)."""
+        name = request.profile or self.pipeline.default_profile
+        if name not in self.pipeline.profiles:
+            raise UnknownProfile(name)
+        return name
+
+    def _time(self, plugin: Plugin, seconds: float) -> None:
+        h = self._plugin_hist.get(id(plugin))
+        if h is None:
+            h = self._plugin_hist[id(plugin)] = self.metrics.plugin_seconds.labels(
+                plugin.name, plugin.type_name
+            )
+        h.observe(seconds)
+
+    async def schedule(self, request: ScheduleRequest, pods: list[Pod]) -> ScheduleDecision:
+        """Choose a pod among ``pods`` (not empty); raises ``NoCandidates`` or
+        :class:`UnknownProfile`."""
+        t0 = time.perf_counter()
+        name = self.profile_name(request)
+        p = self.pipeline
+        cycle = CycleState()
+        results: dict[str, ProfileResult] = {}
+        # A handler may run profiles in rounds (prefill, then decode); bound the rounds so a
+        # handler that never stops cannot hang the request.
+        for _ in range(len(p.profiles) + 1):
+            todo = p.handler.pick_profiles(request, p.profiles, p.default_profile, results)
+            if not todo:
+                break
+            for prof in todo:
+                results[prof.name] = await prof.run(request, cycle, pods, self._time)
+        result = p.handler.primary(request, results)
+        pod = result.pod
+        scores = dict(result.scores)
+        if scores:
+            scores[TOTAL_SCORES] = result.totals
+        cached = cycle.cached_blocks.get(pod.name, 0) if cycle.cached_blocks else 0
+        h = self._decision_hist.get(name)
+        if h is None:
+            h = self._decision_hist[name] = self.metrics.decision_seconds.labels(name)
+        h.observe(time.perf_counter() - t0)
+        return ScheduleDecision(
+            request_id=request.request_id,
+            pod=pod.name,
+            url=pod.url,
+            profile=result.profile,
+            scores=scores,
+            cached_blocks=cached,
+        )

@@ -1,0 +1,269 @@
+"""The scheduler service: ``im.schedule`` (queue group ``scheduler``) over the plugin pipeline.
+
+State comes from the bus only. Every replica subscribes to every pod's heartbeat
+(``im.pod.*.*``) and to every request event (``im.req.*``), and counts its own decisions in
+flight at once; replicas therefore agree on pods, load and routing history without talking to
+each other, and any of them can answer any request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from infermesh.libs.bus import BusService, connect, reply_error
+from infermesh.libs.bus import request as bus_request
+from infermesh.libs.telemetry import get_logger
+from infermesh.libs.telemetry.ops import OpsServer
+from infermesh.proto import codec
+from infermesh.proto.messages import (
+    LookupReply,
+    LookupRequest,
+    PodState,
+    RequestEvent,
+    ScheduleDecision,
+    ScheduleRequest,
+)
+from infermesh.proto.subjects import QUEUE_SCHEDULER, Subjects
+
+from .config import SchedulerConfig, load_pipeline
+from .framework import Handle, NoCandidates, Pipeline
+from .metrics import SchedulerMetrics
+from .scheduler import Scheduler, UnknownProfile
+from .state import InFlight, PodTable
+
+log = get_logger("scheduler")
+
+
+class SchedulerService:
+    """One scheduler replica. ``await start()``, then ``await stop()``.
+
+    The pipeline is built in the constructor, so a bad profiles file fails before anything
+    connects.
+    """
+
+    def __init__(
+        self, cfg: SchedulerConfig, nc: Client | None = None, pipeline: Pipeline | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.replica = cfg.replica_name()
+        self.subjects = Subjects(cfg.subject_prefix)
+        self.metrics = SchedulerMetrics()
+        rng = random.Random(cfg.seed) if cfg.seed else random.Random()
+        self.handle = Handle(self.metrics, self._index_lookup, rng)
+        self.pipeline = pipeline or load_pipeline(cfg.profiles_file, self.handle)
+        self.scheduler = Scheduler(self.pipeline, self.metrics)
+        self.pods = PodTable(cfg.pod_timeout_s)
+        self.inflight = InFlight(cfg.inflight_timeout_s)
+        self.observers = self.pipeline.observers()
+        self.decisions = 0
+        self.http_port: int | None = None
+        self._nc = nc
+        self._own_nc = nc is None
+        self._subs: list[Any] = []
+        self._service: BusService | None = None
+        self._ops: OpsServer | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Follow the pool on the bus, then answer ``im.schedule``."""
+        if self._nc is None:
+            self._nc = await connect(self.cfg.nats_url, f"scheduler-{self.replica}")
+        nc = self._nc
+        self._subs = [
+            await nc.subscribe(self.subjects.pod_state_all, cb=self._on_pod_state),
+            await nc.subscribe(self.subjects.req_all, cb=self._on_request_event),
+        ]
+        await nc.flush()
+        self._tasks = [asyncio.create_task(self._housekeeping(), name="scheduler-housekeeping")]
+        if self.cfg.http_port >= 0:
+            self._ops = OpsServer([self.metrics.registry], self._health)
+            self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
+        # A fresh replica knows no pod: hear a round of heartbeats before taking requests, so it
+        # does not answer "no engine" while the other replicas would not.
+        await asyncio.sleep(self.cfg.warmup_s)
+        svc = BusService(
+            nc,
+            "infermesh-scheduler",
+            description="Picks an engine for each request (plugin pipeline)",
+            registry=self.metrics.registry,
+            metadata={"replica": self.replica},
+        )
+        svc.endpoint(
+            "schedule",
+            self.subjects.schedule,
+            ScheduleRequest,
+            self._on_schedule,
+            queue_group=QUEUE_SCHEDULER,
+        )
+        await svc.start()
+        self._service = svc
+        log.info(
+            "scheduler_started",
+            replica=self.replica,
+            profiles=sorted(self.pipeline.profiles),
+            default_profile=self.pipeline.default_profile,
+            http_port=self.http_port,
+        )
+
+    async def stop(self) -> None:
+        """Stop answering and following the bus (idempotent)."""
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()
+            self._service = None
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs = []
+        if self._ops is not None:
+            await self._ops.stop()
+            self._ops = None
+        if self._nc is not None and self._own_nc:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+            self._nc = None
+
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        ok = self._nc is not None and self._nc.is_connected and self._service is not None
+        return ok, {
+            "replica": self.replica,
+            "pods": len(self.pods),
+            "inflight": self.inflight.counts(),
+            "decisions": self.decisions,
+            "profiles": sorted(self.pipeline.profiles),
+            "default_profile": self.pipeline.default_profile,
+        }
+
+    async def _housekeeping(self) -> None:
+        period = min(0.25, self.cfg.pod_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.prune()
+            except Exception:  # a bug here must not stop pruning for good
+                log.exception("housekeeping_failed")
+
+    def prune(self) -> None:
+        """Drop silent pods and expired in-flight requests; refresh the gauges."""
+        for pod in self.pods.prune():
+            log.info("pod_dropped", pod=pod, reason="no heartbeat")
+            self._pod_removed(pod)
+        expired = self.inflight.expire()
+        if expired:
+            self.metrics.inflight_expired.inc(expired)
+        self.metrics.pods.set(len(self.pods))
+        self.metrics.inflight.set(len(self.inflight))
+
+    def _pod_removed(self, pod: str) -> None:
+        for o in self.observers:
+            o.on_pod_removed(pod)
+
+    # ------------------------------------------------------------------ bus state
+
+    async def _on_pod_state(self, msg: Msg) -> None:
+        try:
+            st = codec.decode(msg.data, PodState)
+        except codec.DecodeError:
+            self.metrics.bus_messages.labels("pod_state", "bad").inc()
+            return
+        self.metrics.bus_messages.labels("pod_state", "ok").inc()
+        if self.pods.update(st):
+            log.info("pod_dropped", pod=st.pod, reason="not ready")
+            self._pod_removed(st.pod)
+
+    async def _on_request_event(self, msg: Msg) -> None:
+        try:
+            ev = codec.decode(msg.data, RequestEvent)
+        except codec.DecodeError:
+            self.metrics.bus_messages.labels("request_event", "bad").inc()
+            return
+        self.metrics.bus_messages.labels("request_event", "ok").inc()
+        self.apply_event(ev)
+
+    def apply_event(self, ev: RequestEvent) -> None:
+        """Follow one request event (from any replica's ingress, or this replica's decision)."""
+        if ev.kind == "routed":
+            if ev.pod:
+                self.inflight.routed(ev.request_id, ev.pod)
+        elif ev.kind == "finished":
+            self.inflight.finished(ev.request_id)
+        else:
+            self.inflight.touch(ev.request_id)
+        for o in self.observers:
+            o.on_request_event(ev)
+
+    # ------------------------------------------------------------------ im.schedule
+
+    async def _index_lookup(self, msg: LookupRequest, timeout: float) -> LookupReply:
+        if self._nc is None:
+            raise RuntimeError("not connected")
+        return await bus_request(
+            self._nc, self.subjects.index_lookup, msg, LookupReply, timeout=timeout
+        )
+
+    def _reject(self, code: int, reason: str, message: str) -> Exception:
+        self.metrics.rejections.labels(reason).inc()
+        return reply_error(code, message)
+
+    async def _on_schedule(self, req: ScheduleRequest) -> ScheduleDecision:
+        if not req.request_id:
+            raise self._reject(400, "bad_request", "request_id is required")
+        if req.num_tokens < 0:
+            raise self._reject(400, "bad_request", "num_tokens must be >= 0")
+        try:
+            profile = self.scheduler.profile_name(req)
+        except UnknownProfile as e:
+            known = ", ".join(sorted(self.pipeline.profiles))
+            raise self._reject(
+                400, "unknown_profile", f"unknown profile {e.args[0]!r} (known: {known})"
+            ) from None
+        pods, serving = self.pods.candidates(
+            req.pool, req.model, req.exclude, req.labels, self.inflight.count
+        )
+        if not pods:
+            what = f"model {req.model!r} in pool {req.pool!r}"
+            if serving == 0:
+                message = f"no engine serves {what}"
+            else:
+                message = (
+                    f"no engine left for {what}: {serving} serve it, "
+                    f"none outside exclude={req.exclude} with labels {req.labels}"
+                )
+            raise self._reject(503, "no_engine", message)
+        try:
+            decision = await self.scheduler.schedule(req, pods)
+        except NoCandidates as e:
+            raise self._reject(503, "no_engine", f"{e} (model {req.model!r})") from None
+        # Count it now, so the next decision (here) sees it before the ingress's routed event;
+        # that event, for the same request id, is not counted twice.
+        self.apply_event(
+            RequestEvent(
+                kind="routed",
+                request_id=req.request_id,
+                pod=decision.pod,
+                pool=req.pool,
+                model=req.model,
+                ts=time.time(),
+                replica=self.replica,
+                num_tokens=req.num_tokens,
+                block_keys=req.block_keys,
+            )
+        )
+        self.decisions += 1
+        self.metrics.decisions.labels(profile, decision.pod).inc()
+        return decision

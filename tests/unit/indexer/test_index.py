@@ -1,0 +1,307 @@
+"""The block index: keys from events equal the tokenizer's keys, stores are idempotent, removals
+and clears per tier, longest-prefix lookups with tiers, the LRU cap, and agreement with a brute
+force over a simulated engine's real cache."""
+
+from __future__ import annotations
+
+import random
+
+from infermesh.libs import kvblock
+from infermesh.proto.messages import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    PodMatch,
+    SnapshotBlock,
+)
+from infermesh.proto.vllm_kv import VllmEventDecoder, VllmEventEncoder
+from infermesh.services.indexer.index import KVIndex
+from infermesh.services.sim.block_hash import BlockHasher, to_wire
+from infermesh.services.sim.cache import PrefixCache
+
+M = "infermesh/tiny-llama"
+BS = 4
+
+
+def stored(hashes: list[int], toks: list[int], parent: int | None = None, **kw) -> BlockStored:
+    return BlockStored(block_hashes=hashes, parent_hash=parent, token_ids=toks, block_size=BS,
+                       **kw)
+
+
+def chain(n: int, base: int = 1000) -> tuple[list[int], list[int]]:
+    """n engine hashes and n blocks of tokens."""
+    return [base + i for i in range(n)], [base * 10 + i for i in range(n * BS)]
+
+
+def keys_of(idx: KVIndex, pod: str, hashes: list[int]) -> list[int]:
+    blocks = idx.pod_blocks(pod)
+    return [blocks[h][0] for h in hashes]
+
+
+# ---------------------------------------------------------------------------- block keys
+
+
+def test_keys_from_events_equal_prompt_keys_across_events() -> None:
+    hashes, toks = chain(7)
+    idx = KVIndex()
+    # The same chain as three events (as an engine stores a prompt, then its continuations).
+    idx.apply("p", M, [stored(hashes[:3], toks[: 3 * BS])])
+    idx.apply("p", M, [stored(hashes[3:5], toks[3 * BS : 5 * BS], parent=hashes[2])])
+    idx.apply("p", M, [stored(hashes[5:], toks[5 * BS :], parent=hashes[4])])
+    assert keys_of(idx, "p", hashes) == kvblock.prompt_keys(M, toks, BS)
+    assert idx.stats.unkeyable == 0
+
+
+def test_keys_with_lora_and_cache_salt() -> None:
+    hashes, toks = chain(4)
+    idx = KVIndex()
+    # LoRA without extra_keys (older engines, the simulator): the LoRA name is the extra key.
+    idx.apply("a", M, [stored(hashes, toks, lora_name="ad1")])
+    assert keys_of(idx, "a", hashes) == kvblock.prompt_keys(M, toks, BS, lora_name="ad1")
+    # extra_keys as vLLM publishes them: one entry per block, the salt on the first only.
+    extra = [["ad1", "s1"], ["ad1"], ["ad1"], ["ad1"]]
+    idx.apply("b", M, [stored(hashes, toks, lora_name="ad1", extra_keys=extra)])
+    want = kvblock.prompt_keys(M, toks, BS, lora_name="ad1", cache_salt="s1")
+    assert keys_of(idx, "b", hashes) == want
+    idx.apply("c", M, [stored(hashes, toks, extra_keys=[["s2"], None, None, None])])
+    assert keys_of(idx, "c", hashes) == kvblock.prompt_keys(M, toks, BS, cache_salt="s2")
+    # Salted keys differ from plain ones from the first block on.
+    assert keys_of(idx, "c", hashes)[0] != kvblock.prompt_keys(M, toks, BS)[0]
+
+
+def test_keys_from_vllm_exact_hashes_and_snapshot() -> None:
+    hasher = BlockHasher("sha256", "0")
+    rng = random.Random(1)
+    toks = [rng.randrange(10, 4000) for _ in range(6 * BS + 2)]
+    eng = [to_wire(h) for h in hasher.hash_prompt(toks, BS, lora_name="ad1",
+                                                   lora_path="/loras/ad1")]
+    idx = KVIndex()
+    idx.apply("p", M, [stored(eng, toks[: 6 * BS], lora_name="ad1")])
+    want = kvblock.prompt_keys(M, toks, BS, lora_name="ad1")
+    assert keys_of(idx, "p", eng) == want
+    # A snapshot of the same blocks gives the same keys, on a pod never seen before.
+    snap = [SnapshotBlock(h, eng[i - 1] if i else None, toks[i * BS : (i + 1) * BS], ["GPU"],
+                          "ad1") for i, h in enumerate(eng)]
+    idx.replace("q", M, snap)
+    assert keys_of(idx, "q", eng) == want
+    assert idx.lookup(want) == [PodMatch(pod="p", blocks=6, tiers=[]),
+                                PodMatch(pod="q", blocks=6, tiers=[])]
+
+
+def test_models_seed_keys() -> None:
+    hashes, toks = chain(2)
+    idx = KVIndex()
+    idx.apply("p", "m1", [stored(hashes, toks)])
+    idx.apply("q", "m2", [stored(hashes, toks)])
+    assert keys_of(idx, "p", hashes) == kvblock.prompt_keys("m1", toks, BS)
+    assert keys_of(idx, "q", hashes) == kvblock.prompt_keys("m2", toks, BS)
+    assert idx.lookup(kvblock.prompt_keys("m1", toks, BS))[0].pod == "p"
+
+
+# ---------------------------------------------------------------------------- events
+
+
+def test_stores_are_idempotent() -> None:
+    hashes, toks = chain(5)
+    idx = KVIndex()
+    ev = stored(hashes, toks)
+    idx.apply("p", M, [ev])
+    before = (len(idx), idx.entries, idx.pod_blocks("p"))
+    idx.apply("p", M, [ev, ev])
+    idx.apply("p", M, [stored(hashes[2:], toks[2 * BS :], parent=hashes[1])])
+    assert (len(idx), idx.entries, idx.pod_blocks("p")) == before == (5, 5, before[2])
+
+
+def test_removal_is_per_tier_and_offloads_resolve_by_hash() -> None:
+    hashes, toks = chain(3)
+    keys = kvblock.prompt_keys(M, toks, BS)
+    idx = KVIndex()
+    idx.apply("p", M, [stored(hashes, toks)])
+    # Offload without tokens: resolved through the pod's engine-hash map.
+    idx.apply("p", M, [BlockStored(block_hashes=hashes[:2], tier="CPU")])
+    assert idx.holders(keys[0]) == {"p": ["GPU", "CPU"]}
+    idx.apply("p", M, [BlockRemoved(block_hashes=hashes, tier="GPU")])
+    assert idx.lookup(keys) == [PodMatch(pod="p", blocks=2, tiers=["CPU", "CPU"])]
+    assert idx.holders(keys[2]) == {}
+    # Removing what is not there changes nothing.
+    idx.apply("p", M, [BlockRemoved(block_hashes=[hashes[2], 12345], tier="CPU")])
+    assert idx.entries == 2
+    idx.apply("p", M, [BlockRemoved(block_hashes=hashes[:1], tier="CPU")])
+    assert idx.lookup(keys) == []
+    # Back from CPU: the hash of a removed block is still known, so a tokenless store keys it.
+    idx.apply("p", M, [BlockStored(block_hashes=hashes[:1], tier="GPU")])
+    assert idx.lookup(keys) == [PodMatch(pod="p", blocks=2, tiers=["GPU", "CPU"])]
+
+
+def test_clear_per_tier_and_all() -> None:
+    hashes, toks = chain(3)
+    keys = kvblock.prompt_keys(M, toks, BS)
+    idx = KVIndex()
+    idx.apply("p", M, [stored(hashes, toks), stored(hashes[:2], toks[: 2 * BS], tier="CPU")])
+    idx.apply("q", M, [stored(hashes, toks)])
+    idx.apply("p", M, [AllBlocksCleared(tier="GPU")])
+    assert idx.lookup(keys, ["p"]) == [PodMatch(pod="p", blocks=2, tiers=["CPU", "CPU"])]
+    idx.apply("p", M, [AllBlocksCleared()])
+    assert idx.lookup(keys) == [PodMatch(pod="q", blocks=3, tiers=[])]
+    assert idx.entries == 3
+    idx.drop_pod("q")
+    assert idx.lookup(keys) == [] and idx.entries == 0 and len(idx) == 0
+
+
+def test_unknown_parent_waits_and_is_keyed_when_the_parent_comes() -> None:
+    hashes, toks = chain(4)
+    idx = KVIndex()
+    # The tail arrives first (its parent unknown): it cannot be keyed yet.
+    assert idx.apply("p", M, [stored(hashes[2:], toks[2 * BS :], parent=hashes[1])]) == 2
+    assert idx.pod_blocks("p") == {}
+    idx.apply("p", M, [stored(hashes[:2], toks[: 2 * BS])])
+    assert keys_of(idx, "p", hashes) == kvblock.prompt_keys(M, toks, BS)
+
+
+def test_unknown_tier_names_rank_last() -> None:
+    hashes, toks = chain(2)
+    keys = kvblock.prompt_keys(M, toks, BS)
+    idx = KVIndex()
+    idx.apply("p", M, [stored(hashes, toks, tier="NVME"),
+                       stored(hashes[:1], toks[:BS], tier="SHARED_STORAGE")])
+    assert idx.lookup(keys) == [PodMatch(pod="p", blocks=2, tiers=["SHARED_STORAGE", "NVME"])]
+
+
+# ---------------------------------------------------------------------------- lookups
+
+
+def test_longest_prefix_with_tiers_per_pod() -> None:
+    hashes, toks = chain(6)
+    keys = kvblock.prompt_keys(M, toks, BS)
+    idx = KVIndex()
+    idx.apply("all", M, [stored(hashes, toks)])
+    idx.apply("three", M, [stored(hashes[:3], toks[: 3 * BS])])
+    # A hole at block 2: only blocks 0-1 count, though 3-5 are held.
+    idx.apply("hole", M, [stored(hashes, toks), BlockRemoved(block_hashes=[hashes[2]])])
+    idx.apply("mixed", M, [stored(hashes[:4], toks[: 4 * BS], tier="CPU"),
+                           stored(hashes[:1], toks[:BS]),
+                           stored(hashes[:4], toks[: 4 * BS], tier="SHARED_STORAGE")])
+    idx.apply("other", M, [stored([1, 2], [7] * 2 * BS)])
+    assert idx.lookup(keys) == [
+        PodMatch(pod="all", blocks=6, tiers=[]),
+        PodMatch(pod="mixed", blocks=4, tiers=["GPU", "CPU", "CPU", "CPU"]),
+        PodMatch(pod="three", blocks=3, tiers=[]),
+        PodMatch(pod="hole", blocks=2, tiers=[]),
+    ]
+    # Asked about given pods: those only, in that order, with 0 for unknown or unmatched ones.
+    assert idx.lookup(keys, ["ghost", "three", "other", "three"]) == [
+        PodMatch(pod="ghost", blocks=0),
+        PodMatch(pod="three", blocks=3, tiers=[]),
+        PodMatch(pod="other", blocks=0),
+    ]
+    assert idx.lookup([]) == [] and idx.lookup([], ["all"]) == [PodMatch(pod="all", blocks=0)]
+    assert idx.lookup([12345, *keys]) == []  # a match starts at the prompt's first block
+    assert idx.stats.lookups == 5
+
+
+def test_many_pods_slots_are_reused() -> None:
+    hashes, toks = chain(3)
+    keys = kvblock.prompt_keys(M, toks, BS)
+    idx = KVIndex()
+    for i in range(100):
+        idx.apply(f"p{i}", M, [stored(hashes[: 1 + i % 3], toks[: (1 + i % 3) * BS])])
+    got = {m.pod: m.blocks for m in idx.lookup(keys)}
+    assert got == {f"p{i}": 1 + i % 3 for i in range(100)}
+    for i in range(50):
+        idx.drop_pod(f"p{i}")
+    idx.apply("new", M, [stored(hashes, toks)])
+    assert idx.pods["new"].slot == 0  # the lowest free slot
+    got = {m.pod: m.blocks for m in idx.lookup(keys)}
+    assert got == {"new": 3, **{f"p{i}": 1 + i % 3 for i in range(50, 100)}}
+
+
+# ---------------------------------------------------------------------------- LRU cap
+
+
+def test_lru_cap_evicts_least_recently_used_keys() -> None:
+    idx = KVIndex(max_blocks=10)
+    a_h, a_t = chain(4, base=100)
+    b_h, b_t = chain(4, base=200)
+    c_h, c_t = chain(4, base=300)
+    a, b, c = (kvblock.prompt_keys(M, t, BS) for t in (a_t, b_t, c_t))
+    idx.apply("p", M, [stored(a_h, a_t)])
+    idx.apply("q", M, [stored(a_h[:2], a_t[: 2 * BS])])  # 6 entries
+    idx.apply("p", M, [stored(b_h, b_t)])  # 10
+    assert idx.lookup(a)[0].blocks == 4  # a is now fresher than b
+    idx.apply("p", M, [stored(c_h, c_t)])  # 14 > 10: b goes (4 entries)
+    assert idx.entries == 10 and idx.stats.evictions == 4
+    assert idx.lookup(b) == []
+    assert idx.lookup(a)[0].blocks == 4 and idx.lookup(c)[0].blocks == 4
+    # The evicted blocks' hashes are still known: a child of b's last block can be keyed.
+    more = [b_t[-1] + 1 + i for i in range(BS)]
+    idx.apply("p", M, [stored([999], more, parent=b_h[-1])])
+    assert idx.pod_blocks("p")[999][0] == kvblock.prompt_keys(M, b_t + more, BS)[-1]
+    assert idx.entries <= 10
+
+
+def test_lru_keeps_a_chain_parents_first() -> None:
+    idx = KVIndex(max_blocks=6)
+    a_h, a_t = chain(6, base=100)
+    idx.apply("p", M, [stored(a_h, a_t)])
+    b_h, b_t = chain(2, base=200)
+    idx.apply("p", M, [stored(b_h, b_t)])
+    # The tail of the chain goes first: its prefix still matches.
+    assert idx.lookup(kvblock.prompt_keys(M, a_t, BS))[0].blocks == 4
+
+
+# ---------------------------------------------------------------------------- brute force
+
+
+def test_random_engine_traffic_matches_brute_force() -> None:
+    """A real simulated block pool (LRU evictions, CPU offload, resets, LoRA) through vLLM's wire
+    format: every lookup equals what the engines' caches say."""
+    rng = random.Random(5)
+    hasher = BlockHasher("sha256", "0")
+    engines = {f"e{i}": PrefixCache(40, BS, num_cpu_blocks=12, wire=to_wire) for i in range(4)}
+    enc, dec = VllmEventEncoder("map"), VllmEventDecoder()
+    idx = KVIndex(max_blocks=10_000)
+    prefixes = [[rng.randrange(10, 4000) for _ in range(rng.randrange(1, 5) * BS)]
+                for _ in range(5)]
+    probes: list[tuple[list[int], str | None]] = []
+    for step in range(600):
+        pod = rng.choice(list(engines))
+        cache = engines[pod]
+        if rng.random() < 0.02:
+            cache.reset()
+        else:
+            lora = "ad1" if rng.random() < 0.2 else None
+            ids = rng.choice(prefixes) + [rng.randrange(10, 4000)
+                                          for _ in range(rng.randrange(0, 5 * BS))]
+            hs = hasher.hash_prompt(ids, BS, lora_name=lora,
+                                    lora_path="/loras/ad1" if lora else None)
+            # Each block's extra keys as vLLM publishes them (the LoRA name, untagged).
+            alloc, _, _ = cache.allocate(hs, ids, len(ids), 0, lora_name=lora,
+                                         extra=lambda _i, lo=lora: (lo,) if lo else None)
+            cache.release(alloc)
+            probes.append((ids, lora))
+        batch = dec.decode(enc.encode(float(step), cache.drain_events()))
+        assert idx.apply(pod, M, batch.events) == 0
+    contents = {pod: c.contents() for pod, c in engines.items()}
+    seen_tiers: set[str] = set()
+    matched = 0
+    for ids, lora in probes[-150:]:
+        hs = [to_wire(h) for h in hasher.hash_prompt(
+            ids, BS, lora_name=lora, lora_path="/loras/ad1" if lora else None)]
+        want = []
+        for pod, cont in contents.items():
+            gpu = {to_wire(h) for h in cont["GPU"]}
+            cpu = {to_wire(h) for h in cont["CPU"]}
+            tiers = []
+            for h in hs:
+                if h not in gpu and h not in cpu:
+                    break
+                tiers.append("GPU" if h in gpu else "CPU")
+            if tiers:
+                seen_tiers.update(tiers)
+                all_gpu = all(t == "GPU" for t in tiers)
+                want.append(PodMatch(pod=pod, blocks=len(tiers), tiers=[] if all_gpu else tiers))
+        got = idx.lookup(kvblock.prompt_keys(M, ids, BS, lora_name=lora))
+        assert sorted(got, key=lambda m: m.pod) == sorted(want, key=lambda m: m.pod)
+        matched += bool(want)
+    assert matched > 100 and seen_tiers == {"GPU", "CPU"}  # the comparison is not vacuous
+    assert idx.stats.events["AllBlocksCleared"] > 5 and idx.stats.blocks_removed > 1000
