@@ -23,9 +23,9 @@ import random
 import re
 import time
 import zlib
-from functools import partial
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from infermesh.libs.telemetry import get_logger
