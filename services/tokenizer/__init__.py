@@ -1,0 +1,1 @@
+"""The tokenizer service: prompt or chat → token count and block keys, on ``im.tokenize``."""

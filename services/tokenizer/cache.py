@@ -1,0 +1,371 @@
+"""Caches that make repeated and prefix-sharing prompts cheap, with exactly the ids of a full
+tokenization.
+
+Three caches, each bounded in bytes (the prompt cache in entries too):
+
+* the **prompt cache** maps a whole text (a prompt, or a rendered chat) to its ids, plus the block
+  keys already computed for it, so a repeated prompt costs a dictionary lookup;
+* the **chunk cache** maps chunks of a text, cut at boundaries where the tokenizer cannot merge
+  across (:mod:`.chunking`), to their ids; a text is tokenized chunk by chunk and only the
+  chunks never seen before reach the HF tokenizer, so a shared system prompt or document is
+  tokenized once. A chunk's ids do not depend on what precedes it (that is what a safe boundary
+  means), so chunks are keyed by their text alone;
+* the **key chain** remembers, per chunk *and the exact chain of chunks before it*, the block keys
+  of the blocks that end inside it. Block keys chain over the whole prefix, so a prompt that
+  shares chunks with an earlier one reuses their keys and hashes only the blocks after them.
+  A chain node is keyed by ``(id of the parent node, chunk text)``; node ids are never reused,
+  so a node is found only after exactly the same chunks from the same root (model, block size,
+  LoRA, salt, special tokens) — that is, after exactly the same token ids.
+
+Tokenizing is split into :meth:`CachingTokenizer.plan` (cache lookups), :meth:`~.run` (the HF
+tokenizer on the missing chunks; touches no cache, so it may run in a worker thread) and
+:meth:`~.finish` (stores and assembles), so the service can keep its event loop free while a long
+cold prompt is tokenized.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from infermesh.libs.kvblock import block_extra, prompt_keys
+from infermesh.libs.kvblock import key as block_key
+from infermesh.libs.telemetry import get_logger
+from infermesh.libs.tokenization import ModelTokenizer
+
+from .chunking import TextChunker, chunking_unsafe_reason
+
+log = get_logger("tokenizer.cache")
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+# Bookkeeping per entry beyond its payload: the OrderedDict node, the key tuple, the sizes.
+_ENTRY_OVERHEAD = 200
+# Key variants (block size, LoRA, salt) remembered per cached prompt.
+_MAX_KEY_VARIANTS = 4
+#: Texts with at least this many characters to tokenize go to the HF tokenizer's parallel batch.
+PARALLEL_MIN_CHARS = 16384
+# Roots of key chains remembered (one per model, block size, LoRA, salt and special tokens).
+_MAX_CHAIN_ROOTS = 4096
+
+Variant = tuple[str, int, str | None, str | None]  # (model, block size, LoRA name, cache salt)
+
+
+class ByteLRU(Generic[K, V]):
+    """A least-recently-used map bounded by the total size of its entries, in bytes."""
+
+    def __init__(self, max_bytes: int, max_entries: int = 0) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries  # 0: no limit on the count
+        self._data: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._data
+
+    def get(self, key: K) -> V | None:
+        """The value of ``key`` (now the most recently used), or None; counts hits and misses."""
+        item = self._data.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return item[0]
+
+    def put(self, key: K, value: V, size: int) -> None:
+        """Store (or replace) ``key``; evict the least recently used entries to stay in bounds.
+
+        An entry larger than the whole budget is not stored.
+        """
+        old = self._data.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        if size > self.max_bytes:
+            return
+        self._data[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes or (
+            self.max_entries and len(self._data) > self.max_entries
+        ):
+            _, (_, evicted) = self._data.popitem(last=False)
+            self.bytes -= evicted
+            self.evictions += 1
+
+    def resize(self, key: K, value: V, size: int) -> None:
+        """Update the size of ``key`` if it still maps to ``value`` (which grew or shrank)."""
+        item = self._data.get(key)
+        if item is not None and item[0] is value:
+            self.put(key, value, size)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._data.clear()
+        self.bytes = 0
+
+
+@dataclass(eq=False)
+class PromptEntry:
+    """A tokenized text and the block keys computed for it so far."""
+
+    cache_key: tuple[str, bool, str]  # (model, add_special_tokens, text)
+    ids: array[int]  # array("I")
+    keys: dict[Variant, array[int]] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Memory held by this entry and its text."""
+        return (
+            sys.getsizeof(self.cache_key[2])
+            + _array_bytes(self.ids)
+            + sum(_array_bytes(k) + _ENTRY_OVERHEAD for k in self.keys.values())
+            + _ENTRY_OVERHEAD
+        )
+
+
+@dataclass(eq=False)
+class EncodePlan:
+    """What :meth:`CachingTokenizer.plan` found, and what is left to tokenize."""
+
+    text: str
+    add_special_tokens: bool
+    entry: PromptEntry | None = None  # the whole text was cached
+    chunks: list[str] = field(default_factory=list)
+    parts: list[array[int] | None] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)  # indexes of chunks to tokenize
+    whole: bool = False  # tokenize the text in one piece, specials included, no chunk caching
+
+    @property
+    def missing_chars(self) -> int:
+        """Characters the HF tokenizer still has to go through."""
+        return sum(len(self.chunks[i]) for i in self.missing)
+
+
+@dataclass(eq=False, slots=True)
+class ChainNode:
+    """One chunk in a key chain: where it ends (in tokens) and the keys of blocks ending in it."""
+
+    id: int
+    end: int
+    keys: array[int]  # array("Q")
+
+
+def _array_bytes(a: array[int]) -> int:
+    return a.itemsize * len(a) + 64
+
+
+def _special_affixes(tok: ModelTokenizer) -> tuple[list[int], list[int]] | None:
+    """(prefix, suffix) the post-processor puts around a text's ids, when it does only that."""
+    probes = ["", "a", "Hello world\n", " x <|eot_id|>y", "12345 ,.;\n\n  z", "日本 🙂"]
+    empty = tok.encode("", add_special_tokens=True)
+    for cut in range(len(empty) + 1):
+        prefix, suffix = empty[:cut], empty[cut:]
+        if all(
+            tok.encode(p, add_special_tokens=True)
+            == prefix + tok.encode(p, add_special_tokens=False) + suffix
+            for p in probes
+        ):
+            return prefix, suffix
+    return None
+
+
+class CachingTokenizer:
+    """A model's tokenizer behind the prompt and chunk caches; ids equal ``tok.encode``'s."""
+
+    def __init__(
+        self,
+        name: str,
+        tok: ModelTokenizer,
+        *,
+        prompt_cache: ByteLRU[tuple[str, bool, str], PromptEntry],
+        chunk_cache: ByteLRU[tuple[str, str], array[int]],
+        key_cache: ByteLRU[tuple[int, str], ChainNode] | None = None,
+        chunk_chars: int = 2048,
+    ) -> None:
+        self.name = name
+        self.tok = tok
+        self.prompt_cache = prompt_cache
+        self.chunk_cache = chunk_cache
+        self.key_cache = key_cache if key_cache is not None else ByteLRU(0)
+        self._roots: OrderedDict[tuple[Variant, bool], int] = OrderedDict()
+        self.chunker = TextChunker(chunk_chars)
+        self.chunking_off_reason = chunking_unsafe_reason(json.loads(tok.backend.to_str()))
+        self.affixes = _special_affixes(tok) if self.chunking_off_reason is None else None
+        self.encoded_chars = 0  # characters that went through the HF tokenizer
+        if self.chunking_off_reason is not None:
+            log.info("chunk_cache_off", model=name, reason=self.chunking_off_reason)
+
+    @property
+    def chunking(self) -> bool:
+        """Whether texts are tokenized chunk by chunk (the tokenizer allows safe boundaries)."""
+        return self.chunking_off_reason is None
+
+    # ------------------------------------------------------------------ three steps
+
+    def plan(self, text: str, add_special_tokens: bool) -> EncodePlan:
+        """Look ``text`` up in the caches; say which chunks still need the HF tokenizer."""
+        plan = EncodePlan(text, add_special_tokens)
+        plan.entry = self.prompt_cache.get((self.name, add_special_tokens, text))
+        if plan.entry is not None:
+            return plan
+        if not self.chunking or (add_special_tokens and self.affixes is None):
+            plan.whole = True
+            plan.chunks = [text]
+            plan.parts = [None]
+            plan.missing = [0]
+            return plan
+        plan.chunks = self.chunker.split(text) if text else []
+        get = self.chunk_cache.get
+        name = self.name
+        for i, chunk in enumerate(plan.chunks):
+            ids = get((name, chunk))
+            plan.parts.append(ids)
+            if ids is None:
+                plan.missing.append(i)
+        return plan
+
+    def run(self, plan: EncodePlan) -> None:
+        """Tokenize the plan's missing chunks (thread-safe: touches no cache).
+
+        Raises :class:`~infermesh.libs.tokenization.TokenizationError` for text the tokenizer
+        refuses.
+        """
+        if not plan.missing:
+            return
+        texts = [plan.chunks[i] for i in plan.missing]
+        special = plan.whole and plan.add_special_tokens
+        if plan.missing_chars >= PARALLEL_MIN_CHARS:
+            # Chunks in parallel on the Rust side, and without the GIL (a plain encode holds it).
+            encoded = self.tok.encode_batch(texts, add_special_tokens=special)
+        else:  # a few small chunks: the thread pool's hand-offs would cost more than they save
+            encoded = [self.tok.encode(t, add_special_tokens=special) for t in texts]
+        for i, ids in zip(plan.missing, encoded, strict=True):
+            plan.parts[i] = array("I", ids)
+
+    def finish(self, plan: EncodePlan) -> PromptEntry:
+        """Store what :meth:`run` tokenized; assemble and cache the whole text's entry."""
+        if plan.entry is not None:
+            return plan.entry
+        self.encoded_chars += plan.missing_chars
+        ids = array("I")
+        if plan.add_special_tokens and not plan.whole:
+            assert self.affixes is not None
+            ids.extend(self.affixes[0])
+        name = self.name
+        missing = set(plan.missing)
+        for i, (chunk, part) in enumerate(zip(plan.chunks, plan.parts, strict=True)):
+            if part is None:
+                raise RuntimeError("finish() before run()")
+            if i in missing and not plan.whole:
+                self.chunk_cache.put(
+                    (name, chunk), part,
+                    sys.getsizeof(chunk) + _array_bytes(part) + _ENTRY_OVERHEAD,
+                )
+            ids.extend(part)
+        if plan.add_special_tokens and not plan.whole:
+            assert self.affixes is not None
+            ids.extend(self.affixes[1])
+        entry = PromptEntry((self.name, plan.add_special_tokens, plan.text), ids)
+        self.prompt_cache.put(entry.cache_key, entry, entry.nbytes())
+        plan.entry = entry
+        return entry
+
+    # ------------------------------------------------------------------ conveniences
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> array[int]:
+        """Ids of ``text``, equal to ``ModelTokenizer.encode(text, add_special_tokens)``."""
+        plan = self.plan(text, add_special_tokens)
+        self.run(plan)
+        return self.finish(plan).ids
+
+    def block_keys(
+        self,
+        plan: EncodePlan,
+        model: str,
+        block_size: int,
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> array[int]:
+        """``kvblock.prompt_keys`` of a finished plan's ids, from the entry's memo, the key
+        chain of its chunks, or hashed afresh."""
+        entry = plan.entry
+        if entry is None:
+            raise RuntimeError("block_keys() before finish()")
+        variant = (model, block_size, lora_name, cache_salt)
+        keys = entry.keys.get(variant)
+        if keys is not None:
+            return keys
+        if plan.chunks and not plan.whole and self.key_cache.max_bytes > 0:
+            keys = self._chain_keys(plan, variant)
+        else:
+            keys = array("Q", prompt_keys(model, entry.ids, block_size, lora_name=lora_name,
+                                          cache_salt=cache_salt))
+        if len(entry.keys) >= _MAX_KEY_VARIANTS:
+            del entry.keys[next(iter(entry.keys))]
+        entry.keys[variant] = keys
+        self.prompt_cache.resize(entry.cache_key, entry, entry.nbytes())
+        return keys
+
+    def _root(self, variant: Variant, special: bool) -> int:
+        root = self._roots.get((variant, special))
+        if root is None:
+            root = self._roots[(variant, special)] = next(_node_ids)
+            if len(self._roots) > _MAX_CHAIN_ROOTS:
+                self._roots.popitem(last=False)
+        else:
+            self._roots.move_to_end((variant, special))
+        return root
+
+    def _chain_keys(self, plan: EncodePlan, variant: Variant) -> array[int]:
+        assert plan.entry is not None
+        model, bs, lora_name, cache_salt = variant
+        ids = plan.entry.ids
+        parent = self._root(variant, plan.add_special_tokens)
+        end = len(self.affixes[0]) if plan.add_special_tokens and self.affixes else 0
+        # Blocks that end inside the special-token prefix belong to no chunk.
+        keys = array("Q", prompt_keys(model, ids[:end], bs, lora_name=lora_name,
+                                      cache_salt=cache_salt))
+        found = 0
+        for chunk in plan.chunks:  # the chunks already chained: their keys as they were
+            node = self.key_cache.get((parent, chunk))
+            if node is None:
+                break
+            keys.extend(node.keys)
+            parent, end = node.id, node.end
+            found += 1
+        n_blocks = len(ids) // bs
+        if not keys:
+            keys = array("Q", prompt_keys(model, ids, bs, lora_name=lora_name,
+                                          cache_salt=cache_salt))
+        else:  # continue the chain after the last reused block
+            last = keys[-1]
+            for j in range(len(keys), n_blocks):
+                last = block_key(last, ids[j * bs : (j + 1) * bs],
+                                 block_extra(j, lora_name=lora_name, cache_salt=cache_salt))
+                keys.append(last)
+        for chunk, part in zip(plan.chunks[found:], plan.parts[found:], strict=True):
+            assert part is not None
+            new_end = end + len(part)
+            node = ChainNode(next(_node_ids), new_end, keys[end // bs : new_end // bs])
+            self.key_cache.put((parent, chunk), node,
+                               sys.getsizeof(chunk) + _array_bytes(node.keys) + _ENTRY_OVERHEAD)
+            parent, end = node.id, new_end
+        return keys
+
+
+# Node ids of key chains: unique for the life of the process, so a dropped node's id never
+# comes back to make a stale child reachable.
+_node_ids = itertools.count(1)

@@ -1,0 +1,75 @@
+"""Configuration of the tokenizer service (CLI, env ``INFERMESH_TOKENIZER_*``, file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from infermesh.libs.config import knob
+from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
+from infermesh.proto.subjects import DEFAULT_PREFIX
+
+
+@dataclass
+class TokenizerConfig:
+    """Every knob of `infermesh tokenizer`; replicas share ``im.tokenize`` in a queue group."""
+
+    nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
+    subject_prefix: str = knob(DEFAULT_PREFIX, "Prefix of every bus subject")
+    models: list[str] = knob(
+        None,
+        "Served models as NAME=FOLDER (a bare FOLDER is served under its own path, as vLLM "
+        "does); empty: the tiny model as infermesh/tiny-llama",
+        factory=list,
+    )
+    prompt_cache_mb: float = knob(
+        64.0, "Memory for whole prompts (and rendered chats) with their ids and keys; 0: off"
+    )
+    prompt_cache_entries: int = knob(4096, "Whole prompts kept at most")
+    chunk_cache_mb: float = knob(
+        256.0, "Memory for tokenized chunks of prompts (shared prefixes); 0: off"
+    )
+    key_cache_mb: float = knob(
+        64.0, "Memory for the block keys of chained chunks (prompts sharing a prefix); 0: off"
+    )
+    chunk_chars: int = knob(
+        2048, "Chunks are cut at the first safe boundary after this many characters"
+    )
+    offload_chars: int = knob(
+        16384,
+        "Texts with more characters left to tokenize than this are tokenized in a worker "
+        "thread, so the event loop keeps answering cached requests",
+    )
+    trust_request_chat_template: bool = knob(
+        True,
+        "Accept a request's own chat_template (vLLM wants --trust-request-chat-template for it; "
+        "the ingress enforces that policy, this service only renders)",
+    )
+    http_host: str = knob("127.0.0.1", "Address of the service's own /health and /metrics")
+    http_port: int = knob(0, "Port of the service's own HTTP server (0: a free port, -1: none)")
+
+    def __post_init__(self) -> None:
+        self.model_folders()  # validates the entries
+        if min(self.prompt_cache_mb, self.chunk_cache_mb, self.key_cache_mb) < 0:
+            raise ValueError("cache sizes must not be negative")
+        if self.prompt_cache_entries < 0:
+            raise ValueError("prompt_cache_entries must not be negative")
+        if self.chunk_chars < 1:
+            raise ValueError("chunk_chars must be positive")
+
+    def model_folders(self) -> dict[str, Path | None]:
+        """Served model name → folder (None: the tiny model, built on first use)."""
+        if not self.models:
+            return {DEFAULT_MODEL_NAME: None}
+        out: dict[str, Path | None] = {}
+        for entry in self.models:
+            name, sep, folder = entry.partition("=")
+            if not sep:
+                name = folder = entry
+            name, folder = name.strip(), folder.strip()
+            if not name or not folder:
+                raise ValueError(f"models: {entry!r} is not NAME=FOLDER")
+            if name in out:
+                raise ValueError(f"models: {name!r} is given twice")
+            out[name] = Path(folder).expanduser()
+        return out
