@@ -79,9 +79,10 @@ async def run_agent_once(srv: NatsServer, run: int) -> float:
     await nc.subscribe(f"im.kv.default.bench{run}", cb=counter.on_msg)
     await nc.flush()
     payloads = engine_payloads(BATCHES, 1 + run * 10**9)
+    # --model: no engine HTTP here, and an agent that must learn its model waits for it first.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "infermesh.services.agent", "--nats-url", srv.url,
-        "--pod", f"bench{run}", "--engine-url", "http://127.0.0.1:9",
+        "--pod", f"bench{run}", "--engine-url", "http://127.0.0.1:9", "--model", "bench",
         "--kv-endpoint", f"tcp://127.0.0.1:{port}", "--http-port", "-1",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
