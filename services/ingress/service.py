@@ -51,7 +51,8 @@ ROUTING_HEADER = "x-infermesh-routing-ms"  # request received → first byte sen
 PROFILE_HEADER = "x-infermesh-profile"
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                413: "RequestEntityTooLarge", 429: "RateLimitError", 502: "BadGatewayError",
+                413: "RequestEntityTooLarge", 429: "RateLimitError", 500: "InternalServerError",
+                502: "BadGatewayError",
                 503: "ServiceUnavailableError", 504: "GatewayTimeoutError"}
 
 _json = msgspec.json.Encoder()
@@ -339,7 +340,7 @@ class Ingress:
             body = _body_decoder.decode(raw)
         except msgspec.ValidationError as e:
             raise ClientError(400, f"Invalid request: {e}") from None
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
             raise ClientError(400, f"The request body is not valid JSON: {e}") from None
         if chat:
             msgs = body.messages

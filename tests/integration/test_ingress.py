@@ -1,0 +1,262 @@
+"""The ingress against stub services and fake engines: retries before the first byte, fallbacks
+when the control plane is away, request events, and clean 4xx answers to bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from infermesh.libs.bus import BusService, connect
+from infermesh.proto import codec
+from infermesh.proto.messages import (
+    PodState,
+    RequestEvent,
+    ScheduleDecision,
+    ScheduleRequest,
+    TokenizeReply,
+    TokenizeRequest,
+)
+from infermesh.services.ingress.config import IngressConfig
+from infermesh.services.ingress.service import Ingress
+
+from .helpers import wait_until
+
+MODEL = "m"
+
+
+class FakeEngine:
+    """An OpenAI-ish engine whose behaviour the test sets: ok, 503, or dying mid-stream."""
+
+    def __init__(self, mode: str = "ok") -> None:
+        self.mode = mode
+        self.hits = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> FakeEngine:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.handle)
+        app.router.add_post("/v1/chat/completions", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore
+        return self
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        body = await request.json()
+        if self.mode == "503":
+            return web.json_response({"error": {"message": "busy", "type": "x", "code": 503}},
+                                     status=503)
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b'data: {"choices":[{"text":"a"}]}\n\n')
+            if self.mode == "die":
+                # Drop the connection mid-stream, as a crashing engine would.
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            await resp.write(b'data: {"choices":[],"usage":{"prompt_tokens":3,'
+                             b'"completion_tokens":1,"prompt_tokens_details":'
+                             b'{"cached_tokens":2}}}\n\ndata: [DONE]\n\n')
+            return resp
+        return web.json_response({"choices": [{"text": "hi"}], "usage": {
+            "prompt_tokens": 3, "completion_tokens": 1,
+            "prompt_tokens_details": {"cached_tokens": 2}}})
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+class World:
+    """Fake engines with heartbeats, optional stub tokenizer and scheduler, and the ingress."""
+
+    def __init__(self, nats_url: str) -> None:
+        self.nats_url = nats_url
+        self.engines: dict[str, FakeEngine] = {}
+        self.events: list[RequestEvent] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.services: list[BusService] = []
+        self.schedule_calls: list[ScheduleRequest] = []
+
+    async def start(self, engines: dict[str, str], *, tokenizer: bool = True,
+                    scheduler: bool = True, **cfg: Any) -> Ingress:
+        self.nc = await connect(self.nats_url, "world")
+        for name, mode in engines.items():
+            self.engines[name] = await FakeEngine(mode).start()
+        self.tasks.append(asyncio.create_task(self._heartbeats()))
+
+        async def on_event(msg: Any) -> None:
+            self.events.append(codec.decode(msg.data, RequestEvent))
+
+        await self.nc.subscribe("im.req.*", cb=on_event)
+        if tokenizer:
+            svc = BusService(self.nc, "stub-tokenizer")
+
+            async def tokenize(req: TokenizeRequest) -> TokenizeReply:
+                n = len(req.prompt) if isinstance(req.prompt, (str, list)) else 10
+                return TokenizeReply(num_tokens=n, block_keys=[1, 2, 3])
+
+            svc.endpoint("tokenize", "im.tokenize", TokenizeRequest, tokenize, "tokenizer")
+            await svc.start()
+            self.services.append(svc)
+        if scheduler:
+            svc = BusService(self.nc, "stub-scheduler")
+
+            async def schedule(req: ScheduleRequest) -> ScheduleDecision:
+                # Always the first pod by name that is not excluded: "a" before "b".
+                self.schedule_calls.append(req)
+                pod = sorted(p for p in self.engines if p not in req.exclude)[0]
+                return ScheduleDecision(request_id=req.request_id, pod=pod,
+                                        url=self.engines[pod].url, profile="stub")
+
+            svc.endpoint("schedule", "im.schedule", ScheduleRequest, schedule, "scheduler")
+            await svc.start()
+            self.services.append(svc)
+        self.ingress = Ingress(IngressConfig(nats_url=self.nats_url, port=0,
+                                             tokenize_timeout_s=0.3, schedule_timeout_s=0.3,
+                                             **cfg))
+        await self.ingress.start()
+        await wait_until(lambda: len(self.ingress.live_pods()) == len(engines), what="pods")
+        self.url = f"http://127.0.0.1:{self.ingress.port}"
+        return self.ingress
+
+    async def _heartbeats(self) -> None:
+        while True:
+            for name, e in self.engines.items():
+                st = PodState(pod=name, pool="default", model=MODEL, url=e.url, ts=time.time(),
+                              epoch="e", kv_seq=0, block_size=16, max_model_len=1000,
+                              adapters=["lora-x"])
+                await self.nc.publish(f"im.pod.default.{name}", codec.encode(st))
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        await self.ingress.stop()
+        for t in self.tasks:
+            t.cancel()
+        for s in self.services:
+            await s.stop()
+        for e in self.engines.values():
+            await e.stop()
+        await self.nc.close()
+
+
+@pytest.fixture
+async def world(nats_server):
+    w = World(nats_server.url)
+    yield w
+    await w.stop()
+
+
+async def post(url: str, body: Any = None, *, raw: bytes | None = None,
+               path: str = "/v1/completions") -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as http:
+        data = raw if raw is not None else json.dumps(body).encode()
+        async with http.post(url + path, data=data,
+                             headers={"Content-Type": "application/json"}) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+async def test_failed_engine_before_first_byte_is_retried_elsewhere(world) -> None:
+    await world.start({"a": "503", "b": "ok"})
+    status, headers, body = await post(world.url, {"model": MODEL, "prompt": "hello"})
+    assert status == 200 and headers["x-infermesh-endpoint"] == "b"
+    assert world.engines["a"].hits == 1 and world.engines["b"].hits == 1
+    assert world.schedule_calls[-1].exclude == ["a"]
+    await wait_until(lambda: len(world.events) >= 4, what="request events")
+    kinds = [(e.kind, e.pod, e.status) for e in world.events]
+    assert kinds == [("routed", "a", "ok"), ("finished", "a", "failed"),
+                     ("routed", "b", "ok"), ("finished", "b", "ok")]
+    assert world.events[0].block_keys == [1, 2, 3]
+    assert world.events[-1].cached_tokens == 2 and world.events[-1].output_tokens == 1
+
+
+async def test_unreachable_engine_is_retried_and_streams_pass_through(world) -> None:
+    await world.start({"a": "ok", "b": "ok"})
+    await world.engines["a"].stop()  # its heartbeat goes on: a crashed process looks like this
+    status, headers, body = await post(world.url, {"model": MODEL, "prompt": "x", "stream": True})
+    assert status == 200 and headers["x-infermesh-endpoint"] == "b"
+    assert body.endswith(b"data: [DONE]\n\n") and b'"cached_tokens":2' in body
+    await wait_until(lambda: any(e.kind == "first_token" for e in world.events), what="events")
+    await wait_until(lambda: any(e.kind == "finished" and e.pod == "b" for e in world.events),
+                     what="finished event")
+    fin = [e for e in world.events if e.kind == "finished" and e.pod == "b"]
+    assert fin[0].cached_tokens == 2 and fin[0].ttft_s is not None
+
+
+async def test_every_engine_failing_is_a_clean_503(world) -> None:
+    await world.start({"a": "503", "b": "503"}, max_attempts=2)
+    status, _, body = await post(world.url, {"model": MODEL, "prompt": "x"})
+    # The last engine's own answer passes through once attempts run out.
+    assert status == 503 and json.loads(body)["error"]
+
+
+async def test_engine_dying_mid_stream_gives_the_client_a_clean_end(world) -> None:
+    await world.start({"a": "die"})
+    status, _, body = await post(world.url, {"model": MODEL, "prompt": "x", "stream": True})
+    assert status == 200
+    assert b"failed mid-stream" in body and body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_control_plane_away_routes_by_load(world) -> None:
+    await world.start({"a": "ok", "b": "ok"}, tokenizer=False, scheduler=False)
+    for _ in range(6):
+        status, headers, _ = await post(world.url, {"model": MODEL, "prompt": "x"})
+        assert status == 200 and headers["x-infermesh-endpoint"] in {"a", "b"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(world.url + "/metrics") as r:
+            text = await r.text()
+    assert 'infermesh_ingress_fallbacks_total{reason="scheduler_unavailable"} 6.0' in text
+    assert 'infermesh_ingress_fallbacks_total{reason="tokenizer_unavailable"} 6.0' in text
+
+
+async def test_bad_requests_get_openai_errors_never_500(world) -> None:
+    await world.start({"a": "ok"}, max_body_bytes=4096, max_prompt_tokens=50)
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({"raw": b""}, 400),
+        ({"raw": b"{not json"}, 400),
+        ({"raw": b"[1, 2, 3]"}, 400),
+        ({"raw": b'"a string"'}, 400),
+        ({"body": {"model": MODEL}}, 400),  # no prompt
+        ({"body": {"model": MODEL, "prompt": 5}}, 400),
+        ({"body": {"model": MODEL, "prompt": [1, "x"]}}, 400),
+        ({"body": {"model": MODEL, "prompt": "x", "stream": "yes"}}, 400),
+        ({"body": {"model": 7, "prompt": "x"}}, 400),
+        ({"body": {"model": "nope", "prompt": "x"}}, 404),
+        ({"body": {"model": MODEL, "prompt": "y" * 60}}, 400),  # over max_prompt_tokens
+        ({"raw": b'{"model": "m", "prompt": "' + b"z" * 5000 + b'"}'}, 413),
+        ({"body": {"model": MODEL, "messages": "hi"}, "path": "/v1/chat/completions"}, 400),
+        ({"body": {"model": MODEL, "messages": []}, "path": "/v1/chat/completions"}, 400),
+        ({"body": {"model": MODEL, "messages": [1]}, "path": "/v1/chat/completions"}, 400),
+        ({"raw": "{\"model\": \"m\", \"prompt\": \"\ud800\"}".encode("utf-8", "surrogatepass")},
+         400),
+    ]
+    for case, want in cases:
+        status, headers, body = await post(world.url, case.get("body"), raw=case.get("raw"),
+                                           path=case.get("path", "/v1/completions"))
+        assert status == want, (case, status, body[:200])
+        err = json.loads(body)["error"]
+        assert err["code"] == want and err["message"] and err["type"]
+    # Still serving, and a LoRA adapter the heartbeats announce resolves.
+    status, _, _ = await post(world.url, {"model": "lora-x", "prompt": "x"})
+    assert status == 200
+    async with aiohttp.ClientSession() as http:
+        async with http.get(world.url + "/v1/models") as r:
+            ids = [m["id"] for m in (await r.json())["data"]]
+    assert ids == [MODEL, "lora-x"]
+
+
+async def test_no_engine_is_503(world) -> None:
+    await world.start({})
+    status, _, body = await post(world.url, {"model": MODEL, "prompt": "x"})
+    assert status == 503 and json.loads(body)["error"]["code"] == 503
