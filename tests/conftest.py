@@ -117,9 +117,10 @@ class ProcessManager:
         self.procs.append(p)
         return p
 
-    def service(self, module: str, *args: str, name: str = "") -> Proc:
+    def service(self, module: str, *args: str, name: str = "",
+                env: dict[str, str] | None = None) -> Proc:
         """Start ``python -m infermesh.services.<module> ARGS`` (stopped at teardown)."""
-        p = Proc([sys.executable, "-m", f"infermesh.services.{module}", *args],
+        p = Proc([sys.executable, "-m", f"infermesh.services.{module}", *args], env=env,
                  log=self._log(name or module)).start()
         self.procs.append(p)
         return p

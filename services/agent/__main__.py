@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from infermesh.libs.config import add_arguments, load_config
 from infermesh.libs.telemetry import configure_logging
@@ -29,8 +30,15 @@ async def run(cfg: AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point. Arguments after ``--`` go to ``vllm serve`` (with ``--launch-vllm``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1 :]
     args = build_parser().parse_args(argv)
+    if extra:
+        args.vllm_args = extra
     cfg = load_config(AgentConfig, args, env_prefix="INFERMESH_AGENT", file=args.config)
     configure_logging("agent")
     asyncio.run(run(cfg))

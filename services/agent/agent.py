@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 from typing import Any
@@ -49,6 +50,7 @@ from .blockset import BlockSet
 from .config import AgentConfig
 from .kvstream import KVSubscriber, RawBatch, ReplayError, replay
 from .scrape import EngineLoad, scrape_engine
+from .vllm_launcher import VllmPorts, VllmProcess
 
 log = get_logger("agent")
 
@@ -106,6 +108,19 @@ class Agent:
     """One engine's agent. ``await start()``, then ``await stop()``."""
 
     def __init__(self, cfg: AgentConfig, nc: Client | None = None) -> None:
+        self.vllm: VllmProcess | None = None
+        if cfg.launch_vllm:
+            # The agent owns its engine: its URL and endpoints are what it launches.
+            ports = VllmPorts.pick(cfg.vllm_port, cfg.vllm_kv_port, cfg.vllm_replay_port)
+            self.vllm = VllmProcess(
+                cfg.vllm_command, cfg.launch_vllm, cfg.model or cfg.launch_vllm, ports,
+                cfg.vllm_args, log_path=cfg.vllm_log or None,
+            )
+            cfg = dataclasses.replace(
+                cfg, engine_url=self.vllm.url, kv_endpoint=self.vllm.kv_endpoint,
+                replay_endpoint=self.vllm.replay_endpoint,
+                model=cfg.model or cfg.launch_vllm,
+            )
         self.cfg = cfg
         self.pod = cfg.pod_name()
         self.subjects = Subjects(cfg.subject_prefix)
@@ -139,6 +154,8 @@ class Agent:
 
     async def start(self) -> None:
         """Connect to the bus and the engine; start the loops and the snapshot endpoint."""
+        if self.vllm is not None:
+            await self.vllm.start()
         if self._nc is None:
             self._nc = await connect(self.cfg.nats_url, f"agent-{self.pod}")
         self._http = aiohttp.ClientSession(
@@ -176,7 +193,9 @@ class Agent:
         )
 
     async def stop(self) -> None:
-        """Stop everything this agent started."""
+        """Stop everything this agent started (its engine too, when it launched one)."""
+        if self.vllm is not None:
+            await self.vllm.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

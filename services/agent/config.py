@@ -34,6 +34,18 @@ class AgentConfig:
     snapshot_part_blocks: int = knob(2048, "Blocks per snapshot part (bus messages are capped)")
     http_host: str = knob("127.0.0.1", "Address of the agent's own /health and /metrics")
     http_port: int = knob(0, "Port of the agent's own HTTP server (0: a free port, -1: none)")
+    launch_vllm: str = knob(
+        "", "Model folder: the agent starts `vllm serve` on it, supervises it, and takes the "
+        "engine URL and KV endpoints from what it launched"
+    )
+    vllm_command: str = knob("vllm", "The vllm executable (e.g. .venv-vllm/bin/vllm)")
+    vllm_port: int = knob(0, "HTTP port of the launched engine (0: a free port)")
+    vllm_kv_port: int = knob(0, "ZMQ PUB port of the launched engine (0: a free port)")
+    vllm_replay_port: int = knob(0, "ZMQ replay port of the launched engine (0: a free port)")
+    vllm_args: list[str] = knob(
+        None, "Extra `vllm serve` arguments (on the command line: after `--`)", factory=list
+    )
+    vllm_log: str = knob("", "File for the launched engine's output (empty: discarded)")
 
     def __post_init__(self) -> None:
         check_token(self.pool, "pool")

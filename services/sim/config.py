@@ -18,6 +18,9 @@ class SimConfig:
     host: str = knob("127.0.0.1", "Address the HTTP servers listen on")
     port: int = knob(0, "HTTP port of engine 0 (engine i uses port+i); 0: free ports")
     kv_port: int = knob(0, "ZMQ PUB port of engine 0 (engine i: kv_port+2i, replay +1); 0: free")
+    kv_replay_port: int = knob(
+        0, "Replay port of engine 0 when it is not kv_port+1 (one engine only); 0: the default"
+    )
     kv_events: bool = knob(True, "Publish KV cache events on ZMQ")
     event_form: Literal["map", "array"] = knob(
         "map", "KV event form: 'map' (vLLM 0.32, 'type' key) or 'array' (older, positional)"
@@ -66,6 +69,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.engines < 1:
             raise ValueError("engines must be at least 1")
+        if self.kv_replay_port and self.engines != 1:
+            raise ValueError("kv_replay_port needs engines = 1")
         if self.block_size < 1 or self.num_gpu_blocks < 1:
             raise ValueError("block_size and num_gpu_blocks must be positive")
         if self.num_cpu_blocks < 0:

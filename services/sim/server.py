@@ -408,7 +408,7 @@ class SimServer:
             kv = replay = ""
             if cfg.kv_events:
                 kv_port = cfg.kv_port + 2 * i if cfg.kv_port else 0
-                publisher, kv, replay = self._bind_zmq(kv_port, topic)
+                publisher, kv, replay = self._bind_zmq(kv_port, topic, cfg.kv_replay_port)
             metrics = EngineMetrics(
                 self.served_model_name, i,
                 vllm_cache_config_labels(
@@ -444,10 +444,12 @@ class SimServer:
         await web.SockSite(runner, sock).start()
         self._runners.append(runner)
 
-    def _bind_zmq(self, port: int, topic: str) -> tuple[ZmqKVPublisher, str, str]:
+    def _bind_zmq(self, port: int, topic: str,
+                  replay_port: int = 0) -> tuple[ZmqKVPublisher, str, str]:
         host = self.cfg.host
+        replay_port = replay_port or (port + 1 if port else 0)
         pub_ep = f"tcp://{host}:{port}" if port else f"tcp://{host}:*"
-        rep_ep = f"tcp://{host}:{port + 1}" if port else f"tcp://{host}:*"
+        rep_ep = f"tcp://{host}:{replay_port}" if replay_port else f"tcp://{host}:*"
         pub = ZmqKVPublisher(self.ctx, pub_ep, rep_ep, topic=topic,
                              buffer_steps=self.cfg.replay_buffer_steps, bind=True)
         return pub, pub.endpoint, pub.replay_endpoint or ""

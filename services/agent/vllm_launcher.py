@@ -1,0 +1,170 @@
+"""The agent's own vLLM engine: start ``vllm serve`` with KV events wired up, keep it running.
+
+With ``--launch-vllm MODEL`` the agent owns its engine, as a sidecar would in a pod: it picks the
+engine's HTTP, KV-event and replay ports, adds ``--kv-events-config`` (a ZMQ publisher that binds,
+a replay endpoint, a topic naming the engine), restarts the engine when it dies (with backoff),
+and stops it with the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infermesh.libs.telemetry import get_logger
+
+log = get_logger("agent.vllm")
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class VllmPorts:
+    """Where the launched engine serves; fixed for the agent's lifetime (restarts reuse them)."""
+
+    http: int
+    kv: int
+    replay: int
+
+    @classmethod
+    def pick(cls, http: int = 0, kv: int = 0, replay: int = 0) -> VllmPorts:
+        """Use the given ports, and free ones where 0."""
+        return cls(http or _free_port(), kv or _free_port(), replay or _free_port())
+
+
+class VllmProcess:
+    """One supervised ``vllm serve`` process."""
+
+    def __init__(
+        self,
+        command: str,
+        model: str,
+        served_model_name: str,
+        ports: VllmPorts,
+        extra_args: list[str],
+        *,
+        host: str = "127.0.0.1",
+        log_path: str | None = None,
+        env: dict[str, str] | None = None,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self.command = command
+        self.model = model
+        self.served_model_name = served_model_name
+        self.ports = ports
+        self.extra_args = extra_args
+        self.host = host
+        self.log_path = log_path
+        self.env = env or {}
+        self.max_backoff_s = max_backoff_s
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def url(self) -> str:
+        """The engine's HTTP base URL."""
+        return f"http://{self.host}:{self.ports.http}"
+
+    @property
+    def kv_endpoint(self) -> str:
+        """Where the agent's SUB socket connects."""
+        return f"tcp://{self.host}:{self.ports.kv}"
+
+    @property
+    def replay_endpoint(self) -> str:
+        """Where the agent asks for replays."""
+        return f"tcp://{self.host}:{self.ports.replay}"
+
+    def argv(self) -> list[str]:
+        """The full ``vllm serve`` command line."""
+        events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            # vLLM binds only when the endpoint has a wildcard ("bind stable, connect volatile"):
+            # the engine is the stable side, the agent connects.
+            "endpoint": f"tcp://*:{self.ports.kv}",
+            "replay_endpoint": f"tcp://*:{self.ports.replay}",
+            "topic": f"kv@{self.host}:{self.ports.http}@{self.served_model_name}",
+        }
+        return [
+            self.command, "serve", self.model,
+            "--served-model-name", self.served_model_name,
+            "--host", self.host,
+            "--port", str(self.ports.http),
+            "--enable-prefix-caching",
+            "--kv-events-config", json.dumps(events),
+            *self.extra_args,
+        ]
+
+    async def start(self) -> None:
+        """Start the engine and the supervisor that restarts it when it dies."""
+        await self._spawn()
+        self._task = asyncio.create_task(self._supervise(), name="vllm-supervisor")
+
+    async def _spawn(self) -> None:
+        env = {**os.environ, **self.env}
+        # Reproducible block hashes across restarts (vLLM derives the first parent from it).
+        env.setdefault("PYTHONHASHSEED", "0")
+        out: Any = asyncio.subprocess.DEVNULL
+        if self.log_path:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv(), env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+            start_new_session=True,
+        )
+        if not isinstance(out, int):
+            out.close()
+        log.info("vllm_started", pid=self.proc.pid, url=self.url, restarts=self.restarts)
+
+    async def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            assert self.proc is not None
+            started = time.monotonic()
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            log.warning("vllm_exited", code=code, restarts=self.restarts)
+            if time.monotonic() - started > 60:
+                backoff = 1.0  # it ran a while: not a crash loop
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+            if self._stopping:
+                return
+            self.restarts += 1
+            await self._spawn()
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the engine's process group; SIGKILL it after ``timeout``."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        log.info("vllm_stopped", code=proc.returncode)
