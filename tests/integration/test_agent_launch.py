@@ -50,7 +50,7 @@ async def test_agent_launches_supervises_and_stops_its_engine(nats_server, procs
         for _ in range(5):
             await complete_ids(http, url, random_prompt(rng, 48))
         first = set((await sim_cache(http, url))["GPU"])
-    await wait_until(lambda: bool(first) and view.gpu == first, what="events of the launched engine")
+    await wait_until(lambda: bool(first) and view.gpu == first, what="launched engine events")
 
     os.kill(pid, 9)  # the engine crashes; the agent starts a new one on the same ports
     await wait_until(lambda: pidfile.exists() and int(pidfile.read_text()) != pid, timeout=30,
