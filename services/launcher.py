@@ -76,7 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--engines", type=int, default=4, help="simulated engines (default 4)")
+    p.add_argument("--engines", type=int, default=4, help="engines (default 4)")
+    p.add_argument(
+        "--engine",
+        choices=["sim", "vllm"],
+        default="sim",
+        help="simulated engines, or real vLLM (CPU) launched by the agents",
+    )
+    p.add_argument(
+        "--vllm-gpu-blocks",
+        type=int,
+        default=512,
+        help="KV blocks per real vLLM engine (--num-gpu-blocks-override)",
+    )
     p.add_argument("--nats-port", type=int, default=4222, help="NATS client port (0: free port)")
     p.add_argument(
         "--sim-port",
@@ -177,6 +189,84 @@ def _wait_file(path: Path, child: Child, timeout: float) -> dict[str, object]:
     raise TimeoutError(f"{child.name} not ready within {timeout}s")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+# `vllm serve` flags for the tiny model on CPU (docs/vllm.md says why each is there).
+VLLM_ARGS = [
+    "--block-size",
+    "32",  # the CPU attention backend needs multiples of 32
+    "--max-model-len",
+    "2048",
+    "--max-num-seqs",
+    "16",
+    "--enforce-eager",
+    "--enable-prompt-tokens-details",
+]
+VLLM_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_SERVER_DEV_MODE": "1",  # POST /reset_prefix_cache
+    "PYTHONHASHSEED": "0",
+}
+
+
+def _start_vllm_agents(
+    args: argparse.Namespace, nats_url: str, model_dir: Path, state: Path, children: list[Child]
+) -> str:
+    """One agent per engine, each launching and supervising its own `vllm serve`."""
+    from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
+
+    vllm = ROOT / ".venv-vllm" / "bin" / "vllm"
+    if not vllm.exists():
+        raise SystemExit(f"{vllm} is missing: run `make vllm-env` (make up ENGINE=vllm does)")
+    cache = state / "vllm-cache"
+    env = {
+        **VLLM_ENV,
+        "VLLM_CACHE_ROOT": str(cache),
+        "XDG_CACHE_HOME": str(cache),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+    }
+    for i in range(args.engines):
+        pod = f"vllm-{i}"
+        agent = Child(
+            f"agent {pod}",
+            _py(
+                "infermesh.services.agent",
+                "--nats-url",
+                nats_url,
+                "--pool",
+                args.pool,
+                "--pod",
+                pod,
+                "--subject-prefix",
+                args.prefix,
+                "--launch-vllm",
+                str(model_dir),
+                "--model",
+                DEFAULT_MODEL_NAME,
+                "--vllm-command",
+                str(vllm),
+                "--vllm-port",
+                str(args.sim_port + i),
+                "--vllm-kv-port",
+                str(args.kv_port + 2 * i),
+                "--vllm-replay-port",
+                str(args.kv_port + 2 * i + 1),
+                "--vllm-log",
+                str(state / f"{pod}.log"),
+                "--",
+                *VLLM_ARGS,
+                "--num-gpu-blocks-override",
+                str(args.vllm_gpu_blocks),
+            ),
+            env=env,
+        )
+        agent.start()
+        children.append(agent)
+    return DEFAULT_MODEL_NAME
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
@@ -199,60 +289,75 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         ready_file = state / "sim.json"
-        ready_file.unlink(missing_ok=True)
-        sim = Child(
-            "sim",
-            _py(
-                "infermesh.services.sim",
-                "--engines",
-                str(args.engines),
-                "--port",
-                str(args.sim_port),
-                "--kv-port",
-                str(args.kv_port),
-                "--model",
-                str(model_dir),
-                "--block-size",
-                str(args.block_size),
-                "--num-gpu-blocks",
-                str(args.num_gpu_blocks),
-                "--time-scale",
-                str(args.time_scale),
-                "--ready-file",
-                str(ready_file),
-            ),
-        )
-        sim.start()
-        children.append(sim)
-        info = _wait_file(ready_file, sim, args.ready_timeout)
-        engines = info["engines"]
-        assert isinstance(engines, list)
-        pods = set()
-        for e in engines:
-            pod = f"sim-{e['index']}"
-            pods.add(pod)
-            agent = Child(
-                f"agent {pod}",
+        sim: Child | None = None
+        pods: set[str] = set()
+        engine_lines: list[str] = []
+        if args.engine == "vllm":
+            served = _start_vllm_agents(args, nats.url, model_dir, state, children)
+            pods = {f"vllm-{i}" for i in range(args.engines)}
+            engine_lines = [
+                f"  engine vllm-{i:<3} http://127.0.0.1:{args.sim_port + i}  (real vLLM; log "
+                f"{state / f'vllm-{i}.log'})"
+                for i in range(args.engines)
+            ]
+        else:
+            ready_file.unlink(missing_ok=True)
+            sim = Child(
+                "sim",
                 _py(
-                    "infermesh.services.agent",
-                    "--nats-url",
-                    nats.url,
-                    "--pool",
-                    args.pool,
-                    "--pod",
-                    pod,
-                    "--engine-url",
-                    e["http"],
-                    "--kv-endpoint",
-                    e["kv"],
-                    "--replay-endpoint",
-                    e["replay"],
-                    "--subject-prefix",
-                    args.prefix,
+                    "infermesh.services.sim",
+                    "--engines",
+                    str(args.engines),
+                    "--port",
+                    str(args.sim_port),
+                    "--kv-port",
+                    str(args.kv_port),
+                    "--model",
+                    str(model_dir),
+                    "--block-size",
+                    str(args.block_size),
+                    "--num-gpu-blocks",
+                    str(args.num_gpu_blocks),
+                    "--time-scale",
+                    str(args.time_scale),
+                    "--ready-file",
+                    str(ready_file),
                 ),
             )
-            agent.start()
-            children.append(agent)
+            sim.start()
+            children.append(sim)
+            info = _wait_file(ready_file, sim, args.ready_timeout)
+            served = str(info.get("model"))
+            engines = info["engines"]
+            assert isinstance(engines, list)
+            for e in engines:
+                pod = f"sim-{e['index']}"
+                pods.add(pod)
+                engine_lines.append(
+                    f"  engine {pod:<9} {e['http']}  (OpenAI API; KV events {e['kv']})"
+                )
+                agent = Child(
+                    f"agent {pod}",
+                    _py(
+                        "infermesh.services.agent",
+                        "--nats-url",
+                        nats.url,
+                        "--pool",
+                        args.pool,
+                        "--pod",
+                        pod,
+                        "--engine-url",
+                        e["http"],
+                        "--kv-endpoint",
+                        e["kv"],
+                        "--replay-endpoint",
+                        e["replay"],
+                        "--subject-prefix",
+                        args.prefix,
+                    ),
+                )
+                agent.start()
+                children.append(agent)
         bus = ["--nats-url", nats.url, "--subject-prefix", args.prefix]
         for name in ("tokenizer", "indexer"):
             c = Child(name, _py(f"infermesh.services.{name}", *bus, "--http-port", "-1"))
@@ -287,14 +392,14 @@ def main(argv: list[str] | None = None) -> int:
             "names the engine)"
         )
         print(f"  nats            {nats.url}  (monitor http://127.0.0.1:{nats.monitor_port})")
-        for e in engines:
-            print(f"  engine sim-{e['index']:<4} {e['http']}  (OpenAI API; KV events {e['kv']})")
-        print(f"  agents          {len(engines)} (heartbeats on {args.prefix}.pod.{args.pool}.*)")
+        for line in engine_lines:
+            print(line)
+        print(f"  agents          {len(pods)} (heartbeats on {args.prefix}.pod.{args.pool}.*)")
         print(
             "  services        tokenizer, indexer, scheduler (profiles: "
             "deploy/local/scheduler.yaml)"
         )
-        print(f"  model           {info.get('model')}  from {model_dir}")
+        print(f"  model           {served}  from {model_dir}")
         print(f"  watch the bus:  infermesh events tail '{args.prefix}.>' --nats-url {nats.url}")
         print("Ctrl-C stops everything.\n", flush=True)
         if args.exit_after_ready:

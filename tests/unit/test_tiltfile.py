@@ -212,16 +212,22 @@ def agents(res: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def launcher_flags() -> dict[str, set[str]]:
-    """The ``--flags`` launcher.main passes to each module it starts (read from its source)."""
+    """The ``--flags`` launcher.main passes to each module it starts (read from its source).
+
+    Only the simulator mode is modelled by the Tiltfile: the agent call that launches real vLLM
+    (it has ``--launch-vllm``) is left out.
+    """
     out: dict[str, set[str]] = {}
     for node in ast.walk(ast.parse(LAUNCHER.read_text())):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                 and node.func.id == "_py" and node.args
                 and isinstance(node.args[0], ast.Constant)):
-            out.setdefault(node.args[0].value, set()).update(
-                a.value for a in node.args[1:]
-                if isinstance(a, ast.Constant) and isinstance(a.value, str)
-                and a.value.startswith("--"))
+            found = {a.value for a in node.args[1:]
+                     if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                     and a.value.startswith("--")}
+            if "--launch-vllm" in found:
+                continue
+            out.setdefault(node.args[0].value, set()).update(found)
     assert out, "no _py(...) calls found in services/launcher.py"
     return out
 
