@@ -5,9 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ENGINES ?= 4
+ENGINE ?= sim
 ARGS ?=
+VLLM_VENV := .venv-vllm
 
-.PHONY: up test unit integration e2e bench lint venv clean schema
+.PHONY: up test unit integration e2e vllm-test vllm-env bench lint venv clean schema
 
 venv: $(STAMP)
 
@@ -17,11 +19,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-up: $(STAMP)
-	$(BIN)/infermesh up --engines $(ENGINES) $(ARGS)
+# Real vLLM (CPU) in its own venv, and the tiny model's random weights for it (idempotent).
+vllm-env: $(STAMP)
+	bash deploy/local/vllm-env.sh
+	$(VLLM_VENV)/bin/python -m infermesh.libs.tinymodel --weights
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit tests/integration tests/e2e $(ARGS)
+up: $(STAMP) $(if $(filter vllm,$(ENGINE)),vllm-env)
+	$(BIN)/infermesh up --engines $(ENGINES) --engine $(ENGINE) $(ARGS)
+
+test: $(STAMP) vllm-env
+	$(BIN)/python -m pytest -q tests/unit tests/integration tests/e2e tests/vllm $(ARGS)
+
+vllm-test: $(STAMP) vllm-env
+	$(BIN)/python -m pytest -q tests/vllm $(ARGS)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit $(ARGS)
@@ -43,4 +53,4 @@ schema: $(STAMP)
 	$(BIN)/infermesh schema export docs/schema
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

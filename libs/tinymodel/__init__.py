@@ -1,7 +1,9 @@
 """A deterministic tiny HF-style model folder generated from our own code.
 
 ``python -m infermesh.libs.tinymodel DEST`` builds it; services call
-:func:`ensure_model_folder` to get the default one.
+:func:`ensure_model_folder` to get the default one. ``--weights`` (or
+:func:`add_random_weights`, run with ``.venv-vllm/bin/python``) adds seeded random
+weights so real vLLM can serve the folder.
 """
 
 from .build import (
@@ -19,6 +21,7 @@ from .build import (
     render_files,
 )
 from .chat_template import CHAT_TEMPLATE
+from .weights import WEIGHTS_FILE, WEIGHTS_STAMP_FILE, add_random_weights, has_weights
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -29,9 +32,13 @@ __all__ = [
     "MODEL_DIR_ENV",
     "SPECIAL_TOKENS",
     "STAMP_FILE",
+    "WEIGHTS_FILE",
+    "WEIGHTS_STAMP_FILE",
+    "add_random_weights",
     "build_model_folder",
     "default_model_dir",
     "ensure_model_folder",
+    "has_weights",
     "is_built",
     "render_files",
 ]

@@ -1,4 +1,9 @@
-"""``python -m infermesh.libs.tinymodel [DEST]``: build the tiny model folder."""
+"""``python -m infermesh.libs.tinymodel [DEST] [--weights]``: build the tiny model folder.
+
+``--weights`` also writes seeded random ``model.safetensors`` so real vLLM can
+serve the folder; it needs torch and transformers, so run it with
+``.venv-vllm/bin/python`` (``make vllm-env``).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="target folder (default: %(prog)s's default model dir)")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--weights", action="store_true",
+                        help="also add seeded random bf16 weights (model.safetensors); needs "
+                             "torch + transformers, i.e. .venv-vllm/bin/python")
     args = parser.parse_args(argv)
     dest = args.dest if args.dest is not None else default_model_dir()
     fresh = not is_built(dest, vocab_size=args.vocab_size, seed=args.seed)
@@ -28,6 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     took = time.perf_counter() - start
     state = f"built in {took:.2f}s" if fresh else "already up to date"
     print(f"{path} ({state})", file=sys.stderr)
+    if args.weights:
+        from .weights import add_random_weights, has_weights
+
+        fresh = not has_weights(path, seed=args.seed)
+        start = time.perf_counter()
+        try:
+            weights = add_random_weights(path, seed=args.seed)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        took = time.perf_counter() - start
+        state = f"written in {took:.2f}s" if fresh else "already up to date"
+        print(f"{weights} ({state})", file=sys.stderr)
     print(path)
     return 0
 

@@ -140,6 +140,9 @@ class VllmProcess:
             if self._stopping:
                 return
             log.warning("vllm_exited", code=code, restarts=self.restarts)
+            # The API server's engine-core children can outlive it and keep the KV ports bound;
+            # a new engine could not start until they are gone.
+            await _reap_group(self.proc.pid)
             if time.monotonic() - started > 60:
                 backoff = 1.0  # it ran a while: not a crash loop
             await asyncio.sleep(backoff)
@@ -167,4 +170,27 @@ class VllmProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+        await _reap_group(proc.pid)
         log.info("vllm_stopped", code=proc.returncode)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+async def _reap_group(pgid: int, grace_s: float = 5.0) -> None:
+    """End whatever is left of an engine's process group: SIGTERM, then SIGKILL after a grace."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_alive(pgid):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + grace_s
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    if _group_alive(pgid):
+        log.warning("vllm_group_survived", pgid=pgid)

