@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpu-blocks", type=int, default=29_000, help="KV blocks per engine")
     p.add_argument("--time-scale", type=float, default=1.0, help="sim latency time scale")
     p.add_argument("--state-dir", default="", help="where ready files and logs go (default: temp)")
-    p.add_argument("--ready-timeout", type=float, default=60.0, help="seconds to wait for startup")
+    p.add_argument("--ready-timeout", type=float, default=240.0,
+                   help="seconds to wait for startup (real vLLM engines take ~40 s)")
     p.add_argument(
         "--exit-after-ready",
         action="store_true",
