@@ -9,7 +9,7 @@ ENGINE ?= sim
 ARGS ?=
 VLLM_VENV := .venv-vllm
 
-.PHONY: up test unit integration e2e vllm-test vllm-env bench lint venv clean schema
+.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd lint venv clean schema
 
 venv: $(STAMP)
 
@@ -42,8 +42,14 @@ integration: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/python -m pytest -q tests/e2e $(ARGS)
 
+# The quick preset of `infermesh bench` (every scheduler profile on one workload, ≤ 3 min),
+# then the component benchmarks in tests/bench.
 bench: $(STAMP)
+	$(BIN)/infermesh bench --preset quick --out .bench/quick
 	$(BIN)/python -m pytest -q -s -m bench tests/bench $(ARGS)
+
+bench-llmd: $(STAMP)
+	$(BIN)/infermesh bench --preset llmd-kvcache-wins --out .bench/llmd-kvcache-wins $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -48,6 +48,12 @@ def _scheduler(argv: list[str]) -> int:
     return main(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    from infermesh.services.bench.runner import main
+
+    return main(argv)
+
+
 def _events(argv: list[str]) -> int:
     from infermesh.services.tools.events import main
 
@@ -74,6 +80,7 @@ COMMANDS = {
     "tokenizer": (_tokenizer, "run the tokenizer service (im.tokenize)"),
     "indexer": (_indexer, "run the KV-block indexer (im.index.lookup)"),
     "scheduler": (_scheduler, "run the scheduler (im.schedule)"),
+    "bench": (_bench, "benchmark scheduler profiles on one workload (presets: quick, ...)"),
     "events": (_events, "bus tools: `events tail SUBJECT` prints live messages"),
     "schema": (_schema, "`schema export DIR` writes a JSON Schema per bus message"),
     "model": (_model, "build the deterministic tiny model folder"),

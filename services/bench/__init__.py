@@ -1,0 +1,1 @@
+"""``infermesh bench``: workloads, a streaming client and metrics for routing benchmarks."""

@@ -1,0 +1,6 @@
+"""`infermesh bench`."""
+
+from .runner import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
