@@ -111,18 +111,7 @@ class World:
             await svc.start()
             self.services.append(svc)
         if scheduler:
-            svc = BusService(self.nc, "stub-scheduler")
-
-            async def schedule(req: ScheduleRequest) -> ScheduleDecision:
-                # Always the first pod by name that is not excluded: "a" before "b".
-                self.schedule_calls.append(req)
-                pod = sorted(p for p in self.engines if p not in req.exclude)[0]
-                return ScheduleDecision(request_id=req.request_id, pod=pod,
-                                        url=self.engines[pod].url, profile="stub")
-
-            svc.endpoint("schedule", "im.schedule", ScheduleRequest, schedule, "scheduler")
-            await svc.start()
-            self.services.append(svc)
+            await self.start_scheduler()
         self.ingress = Ingress(IngressConfig(nats_url=self.nats_url, port=0,
                                              tokenize_timeout_s=0.3, schedule_timeout_s=0.3,
                                              **cfg))
@@ -130,6 +119,21 @@ class World:
         await wait_until(lambda: len(self.ingress.live_pods()) == len(engines), what="pods")
         self.url = f"http://127.0.0.1:{self.ingress.port}"
         return self.ingress
+
+    async def start_scheduler(self) -> None:
+        """A stub scheduler: always the first pod by name that is not excluded."""
+        svc = BusService(self.nc, "stub-scheduler")
+
+        async def schedule(req: ScheduleRequest) -> ScheduleDecision:
+            # Always the first pod by name that is not excluded: "a" before "b".
+            self.schedule_calls.append(req)
+            pod = sorted(p for p in self.engines if p not in req.exclude)[0]
+            return ScheduleDecision(request_id=req.request_id, pod=pod,
+                                    url=self.engines[pod].url, profile="stub")
+
+        svc.endpoint("schedule", "im.schedule", ScheduleRequest, schedule, "scheduler")
+        await svc.start()
+        self.services.append(svc)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -218,6 +222,16 @@ async def test_control_plane_away_routes_by_load(world) -> None:
             text = await r.text()
     assert 'infermesh_ingress_fallbacks_total{reason="scheduler_unavailable"} 6.0' in text
     assert 'infermesh_ingress_fallbacks_total{reason="tokenizer_unavailable"} 6.0' in text
+    # The scheduler comes back: routing goes through it again, with no further fallback.
+    await world.start_scheduler()
+    for _ in range(4):
+        status, headers, _ = await post(world.url, {"model": MODEL, "prompt": "x"})
+        assert status == 200 and headers["x-infermesh-endpoint"] == "a"  # the stub's choice
+    assert len(world.schedule_calls) == 4
+    async with aiohttp.ClientSession() as http:
+        async with http.get(world.url + "/metrics") as r:
+            text = await r.text()
+    assert 'infermesh_ingress_fallbacks_total{reason="scheduler_unavailable"} 6.0' in text
 
 
 async def test_bad_requests_get_openai_errors_never_500(world) -> None:
