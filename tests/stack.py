@@ -22,6 +22,7 @@ class Stack:
     engines: list[dict[str, Any]]
     procs: ProcessManager
     schedulers: list[Proc] = field(default_factory=list)
+    indexers: list[Proc] = field(default_factory=list)
     ingress: Proc | None = None
 
     @property
@@ -40,7 +41,8 @@ def _health(url: str) -> dict[str, Any] | None:
 
 
 def start_stack(procs: ProcessManager, nats: NatsServer, *, engines: int = 4,
-                schedulers: int = 1, sim_args: tuple[str, ...] = (),
+                schedulers: int = 1, indexers: int = 1,
+                sim_args: tuple[str, ...] = (),
                 ingress_args: tuple[str, ...] = ()) -> Stack:
     """Start every process and wait until the ingress sees every engine."""
     from .integration.helpers import free_ports
@@ -50,8 +52,10 @@ def start_stack(procs: ProcessManager, nats: NatsServer, *, engines: int = 4,
     for i, e in enumerate(info["engines"]):
         procs.agent(nats.url, e, f"sim-{i}")
     procs.service("tokenizer", *bus, "--http-port", "-1")
-    procs.service("indexer", *bus, "--http-port", "-1")
     stack = Stack(nats, "", info["engines"], procs)
+    for i in range(indexers):
+        stack.indexers.append(procs.service("indexer", *bus, "--http-port", "-1",
+                                            name=f"indexer-{i}"))
     for i in range(schedulers):
         stack.schedulers.append(procs.service("scheduler", *bus, "--http-port", "-1",
                                               name=f"scheduler-{i}"))
@@ -68,18 +72,18 @@ def start_stack(procs: ProcessManager, nats: NatsServer, *, engines: int = 4,
         time.sleep(0.05)
     # In a thread: the caller may be an async test with its own running loop.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, _wait_bus_services(nats.url, schedulers)).result()
+        pool.submit(asyncio.run, _wait_bus_services(nats.url, schedulers, indexers)).result()
     return stack
 
 
-async def _wait_bus_services(url: str, schedulers: int) -> None:
+async def _wait_bus_services(url: str, schedulers: int, indexers: int = 1) -> None:
     """Every bus service answers $SRV.PING (so the first request does not race startup)."""
     import json
 
     from infermesh.libs.bus import connect
 
     nc = await connect(url, "stack-watch")
-    want = {"tokenizer": 1, "indexer": 1, "scheduler": schedulers}
+    want = {"tokenizer": 1, "indexer": indexers, "scheduler": schedulers}
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:

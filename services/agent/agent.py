@@ -99,6 +99,11 @@ class AgentMetrics:
         self.scrape_errors = Counter(
             "infermesh_agent_scrape_errors", "Failed /metrics scrapes", registry=r
         )
+        self.engine_lost = Counter(
+            "infermesh_agent_engine_lost",
+            "Times the engine's port refused connections for engine_lost_s (cache dropped)",
+            registry=r,
+        )
         self.blocks = Gauge(
             "infermesh_agent_blocks", "Blocks the engine holds (any tier)", registry=r
         )
@@ -141,6 +146,8 @@ class Agent:
         self._synced = asyncio.Event()  # the start-up sync with the engine is over
         self._pending: list[AnyKVEvent] = []
         self._pending_engine_seq: int | None = None
+        self._refused_since: float | None = None  # the engine's port refuses connections
+        self._engine_lost_told = False  # AllBlocksCleared sent for the lost engine
         self._tasks: list[asyncio.Task[Any]] = []
         self._sub: KVSubscriber | None = None
         self._service: BusService | None = None
@@ -458,15 +465,46 @@ class Agent:
                 self.load = await scrape_engine(
                     self._http, self.cfg.engine_url, self.model, self.load
                 )
+                self._engine_lost_told = False
                 if not self.model and self.load.model:
                     self.model = self.load.model
             except asyncio.CancelledError:
                 raise
+                self._refused_since = None
             except Exception as e:
                 self.metrics.scrape_errors.inc()
                 self.load = msgspec.structs.replace(self.load, ready=False)
                 log.debug("scrape_failed", error=repr(e))
+                if isinstance(e, aiohttp.ClientConnectorError):
+                    await self._engine_refused()
             await asyncio.sleep(self.cfg.heartbeat_s)
+
+    async def _engine_refused(self) -> None:
+        """The engine's port refuses connections: after ``engine_lost_s`` its cache is gone.
+
+        A refused connection means no process listens any more (a slow or paused engine
+        times out instead), and a dead engine's KV cache died with it: the block set is
+        emptied and consumers are told with an AllBlocksCleared, once. When an engine comes
+        back on the port, the replay check sees a new process and rebuilds from it.
+        """
+        now = time.monotonic()
+        if self._refused_since is None:
+            self._refused_since = now
+            return
+        if now - self._refused_since < self.cfg.engine_lost_s or self._engine_lost_told:
+            return
+        self._engine_lost_told = True
+        # Whatever answers on the port next is rebuilt in full from its replay buffer.
+        self._last = None
+        self._expected = None
+        self._recheck = True
+        if not self.blocks:
+            return  # nothing to withdraw (e.g. an engine that is still starting)
+        self.metrics.engine_lost.inc()
+        log.warning("engine_lost", pod=self.pod, blocks=len(self.blocks))
+        self.blocks.clear()
+        self._pending.append(AllBlocksCleared())
+        await self._flush()
 
     def pod_state(self) -> PodState:
         """The heartbeat as of now."""

@@ -26,6 +26,10 @@ class AgentConfig:
     labels: dict[str, str] = knob(None, "Labels for filters, k=v,k2=v2", factory=dict)
     heartbeat_s: float = knob(0.2, "PodState period (the heartbeat); at most 0.25")
     scrape_timeout_s: float = knob(1.0, "Timeout of one /metrics scrape")
+    engine_lost_s: float = knob(
+        0.5, "The engine's port refusing connections this long means it died: its blocks "
+        "are cleared on the bus (AllBlocksCleared) until it comes back"
+    )
     replay_timeout_s: float = knob(2.0, "Timeout of one replay request")
     idle_check_s: float = knob(
         1.0, "With no events for this long, ask the replay socket whether any were missed"

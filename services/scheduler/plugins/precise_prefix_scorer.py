@@ -56,7 +56,7 @@ class PrecisePrefixCacheScorer(Scorer):
         )
         self._gpu = self.tier_weights.get(TIER_GPU, 1.0)
         self.failures = 0
-        outcomes = ("ok", "timeout", "no_responders", "error")
+        outcomes = ("ok", "retried", "timeout", "no_responders", "error")
         self._outcome = {o: handle.metrics.index_lookups.labels(name, o) for o in outcomes}
 
     @classmethod
@@ -89,7 +89,13 @@ class PrecisePrefixCacheScorer(Scorer):
             return self._failed("error", RuntimeError("no indexer client"))
         msg = LookupRequest(model=request.model, block_keys=keys, pods=[p.name for p in pods])
         try:
-            reply = await lookup(msg, self.timeout_s)
+            try:
+                reply = await lookup(msg, self.timeout_s)
+            except BusTimeout:
+                # The indexer replica that took it may have died: the queue group hands the
+                # second try to another replica.
+                self._outcome["retried"].inc()
+                reply = await lookup(msg, self.timeout_s)
         except BusTimeout as e:
             return self._failed("timeout", e)
         except NoResponders as e:

@@ -86,6 +86,23 @@ async def test_precise_prefix_scores_zero_when_the_indexer_fails(handle, error, 
     assert counter._value.get() == 1
 
 
+async def test_precise_prefix_retries_a_timed_out_lookup_once(handle):
+    # A dead indexer replica times out; the retry reaches another member of the queue group.
+    calls: list[float] = []
+
+    async def lookup(msg: LookupRequest, timeout: float) -> LookupReply:
+        calls.append(timeout)
+        if len(calls) == 1:
+            raise BusTimeout("replica died")
+        return LookupReply(matches=[PodMatch(pod="a", blocks=2)])
+
+    handle.index_lookup = lookup
+    scorer = PrecisePrefixCacheScorer.create("precise", Parameters({}, "precise"), handle)
+    assert await scorer.score(req(keys=[1, 2]), CycleState(), [pod("a")]) == {"a": 1.0}
+    assert len(calls) == 2 and scorer.failures == 0
+    assert handle.metrics.index_lookups.labels("precise", "retried")._value.get() == 1
+
+
 async def test_precise_prefix_without_block_keys_does_not_ask(handle):
     scorer, asked = precise(handle, [])
     cycle = CycleState()
