@@ -66,6 +66,12 @@ def _schema(argv: list[str]) -> int:
     return main(argv)
 
 
+def _chaos(argv: list[str]) -> int:
+    from infermesh.services.tools.kvchaos import main
+
+    return main(argv)
+
+
 def _model(argv: list[str]) -> int:
     from infermesh.libs.tinymodel.__main__ import main
 
@@ -83,6 +89,8 @@ COMMANDS = {
     "bench": (_bench, "benchmark scheduler profiles on one workload (presets: quick, ...)"),
     "events": (_events, "bus tools: `events tail SUBJECT` prints live messages"),
     "schema": (_schema, "`schema export DIR` writes a JSON Schema per bus message"),
+    "chaos": (_chaos, "fault-injecting hop between agents and the bus (drops, duplicates, "
+              "reorders KV batches)"),
     "model": (_model, "build the deterministic tiny model folder"),
 }
 

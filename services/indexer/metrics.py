@@ -46,7 +46,8 @@ class _StatsCollector(Collector):
                       st.blocks_removed)
         yield counter("infermesh_indexer_batches", "KVEventBatch messages received", st.batches)
         yield counter("infermesh_indexer_stale_batches",
-                      "Batches already applied (seq not above the last one)", st.stale_batches)
+                      "Batches already applied or in the snapshot applied (seq not above the "
+                      "last one): copies and late arrivals", st.stale_batches)
         bad = CounterMetricFamily("infermesh_indexer_bad_messages",
                                   "Malformed messages dropped, per stream (kv, pod)",
                                   labels=["stream"])

@@ -205,11 +205,16 @@ class StreamTracker:
         s.backoff = 0.0
         s.next_try = 0.0
         buffered, s.buffer = s.buffer, deque()
+        # What arrived meanwhile may be out of order (a lossy hop reorders and repeats): apply
+        # by seq within each epoch, the snapshot's epoch first, then the others as they came.
+        rank: dict[str, int] = {s.epoch: -1}
         for b in buffered:
+            rank.setdefault(b.epoch, len(rank))
+        for b in sorted(buffered, key=lambda b: (rank[b.epoch], b.seq)):
             if s.syncing:
                 self._buffer(s, b)
             elif b.epoch == s.epoch and b.seq <= s.seq:
-                continue  # already in the snapshot
+                self.stats.stale_batches += 1  # already in the snapshot, or a copy
             else:
                 self._take(s, b)
         return s.syncing

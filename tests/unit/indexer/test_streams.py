@@ -199,3 +199,30 @@ def test_stale_pods_are_dropped() -> None:
     # It comes back with a new agent: indexed again from its stream.
     t.on_batch(batch(1, AllBlocksCleared(), block(0), block(1), epoch="e9"), 3.0)
     assert t.index.lookup(KEYS) == [PodMatch(pod="p", blocks=2, tiers=[])]
+
+
+def test_batches_buffered_out_of_order_apply_in_seq_order_after_the_snapshot() -> None:
+    """A hop that reorders (or repeats) batches while a snapshot is in flight costs no second
+    snapshot: the buffered batches of the snapshot's epoch apply by seq, copies are skipped."""
+    t = tracker()
+    t.on_batch(batch(1, block(0)), 0.0)
+    assert t.on_batch(batch(3, block(2)), 0.0)  # seq 2 lost: a snapshot is asked for
+    for seq in (5, 4, 5, 6):  # 4 overtaken by 5, 5 sent twice
+        assert not t.on_batch(batch(seq, block(seq - 1)), 0.0)
+    assert not t.apply_snapshot("p", snapshot(3, 3), 0.0)
+    assert t.syncing() == [] and t.streams["p"].seq == 6 and held(t) == 6
+    # Stale: batch 3 (in the snapshot) and the copy of 5.
+    assert t.stats.gaps["seq"] == 1 and t.stats.stale_batches == 2
+
+
+def test_buffered_batches_of_a_newer_epoch_follow_the_snapshot_epoch() -> None:
+    t = tracker()
+    t.on_batch(batch(1, block(0)), 0.0)
+    assert t.on_batch(batch(3, block(2)), 0.0)
+    # The agent restarted while the snapshot was in flight: its new epoch rebuilds from seq 1.
+    t.on_batch(batch(2, AllBlocksCleared(), block(0), block(1), epoch="e2"), 0.0)
+    t.on_batch(batch(1, AllBlocksCleared(), block(0), epoch="e2"), 0.0)
+    t.on_batch(batch(4, block(3)), 0.0)
+    assert not t.apply_snapshot("p", snapshot(3, 3), 0.0)
+    assert t.syncing() == [] and t.streams["p"].epoch == "e2" and t.streams["p"].seq == 2
+    assert held(t) == 2 and set(t.index.pod_blocks("p")) == set(HASHES[:2])
