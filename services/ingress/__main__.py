@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
-from infermesh.libs.config import add_arguments, load_config
+from infermesh.libs.config import ConfigError, add_arguments, load_config
 from infermesh.libs.telemetry import configure_logging
 from infermesh.libs.telemetry.ops import run_until_stopped
 
@@ -23,11 +24,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point; a bad config, key file or certificate exits with status 2 and says why."""
     args = build_parser().parse_args(argv)
-    cfg = load_config(IngressConfig, args, env_prefix="INFERMESH_INGRESS", file=args.config)
+    try:
+        cfg = load_config(IngressConfig, args, env_prefix="INFERMESH_INGRESS", file=args.config)
+        ingress = Ingress(cfg)
+    except ConfigError as e:
+        print(f"infermesh ingress: {e}", file=sys.stderr)
+        return 2
     configure_logging("ingress")
-    ingress = Ingress(cfg)
     asyncio.run(run_until_stopped(ingress.start, ingress.stop))
     return 0
 
