@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 ENGINES ?= 4
 ENGINE ?= sim
 ARGS ?=
+# NATS_CLUSTER=3: a 3-node NATS cluster instead of one nats-server (unset: one server).
+NATS_CLUSTER ?=
 VLLM_VENV := .venv-vllm
 
 .PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd lint venv clean schema
@@ -25,7 +27,8 @@ vllm-env: $(STAMP)
 	$(VLLM_VENV)/bin/python -m infermesh.libs.tinymodel --weights
 
 up: $(STAMP) $(if $(filter vllm,$(ENGINE)),vllm-env)
-	$(BIN)/infermesh up --engines $(ENGINES) --engine $(ENGINE) $(ARGS)
+	$(BIN)/infermesh up --engines $(ENGINES) --engine $(ENGINE) \
+		$(if $(NATS_CLUSTER),--nats-cluster $(NATS_CLUSTER)) $(ARGS)
 
 test: $(STAMP) vllm-env
 	$(BIN)/python -m pytest -q tests/unit tests/integration tests/e2e tests/vllm $(ARGS)

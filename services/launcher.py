@@ -1,8 +1,8 @@
 """`infermesh up`: the whole system on one machine, on the embedded defaults.
 
-Starts an embedded nats-server, one simulator process with N engines, one agent process per
-engine, and every other service that exists; prints what runs where; restarts a child that dies;
-stops everything cleanly on Ctrl-C or SIGTERM.
+Starts an embedded nats-server (or a routed cluster of them), one simulator process with N
+engines, one agent process per engine, and every other service that exists; prints what runs
+where; restarts a child (or a nats node) that dies; stops everything cleanly on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,16 @@ from pathlib import Path
 
 import nats
 
-from infermesh.libs.bus import NatsServer, connect
+from infermesh.libs.bus import (
+    BusAuth,
+    ClientSecurity,
+    NatsCluster,
+    NatsServer,
+    ServerTLS,
+    connect,
+    write_bus_auth,
+)
+from infermesh.libs.bus.security import OBSERVER, agent_user, server_config
 from infermesh.libs.telemetry import configure_logging, get_logger
 from infermesh.proto import codec
 from infermesh.proto.messages import PodState
@@ -91,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nats-port", type=int, default=4222, help="NATS client port (0: free port)")
     p.add_argument(
+        "--nats-cluster",
+        type=int,
+        default=1,
+        help="NATS nodes: 1 runs one nats-server; N > 1 a routed cluster on client ports "
+        "--nats-port + i, and every service gets every node's URL",
+    )
+    p.add_argument(
         "--sim-port",
         type=int,
         default=8100,
@@ -103,12 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="ZMQ PUB port of engine 0; engine i uses +2i, its replay socket +1",
     )
     p.add_argument("--ingress-port", type=int, default=8000, help="port of the OpenAI API")
+    p.add_argument(
+        "--api-keys-file",
+        default="",
+        help="named API keys with rate limits for the OpenAI API (docs/ingress.md); "
+        "INFERMESH_INGRESS_API_KEY also works",
+    )
+    p.add_argument("--ingress-tls-cert", default="", help="PEM certificate: serve the API on HTTPS")
+    p.add_argument("--ingress-tls-key", default="", help="PEM key of --ingress-tls-cert")
     p.add_argument("--pool", default="default", help="pool name of the engines")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="bus subject prefix")
     p.add_argument("--block-size", type=int, default=16, help="KV block size of the engines")
     p.add_argument("--num-gpu-blocks", type=int, default=29_000, help="KV blocks per engine")
     p.add_argument("--time-scale", type=float, default=1.0, help="sim latency time scale")
     p.add_argument("--state-dir", default="", help="where ready files and logs go (default: temp)")
+    p.add_argument(
+        "--no-nats-auth",
+        dest="nats_auth",
+        action="store_false",
+        help="run NATS without users and permissions (by default every service gets its own "
+        "identity; docs/security.md)",
+    )
+    p.add_argument("--nats-tls-cert", default="", help="PEM certificate: NATS clients must use TLS")
+    p.add_argument("--nats-tls-key", default="", help="PEM key of --nats-tls-cert")
+    p.add_argument(
+        "--nats-tls-ca",
+        default="",
+        help="CA the services verify the NATS certificate with (default: the system CAs)",
+    )
     p.add_argument("--ready-timeout", type=float, default=240.0,
                    help="seconds to wait for startup (real vLLM engines take ~40 s)")
     p.add_argument(
@@ -119,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _wait_heartbeats(url: str, prefix: str, pods: set[str], timeout: float) -> None:
-    nc = await connect(url, "up-watch")
+async def _wait_heartbeats(
+    url: str, prefix: str, pods: set[str], timeout: float,
+    security: ClientSecurity | None = None,
+) -> None:
+    nc = await connect(url, "up-watch", security=security)
     seen: set[str] = set()
     done = asyncio.Event()
 
@@ -141,9 +183,11 @@ async def _wait_heartbeats(url: str, prefix: str, pods: set[str], timeout: float
         await nc.close()
 
 
-async def _wait_services(url: str, kinds: tuple[str, ...], timeout: float) -> None:
+async def _wait_services(
+    url: str, kinds: tuple[str, ...], timeout: float, security: ClientSecurity | None = None
+) -> None:
     """Wait until a NATS micro service of each kind answers ``$SRV.PING``."""
-    nc = await connect(url, "up-watch")
+    nc = await connect(url, "up-watch", security=security)
     found: set[str] = set()
     try:
         loop = asyncio.get_running_loop()
@@ -166,12 +210,14 @@ async def _wait_services(url: str, kinds: tuple[str, ...], timeout: float) -> No
 
 
 def _wait_http(url: str, child: Child, timeout: float) -> None:
+    # Our own child on loopback: its certificate may be self-signed, so it is not verified.
+    ctx = ssl._create_unverified_context() if url.startswith("https:") else None  # noqa: S323
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive():
             raise RuntimeError(f"{child.name} exited before it was ready")
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=ctx) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -213,7 +259,8 @@ VLLM_ENV = {
 
 
 def _start_vllm_agents(
-    args: argparse.Namespace, nats_url: str, model_dir: Path, state: Path, children: list[Child]
+    args: argparse.Namespace, nats_url: str, model_dir: Path, state: Path, children: list[Child],
+    bus: BusSetup | None = None,
 ) -> str:
     """One agent per engine, each launching and supervising its own `vllm serve`."""
     from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
@@ -261,11 +308,127 @@ def _start_vllm_agents(
                 "--num-gpu-blocks-override",
                 str(args.vllm_gpu_blocks),
             ),
-            env=env,
+            env={**env, **(bus.env("agent", agent_user(pod)) if bus else {})},
         )
         agent.start()
         children.append(agent)
     return DEFAULT_MODEL_NAME
+
+
+def _ingress_args(args: argparse.Namespace) -> list[str]:
+    """The ingress flags for API keys and HTTPS (paths made absolute)."""
+    if bool(args.ingress_tls_cert) != bool(args.ingress_tls_key):
+        raise SystemExit("--ingress-tls-cert and --ingress-tls-key go together")
+    out: list[str] = []
+    if args.api_keys_file:
+        out += ["--api-keys-file", str(Path(args.api_keys_file).resolve())]
+    if args.ingress_tls_cert:
+        out += ["--tls-cert-file", str(Path(args.ingress_tls_cert).resolve()),
+                "--tls-key-file", str(Path(args.ingress_tls_key).resolve())]
+    return out
+
+
+def _start_nats(
+    args: argparse.Namespace, config_file: str | None = None
+) -> NatsServer | NatsCluster:
+    """One nats-server, or a cluster of ``--nats-cluster`` routed nodes; started and healthy.
+
+    ``config_file`` (users, permissions, TLS: see :func:`_bus_setup`) is every node's config.
+    """
+    if args.nats_cluster < 1:
+        raise SystemExit("--nats-cluster must be at least 1")
+    if args.nats_cluster == 1:
+        return NatsServer(args.nats_port or None, config_file=config_file).start()
+    n = args.nats_cluster
+    ports = [args.nats_port + i for i in range(n)] if args.nats_port else None
+    return NatsCluster(n, ports=ports, include=config_file).start()
+
+
+def _nats_lines(nats: NatsServer | NatsCluster) -> list[str]:
+    """The summary's lines about the bus: every node's client URL and monitor."""
+    if isinstance(nats, NatsServer):
+        return [f"  nats            {nats.url}  (monitor http://127.0.0.1:{nats.monitor_port})"]
+    lines = [f"  nats            {len(nats.nodes)}-node cluster '{nats.name}' (services get every "
+             "URL and reconnect to a surviving node)"]
+    for i, node in enumerate(nats.nodes):
+        lines.append(f"    node {i:<10} {node.url}  (monitor {nats.monitor_url(i)}, "
+                     f"routes :{nats.cluster_ports[i]})")
+    return lines
+
+
+def _revive_nats(nats: NatsServer | NatsCluster) -> None:
+    """Restart a nats node that died, on its own ports (its peers and clients find it there)."""
+    try:
+        if isinstance(nats, NatsServer):
+            if nats.proc is None or nats.proc.poll() is not None:
+                log.warning("nats_restarting", url=nats.url)
+                nats.start()
+            return
+        for i, node in enumerate(nats.nodes):
+            if not nats.alive(i):
+                log.warning("nats_node_restarting", node=i, url=node.url)
+                nats.start_node(i)
+    except (OSError, RuntimeError, TimeoutError) as e:
+        log.error("nats_restart_failed", error=str(e))  # tried again on the next round
+
+
+@dataclass(frozen=True)
+class BusSetup:
+    """The bus's security for one `infermesh up`: the server config and each child's identity."""
+
+    config_file: str | None = None
+    auth: BusAuth | None = None
+    tls_ca: str = ""
+
+    def env(self, service: str, user: str | None = None) -> dict[str, str]:
+        """Environment of a child of ``service`` running as ``user`` (default: the service).
+
+        File paths only: passwords never appear in a command line or an environment.
+        """
+        pre = f"INFERMESH_{service.upper()}_"
+        out: dict[str, str] = {}
+        if self.auth is not None:
+            out[pre + "NATS_CREDENTIALS"] = str(self.auth.credentials_file(user or service))
+        if self.tls_ca:
+            out[pre + "NATS_TLS_CA"] = self.tls_ca
+        return out
+
+    def security(self, user: str = OBSERVER) -> ClientSecurity | None:
+        """Client options for the launcher's own connections."""
+        if self.auth is not None:
+            return self.auth.client(user)
+        return ClientSecurity(tls_ca=self.tls_ca) if self.tls_ca else None
+
+    def tail_flags(self) -> str:
+        """The `events tail` flags that get the observer onto this bus."""
+        flags = ""
+        if self.auth is not None:
+            flags += f" --nats-credentials {self.auth.credentials_file(OBSERVER)}"
+        if self.tls_ca:
+            flags += f" --nats-tls-ca {self.tls_ca}"
+        return flags
+
+
+def _bus_setup(args: argparse.Namespace, state: Path) -> BusSetup:
+    """Write the bus's users, permissions and TLS settings into ``state/bus`` (0600 files)."""
+    if bool(args.nats_tls_cert) != bool(args.nats_tls_key):
+        raise SystemExit("--nats-tls-cert and --nats-tls-key go together")
+    tls = None
+    if args.nats_tls_cert:
+        tls = ServerTLS(str(Path(args.nats_tls_cert).resolve()),
+                        str(Path(args.nats_tls_key).resolve()))
+    ca = str(Path(args.nats_tls_ca).resolve()) if args.nats_tls_ca else ""
+    if args.nats_auth:
+        name = "vllm" if args.engine == "vllm" else "sim"
+        pods = [(args.pool, f"{name}-{i}") for i in range(args.engines)]
+        auth = write_bus_auth(state, args.prefix, pods, tls=tls, tls_ca=ca)
+        return BusSetup(str(auth.config_file), auth, ca)
+    if tls is not None:
+        conf = state / "bus" / "nats-tls.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(server_config(None, tls=tls))
+        return BusSetup(str(conf), None, ca)
+    return BusSetup()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_model_folder()
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="infermesh-up-"))
     state.mkdir(parents=True, exist_ok=True)
-    nats = NatsServer(args.nats_port or None)
-    nats.start()
+    bus_setup = _bus_setup(args, state)
+    nats = _start_nats(args, bus_setup.config_file)
     children: list[Child] = []
     stopping = False
 
@@ -294,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         pods: set[str] = set()
         engine_lines: list[str] = []
         if args.engine == "vllm":
-            served = _start_vllm_agents(args, nats.url, model_dir, state, children)
+            served = _start_vllm_agents(args, nats.url, model_dir, state, children, bus_setup)
             pods = {f"vllm-{i}" for i in range(args.engines)}
             engine_lines = [
                 f"  engine vllm-{i:<3} http://127.0.0.1:{args.sim_port + i}  (real vLLM; log "
@@ -356,16 +519,19 @@ def main(argv: list[str] | None = None) -> int:
                         "--subject-prefix",
                         args.prefix,
                     ),
+                    env=bus_setup.env("agent", agent_user(pod)),
                 )
                 agent.start()
                 children.append(agent)
         bus = ["--nats-url", nats.url, "--subject-prefix", args.prefix]
         for name in ("tokenizer", "indexer"):
-            c = Child(name, _py(f"infermesh.services.{name}", *bus, "--http-port", "-1"))
+            c = Child(name, _py(f"infermesh.services.{name}", *bus, "--http-port", "-1"),
+                      env=bus_setup.env(name))
             c.start()
             children.append(c)
         scheduler = Child(
-            "scheduler", _py("infermesh.services.scheduler", *bus, "--http-port", "-1")
+            "scheduler", _py("infermesh.services.scheduler", *bus, "--http-port", "-1"),
+            env=bus_setup.env("scheduler"),
         )
         scheduler.start()
         ingress = Child(
@@ -377,22 +543,26 @@ def main(argv: list[str] | None = None) -> int:
                 args.pool,
                 "--port",
                 str(args.ingress_port),
+                *_ingress_args(args),
             ),
+            env=bus_setup.env("ingress"),
         )
         ingress.start()
         children += [scheduler, ingress]
-        asyncio.run(_wait_heartbeats(nats.url, args.prefix, pods, args.ready_timeout))
-        asyncio.run(
-            _wait_services(nats.url, ("tokenizer", "indexer", "scheduler"), args.ready_timeout)
-        )
-        ingress_url = f"http://127.0.0.1:{args.ingress_port}"
+        watch = bus_setup.security()
+        asyncio.run(_wait_heartbeats(nats.url, args.prefix, pods, args.ready_timeout, watch))
+        asyncio.run(_wait_services(nats.url, ("tokenizer", "indexer", "scheduler"),
+                                   args.ready_timeout, watch))
+        scheme = "https" if args.ingress_tls_cert else "http"
+        ingress_url = f"{scheme}://127.0.0.1:{args.ingress_port}"
         _wait_http(f"{ingress_url}/health", ingress, args.ready_timeout)
         print("\ninfermesh is up", flush=True)
         print(
             f"  OpenAI API      {ingress_url}/v1  (ingress; header x-infermesh-endpoint "
             "names the engine)"
         )
-        print(f"  nats            {nats.url}  (monitor http://127.0.0.1:{nats.monitor_port})")
+        for line in _nats_lines(nats):
+            print(line)
         for line in engine_lines:
             print(line)
         print(f"  agents          {len(pods)} (heartbeats on {args.prefix}.pod.{args.pool}.*)")
@@ -401,11 +571,16 @@ def main(argv: list[str] | None = None) -> int:
             "deploy/local/scheduler.yaml)"
         )
         print(f"  model           {served}  from {model_dir}")
-        print(f"  watch the bus:  infermesh events tail '{args.prefix}.>' --nats-url {nats.url}")
+        print(f"  watch the bus:  infermesh events tail '{args.prefix}.>' --nats-url {nats.url}"
+              f"{bus_setup.tail_flags()}")
+        if bus_setup.auth is not None:
+            print(f"  bus security    one NATS user per service, credentials in "
+                  f"{bus_setup.auth.config_file.parent} (docs/security.md)")
         print("Ctrl-C stops everything.\n", flush=True)
         if args.exit_after_ready:
             return 0
         while not stopping:
+            _revive_nats(nats)
             for c in children:
                 if not c.alive() and not stopping:
                     c.restarts += 1

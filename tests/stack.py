@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from infermesh.libs.bus import NatsServer
+from infermesh.libs.bus import BusAuth, NatsServer
 
 from .conftest import Proc, ProcessManager
 
@@ -43,24 +43,32 @@ def _health(url: str) -> dict[str, Any] | None:
 def start_stack(procs: ProcessManager, nats: NatsServer, *, engines: int = 4,
                 schedulers: int = 1, indexers: int = 1,
                 sim_args: tuple[str, ...] = (),
-                ingress_args: tuple[str, ...] = ()) -> Stack:
-    """Start every process and wait until the ingress sees every engine."""
+                ingress_args: tuple[str, ...] = (), auth: BusAuth | None = None) -> Stack:
+    """Start every process and wait until the ingress sees every engine.
+
+    With ``auth`` (from ``write_bus_auth``; the server must run its config) every process
+    connects as its own identity, and the readiness check as the observer.
+    """
     from .integration.helpers import free_ports
+
+    def creds(user: str) -> list[str]:
+        return ["--nats-credentials", str(auth.credentials_file(user))] if auth else []
 
     _, info = procs.sim("--time-scale", "0.02", "--hash-seed", "0", *sim_args, engines=engines)
     bus = ["--nats-url", nats.url]
     for i, e in enumerate(info["engines"]):
-        procs.agent(nats.url, e, f"sim-{i}")
-    procs.service("tokenizer", *bus, "--http-port", "-1")
+        procs.agent(nats.url, e, f"sim-{i}", *creds(f"agent-sim-{i}"))
+    procs.service("tokenizer", *bus, "--http-port", "-1", *creds("tokenizer"))
     stack = Stack(nats, "", info["engines"], procs)
     for i in range(indexers):
         stack.indexers.append(procs.service("indexer", *bus, "--http-port", "-1",
-                                            name=f"indexer-{i}"))
+                                            *creds("indexer"), name=f"indexer-{i}"))
     for i in range(schedulers):
         stack.schedulers.append(procs.service("scheduler", *bus, "--http-port", "-1",
-                                              name=f"scheduler-{i}"))
+                                              *creds("scheduler"), name=f"scheduler-{i}"))
     port = free_ports(1)
-    stack.ingress = procs.service("ingress", *bus, "--port", str(port), *ingress_args)
+    stack.ingress = procs.service("ingress", *bus, "--port", str(port), *ingress_args,
+                                  *creds("ingress"))
     stack.ingress_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -72,17 +80,19 @@ def start_stack(procs: ProcessManager, nats: NatsServer, *, engines: int = 4,
         time.sleep(0.05)
     # In a thread: the caller may be an async test with its own running loop.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, _wait_bus_services(nats.url, schedulers, indexers)).result()
+        pool.submit(asyncio.run,
+                    _wait_bus_services(nats.url, schedulers, indexers, auth)).result()
     return stack
 
 
-async def _wait_bus_services(url: str, schedulers: int, indexers: int = 1) -> None:
+async def _wait_bus_services(url: str, schedulers: int, indexers: int = 1,
+                             auth: BusAuth | None = None) -> None:
     """Every bus service answers $SRV.PING (so the first request does not race startup)."""
     import json
 
     from infermesh.libs.bus import connect
 
-    nc = await connect(url, "stack-watch")
+    nc = await connect(url, "stack-watch", security=auth.client("observer") if auth else None)
     want = {"tokenizer": 1, "indexer": indexers, "scheduler": schedulers}
     deadline = time.monotonic() + 60
     try:

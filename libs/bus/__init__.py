@@ -1,6 +1,7 @@
 """The bus: NATS connections, typed request/reply, micro services, an embedded nats-server."""
 
 from .client import (
+    BusAuthError,
     BusError,
     BusTimeout,
     NoResponders,
@@ -9,19 +10,37 @@ from .client import (
     request,
     request_parts,
 )
-from .server import NatsServer, nats_server_binary
+from .security import (
+    BusAuth,
+    BusClientKnobs,
+    ClientSecurity,
+    Credentials,
+    CredentialsError,
+    ServerTLS,
+    write_bus_auth,
+)
+from .server import NatsCluster, NatsServer, nats_server_binary
 from .service import BusService, reply_error
 
 __all__ = [
+    "BusAuth",
+    "BusAuthError",
+    "BusClientKnobs",
     "BusError",
     "BusService",
     "BusTimeout",
+    "ClientSecurity",
+    "Credentials",
+    "CredentialsError",
+    "NatsCluster",
     "NatsServer",
     "NoResponders",
     "RemoteError",
+    "ServerTLS",
     "connect",
     "nats_server_binary",
     "reply_error",
     "request",
     "request_parts",
+    "write_bus_auth",
 ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,6 +17,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from infermesh.proto import codec
 
 from ..telemetry import get_logger, inject_context
+from .security import ClientSecurity
 
 T = TypeVar("T")
 
@@ -26,6 +29,10 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
 class BusError(Exception):
     """Base of every failure of a bus call."""
+
+
+class BusAuthError(BusError):
+    """The server refused this client: wrong or missing credentials, or a TLS mismatch."""
 
 
 class BusTimeout(BusError):
@@ -49,6 +56,7 @@ async def connect(
     servers: str | list[str],
     name: str,
     *,
+    security: ClientSecurity | None = None,
     connect_timeout: float = 2.0,
     max_reconnect_attempts: int = -1,
     first_connect_timeout: float = 30.0,
@@ -59,10 +67,19 @@ async def connect(
     A service that loses the bus keeps running and reconnects by itself; subscriptions are
     restored by nats-py on reconnect. The first connection is retried for up to
     ``first_connect_timeout`` seconds, so a service may start before the bus does.
-    ``user``/``password``/``tls`` options pass through.
+    ``security`` gives the user, password and TLS settings (see ``libs/bus/security.py``).
+
+    A server that refuses the credentials, or whose certificate does not verify, fails the first
+    connection at once with :class:`BusAuthError`: retrying cannot fix a wrong password, and a
+    service that exits with a clear message beats one that waits forever. After the first
+    connection such errors are logged and the client keeps trying (credentials may be rotated).
     """
     urls = servers.split(",") if isinstance(servers, str) else servers
-    blog = log.bind(client=name)
+    blog = log.bind(client=name, **({"user": security.user} if security and security.user else {}))
+    options = {**(security.connect_options() if security is not None else {}), **kwargs}
+    loop = asyncio.get_running_loop()
+    refused: asyncio.Future[Exception] = loop.create_future()
+    connected_once = False
 
     async def on_disconnect() -> None:
         blog.warning("bus_disconnected")
@@ -73,28 +90,50 @@ async def connect(
         )
 
     async def on_error(e: Exception) -> None:
-        blog.warning("bus_error", error=repr(e))
+        if _is_refusal(e):
+            if not connected_once and not refused.done():
+                refused.set_result(e)
+            blog.error("bus_refused", error=repr(e))
+        elif "permissions violation" in str(e).lower():
+            # Our own permission lists or code are wrong: loud, but the connection stays up.
+            blog.error("bus_permission_denied", error=str(e))
+        else:
+            blog.warning("bus_error", error=repr(e))
 
     async def on_closed() -> None:
         blog.info("bus_closed")
 
     nc = Client()
-    loop = asyncio.get_running_loop()
     deadline = loop.time() + first_connect_timeout
     while True:
-        try:
-            await _connect_once(
-                nc,
-                urls,
-                name,
-                connect_timeout,
-                max_reconnect_attempts,
-                on_disconnect,
-                on_reconnect,
-                on_error,
-                on_closed,
-                kwargs,
+        attempt = asyncio.ensure_future(_connect_once(
+            nc,
+            urls,
+            name,
+            connect_timeout,
+            max_reconnect_attempts,
+            on_disconnect,
+            on_reconnect,
+            on_error,
+            on_closed,
+            options,
+        ))
+        left = max(0.0, deadline - loop.time())
+        waiters: set[asyncio.Future[Any]] = {attempt, refused}
+        await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if not attempt.done() and not refused.done():
+            # nats-py retries the first connection forever with max_reconnect_attempts=-1.
+            await _abandon(nc, attempt)
+            raise BusError(f"cannot connect to NATS at {urls} within {first_connect_timeout}s")
+        if refused.done():
+            await _abandon(nc, attempt)
+            raise BusAuthError(
+                f"NATS at {urls} refused client {name!r}"
+                f"{f' (user {security.user!r})' if security and security.user else ''}: "
+                f"{refused.result()!r}; check the credentials and TLS settings"
             )
+        try:
+            attempt.result()
             break
         except (TimeoutError, OSError, nats.errors.NoServersError) as e:
             if loop.time() >= deadline:
@@ -102,8 +141,31 @@ async def connect(
             blog.info("bus_connect_retry", error=repr(e))
             nc = Client()
             await asyncio.sleep(0.25)
+    connected_once = True
     blog.info("bus_connected", servers=urls)
     return nc
+
+
+async def _abandon(nc: Client, attempt: asyncio.Future[None]) -> None:
+    """Stop a connection attempt in progress and release what it holds."""
+    attempt.cancel()
+    with contextlib.suppress(BaseException):
+        await attempt
+    with contextlib.suppress(Exception):
+        await nc.close()
+
+
+def _is_refusal(e: Exception) -> bool:
+    """Whether ``e`` says the server will not take this client as configured."""
+    if isinstance(e, nats.errors.AuthorizationError):
+        return True
+    # A handshake the server or we reject (bad or missing certificate, no common protocol);
+    # a connection cut mid-handshake (EOF) may be a restarting server and is retried.
+    if isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError,
+                                                          ssl.SSLZeroReturnError)):
+        return True
+    text = str(e).lower()
+    return "authorization violation" in text or "tls required" in text
 
 
 async def _connect_once(

@@ -164,7 +164,8 @@ class Agent:
         if self.vllm is not None:
             await self.vllm.start()
         if self._nc is None:
-            self._nc = await connect(self.cfg.nats_url, f"agent-{self.pod}")
+            self._nc = await connect(self.cfg.nats_url, f"agent-{self.pod}",
+                                     security=self.cfg.bus_security())
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.cfg.scrape_timeout_s)
         )

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from infermesh.libs.bus.security import BusClientKnobs
 from infermesh.libs.config import knob
 from infermesh.proto.subjects import DEFAULT_PREFIX, check_token
 
 
 @dataclass
-class AgentConfig:
+class AgentConfig(BusClientKnobs):
     """Every knob of `infermesh agent`; one agent serves one engine."""
 
     nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infermesh.libs.bus.security import BusClientKnobs
 from infermesh.libs.config import knob
 from infermesh.proto.subjects import DEFAULT_PREFIX
 
 
 @dataclass
-class IndexerConfig:
+class IndexerConfig(BusClientKnobs):
     """Every knob of `infermesh indexer`."""
 
     nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")

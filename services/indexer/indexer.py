@@ -76,7 +76,8 @@ class Indexer:
     async def start(self) -> None:
         """Connect, subscribe, and start answering lookups."""
         if self._nc is None:
-            self._nc = await connect(self.cfg.nats_url, "indexer")
+            self._nc = await connect(self.cfg.nats_url, "indexer",
+                                     security=self.cfg.bus_security())
         nc = self._nc
         s = self.subjects
         self._subs = [

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infermesh.libs.bus.security import BusClientKnobs
 from infermesh.libs.config import knob
 from infermesh.proto.subjects import DEFAULT_PREFIX, check_token
 
 
 @dataclass
-class IngressConfig:
+class IngressConfig(BusClientKnobs):
     """Every knob of `infermesh ingress`."""
 
     nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
@@ -28,6 +29,18 @@ class IngressConfig:
     )
     pod_timeout_s: float = knob(1.0, "A pod without heartbeat for this long is not used")
     instance: str = knob("", "Name of this ingress in request events (empty: host-pid)")
+    # API keys, rate limits and TLS (services/ingress/auth.py, docs/ingress.md).
+    api_key: str = knob("", "One API key that clients must send as `Authorization: Bearer KEY` "
+                        "(named `default`; prefer the environment variable; empty: none)")
+    api_keys_file: str = knob("", "YAML or JSON file of named API keys (or their sha256) with "
+                              "optional per-key rate limits (empty: none)")
+    rate_limit_rps: float = knob(0.0, "Requests per second allowed per API key whose entry sets "
+                                 "no rate (0: no limit)")
+    rate_limit_burst: int = knob(0, "Requests a key may send at once, for keys whose entry sets "
+                                 "no burst (0: the rate rounded up)")
+    tls_cert_file: str = knob("", "PEM certificate (chain): serve HTTPS instead of HTTP")
+    tls_key_file: str = knob("", "PEM private key of the TLS certificate")
+    tls_ca_file: str = knob("", "PEM CA bundle: require client certificates it signed (mTLS)")
 
     def __post_init__(self) -> None:
         check_token(self.pool, "pool")
@@ -35,3 +48,10 @@ class IngressConfig:
             raise ValueError("max_attempts must be at least 1")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
+        if self.rate_limit_rps < 0 or self.rate_limit_burst < 0:
+            raise ValueError("rate_limit_rps and rate_limit_burst must be >= 0")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_ca_file (client certificates) needs tls_cert_file and "
+                             "tls_key_file")

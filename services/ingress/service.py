@@ -29,7 +29,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from infermesh.libs.bus import BusError, RemoteError, connect, request
+from infermesh.libs.bus import BusError, NoResponders, RemoteError, connect, request
 from infermesh.libs.telemetry import get_logger
 from infermesh.proto import codec
 from infermesh.proto.messages import (
@@ -42,6 +42,7 @@ from infermesh.proto.messages import (
 )
 from infermesh.proto.subjects import Subjects
 
+from .auth import ApiKeyGuard, ApiKeys, server_ssl_context
 from .config import IngressConfig
 
 log = get_logger("ingress")
@@ -181,12 +182,20 @@ class Ingress:
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self._rng = random.Random()
+        self._tokenizer_ok = 0.0  # monotonic time of the last answer
+        self._scheduler_ok = 0.0
+        # Built here so a bad key file or certificate stops the start before any bus work.
+        self.guard = ApiKeyGuard(ApiKeys.from_settings(cfg.api_key, cfg.api_keys_file,
+                                                       cfg.rate_limit_rps, cfg.rate_limit_burst),
+                                 self.metrics.registry)
+        self.ssl = server_ssl_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Connect to the bus, follow heartbeats, serve HTTP."""
-        self.nc = await connect(self.cfg.nats_url, f"ingress-{self.instance}")
+        self.nc = await connect(self.cfg.nats_url, f"ingress-{self.instance}",
+                                security=self.cfg.bus_security())
         await self.nc.subscribe(self.subjects.pod_state_all, cb=self._on_pod_state)
         self.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
@@ -195,6 +204,7 @@ class Ingress:
         )
         app = web.Application(client_max_size=self.cfg.max_body_bytes,
                               middlewares=[self._errors])
+        self.guard.install(app)  # after _errors: keys are checked before anything else runs
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -203,12 +213,14 @@ class Ingress:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      handler_cancellation=True, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port)
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=self.ssl)
         await site.start()
         server = site._server
         assert server is not None
         self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-        log.info("ingress_started", url=f"http://{self.cfg.host}:{self.port}",
+        scheme = "https" if self.ssl is not None else "http"
+        log.info("ingress_started", url=f"{scheme}://{self.cfg.host}:{self.port}",
+                 api_keys=len(self.guard.keys),
                  pool=self.cfg.pool, instance=self.instance)
 
     async def stop(self) -> None:
@@ -342,6 +354,8 @@ class Ingress:
             raise ClientError(400, f"Invalid request: {e}") from None
         except (msgspec.DecodeError, UnicodeDecodeError) as e:
             raise ClientError(400, f"The request body is not valid JSON: {e}") from None
+        except RecursionError:  # msgspec gives up on deeply nested `Any` fields this way
+            raise ClientError(400, "The request body nests JSON too deeply") from None
         if chat:
             msgs = body.messages
             if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
@@ -385,8 +399,7 @@ class Ingress:
         )
         t0 = time.perf_counter()
         try:
-            reply = await request(self.nc, self.subjects.tokenize, req, TokenizeReply,
-                                  timeout=self.cfg.tokenize_timeout_s)
+            reply = await self._ask_tokenizer(req)
         except RemoteError as e:
             status = int(e.code) if e.code.isdigit() else 500
             if 400 <= status < 500:
@@ -408,6 +421,36 @@ class Ingress:
                               f"However, your prompt contains {reply.num_tokens} input tokens. "
                               "Please reduce the length of the input prompt.", "input_tokens")
 
+    async def _ask_tokenizer(self, req: TokenizeRequest) -> TokenizeReply:
+        """The tokenizer's reply; asked a second time when the first ask got none.
+
+        A NATS node or tokenizer replica that dies takes the requests it holds with it, and the
+        replicas that were on that node answer again once reconnected (milliseconds later), so
+        one more try keeps the prompt's block keys instead of routing by load alone.
+        """
+        assert self.nc is not None
+        try:
+            reply = await request(self.nc, self.subjects.tokenize, req, TokenizeReply,
+                                  timeout=self.cfg.tokenize_timeout_s)
+        except BusError as e:
+            if isinstance(e, RemoteError):
+                raise
+            log.info("tokenizer_retry", error=str(e))
+            if isinstance(e, NoResponders) and self._recently(self._tokenizer_ok):
+                await asyncio.sleep(0.1)  # give replicas on a lost node time to reconnect
+            reply = await request(self.nc, self.subjects.tokenize, req, TokenizeReply,
+                                  timeout=self.cfg.tokenize_timeout_s)
+        self._tokenizer_ok = time.monotonic()
+        return reply
+
+    @staticmethod
+    def _recently(t: float) -> bool:
+        """Whether a service answered within the last 2 s: a fresh cut, worth a short wait.
+
+        In a longer outage the retry follows at once, so fallback routing adds no delay.
+        """
+        return time.monotonic() - t < 2.0
+
     async def _pick(self, route: _Route) -> tuple[str, str]:
         """(pod, url) from the scheduler, or from heartbeats when it does not answer."""
         assert self.nc is not None
@@ -423,6 +466,7 @@ class Ingress:
                 try:
                     d = await request(self.nc, self.subjects.schedule, req, ScheduleDecision,
                                       timeout=self.cfg.schedule_timeout_s)
+                    self._scheduler_ok = time.monotonic()
                     return d.pod, d.url
                 except RemoteError as e:
                     if e.code == "400":
@@ -436,6 +480,9 @@ class Ingress:
                     if attempt == 2:
                         self.metrics.fallbacks.labels("scheduler_unavailable").inc()
                         log.warning("scheduler_unavailable_routing_by_load", error=str(e))
+                    elif isinstance(e, NoResponders) and self._recently(self._scheduler_ok):
+                        # Replicas on a lost NATS node reconnect within milliseconds.
+                        await asyncio.sleep(0.1)
         finally:
             self.metrics.schedule.observe(time.perf_counter() - t0)
         return self._least_loaded(route)

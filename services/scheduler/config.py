@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from infermesh.libs.bus.security import BusClientKnobs
 from infermesh.libs.config import ConfigError, knob
 from infermesh.proto.subjects import DEFAULT_PREFIX
 
@@ -49,7 +50,7 @@ from .plugins import PLUGIN_TYPES, MaxScorePicker, SingleProfileHandler
 
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(BusClientKnobs):
     """Every knob of `infermesh scheduler`."""
 
     nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")

@@ -76,7 +76,8 @@ class SchedulerService:
     async def start(self) -> None:
         """Follow the pool on the bus, then answer ``im.schedule``."""
         if self._nc is None:
-            self._nc = await connect(self.cfg.nats_url, f"scheduler-{self.replica}")
+            self._nc = await connect(self.cfg.nats_url, f"scheduler-{self.replica}",
+                                     security=self.cfg.bus_security())
         nc = self._nc
         self._subs = [
             await nc.subscribe(self.subjects.pod_state_all, cb=self._on_pod_state),

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from infermesh.libs.bus.security import BusClientKnobs
 from infermesh.libs.config import knob
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
 from infermesh.proto.subjects import DEFAULT_PREFIX
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(BusClientKnobs):
     """Every knob of `infermesh tokenizer`; replicas share ``im.tokenize`` in a queue group."""
 
     nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")

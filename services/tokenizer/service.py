@@ -153,7 +153,8 @@ class TokenizerService:
         """Load the models, connect to the bus, serve ``im.tokenize`` and /health, /metrics."""
         self.load_models()
         if self._nc is None:
-            self._nc = await connect(self.cfg.nats_url, "tokenizer")
+            self._nc = await connect(self.cfg.nats_url, "tokenizer",
+                                     security=self.cfg.bus_security())
         svc = BusService(
             self._nc,
             "infermesh-tokenizer",

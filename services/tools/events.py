@@ -9,7 +9,8 @@ import sys
 
 import msgspec
 
-from infermesh.libs.bus import connect
+from infermesh.libs.bus import BusClientKnobs, ClientSecurity, connect
+from infermesh.libs.config import add_arguments, load_config
 from infermesh.libs.telemetry import configure_logging
 from infermesh.proto import codec
 from infermesh.proto.subjects import DEFAULT_PREFIX, Subjects
@@ -32,10 +33,11 @@ def render(subjects: Subjects, subject: str, data: bytes) -> bytes:
     return msgspec.json.encode(out)
 
 
-async def tail(url: str, subject: str, prefix: str, count: int, timeout: float | None) -> int:
+async def tail(url: str, subject: str, prefix: str, count: int, timeout: float | None,
+               security: ClientSecurity | None = None) -> int:
     """Print messages on ``subject`` until ``count`` were printed, a timeout or a signal."""
     subjects = Subjects(prefix)
-    nc = await connect(url, "events-tail")
+    nc = await connect(url, "events-tail", security=security)
     done = asyncio.Event()
     seen = 0
 
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--prefix", default=DEFAULT_PREFIX, help="subject prefix of the deployment")
     t.add_argument("--count", type=int, default=0, help="stop after N messages (0: never)")
     t.add_argument("--timeout", type=float, default=None, help="stop after S seconds")
+    # On a secured bus: the observer's credentials (docs/security.md); env INFERMESH_EVENTS_*.
+    add_arguments(t, BusClientKnobs)
     args = p.parse_args(argv)
     configure_logging("events")  # logs go to stderr; stdout carries only the JSON lines
-    return asyncio.run(tail(args.nats_url, args.subject, args.prefix, args.count, args.timeout))
+    security = load_config(BusClientKnobs, args, env_prefix="INFERMESH_EVENTS").bus_security()
+    return asyncio.run(tail(args.nats_url, args.subject, args.prefix, args.count, args.timeout,
+                            security))

@@ -112,9 +112,8 @@ class World:
             self.services.append(svc)
         if scheduler:
             await self.start_scheduler()
-        self.ingress = Ingress(IngressConfig(nats_url=self.nats_url, port=0,
-                                             tokenize_timeout_s=0.3, schedule_timeout_s=0.3,
-                                             **cfg))
+        cfg = {"tokenize_timeout_s": 0.3, "schedule_timeout_s": 0.3, **cfg}
+        self.ingress = Ingress(IngressConfig(nats_url=self.nats_url, port=0, **cfg))
         await self.ingress.start()
         await wait_until(lambda: len(self.ingress.live_pods()) == len(engines), what="pods")
         self.url = f"http://127.0.0.1:{self.ingress.port}"

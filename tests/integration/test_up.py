@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -11,6 +13,10 @@ import urllib.request
 from pathlib import Path
 
 import openai
+import pytest
+
+from infermesh.libs.bus import BusAuthError, Credentials, connect
+from infermesh.libs.bus.security import ClientSecurity
 
 from .helpers import free_ports
 
@@ -18,6 +24,16 @@ from .helpers import free_ports
 def _get(url: str) -> int:
     with urllib.request.urlopen(url, timeout=2) as r:
         return int(r.status)
+
+
+async def _check_bus_auth(url: str, observer: Path) -> None:
+    """No credentials: refused. The observer's (as `up` printed them): connected."""
+    with pytest.raises(BusAuthError):
+        await asyncio.wait_for(connect(url, "anonymous"), 20)
+    c = Credentials.read(observer)
+    nc = await connect(url, "observer", security=ClientSecurity(c.user, c.password))
+    assert nc.is_connected
+    await nc.close()
 
 
 def test_up_starts_everything_and_stops_on_sigterm(tmp_path: Path, model_dir: Path) -> None:
@@ -44,6 +60,11 @@ def test_up_starts_everything_and_stops_on_sigterm(tmp_path: Path, model_dir: Pa
         for i in range(engines):
             assert f"http://127.0.0.1:{sim + i}" in text
             assert _get(f"http://127.0.0.1:{sim + i}/health") == 200
+        # The bus has users (docs/security.md): anonymous clients are refused.
+        observer = tmp_path / "state" / "bus" / "credentials" / "observer.json"
+        assert f"--nats-credentials {observer}" in text
+        assert stat.S_IMODE(observer.stat().st_mode) == 0o600
+        asyncio.run(_check_bus_auth(f"nats://127.0.0.1:{nats}", observer))
         # The OpenAI SDK through the ingress: a completion and a streamed chat completion.
         assert f"http://127.0.0.1:{ingress}/v1" in text
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{ingress}/v1", api_key="unused")
@@ -63,6 +84,56 @@ def test_up_starts_everything_and_stops_on_sigterm(tmp_path: Path, model_dir: Pa
                 raise AssertionError(f"engine on {port} still serving")
             except OSError:
                 pass
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_up_with_api_keys_and_https(tmp_path: Path, model_dir: Path) -> None:
+    """`up --api-keys-file --ingress-tls-cert/key`: the API wants a key and speaks HTTPS."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_pem, key_pem, ca_pem = (tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - name: team-a\n    key: sk-team-a-123\n")
+    nats, sim, kv, ingress = free_ports(1), free_ports(1), free_ports(2), free_ports(1)
+    log = tmp_path / "up.log"
+    env = {**os.environ, "INFERMESH_MODEL_DIR": str(model_dir)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "infermesh.cli", "up", "--engines", "1",
+             "--nats-port", str(nats), "--sim-port", str(sim), "--kv-port", str(kv),
+             "--ingress-port", str(ingress), "--state-dir", str(tmp_path / "state"),
+             "--api-keys-file", str(keys), "--ingress-tls-cert", str(cert_pem),
+             "--ingress-tls-key", str(key_pem)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "infermesh is up" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        base = f"https://127.0.0.1:{ingress}/v1"
+        assert base in log.read_text()
+        ctx = ssl.create_default_context(cafile=str(ca_pem))
+        with openai.DefaultHttpxClient(verify=ctx) as http:
+            good = openai.OpenAI(base_url=base, api_key="sk-team-a-123", http_client=http)
+            c = good.completions.create(model="infermesh/tiny-llama", prompt="Hi", max_tokens=2)
+            assert c.usage.completion_tokens == 2
+            bad = openai.OpenAI(base_url=base, api_key="sk-wrong", http_client=http,
+                                max_retries=0)
+            with pytest.raises(openai.AuthenticationError):
+                bad.completions.create(model="infermesh/tiny-llama", prompt="Hi", max_tokens=2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
