@@ -329,6 +329,10 @@ class Ingress:
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         received = time.perf_counter()
         endpoint = "chat" if chat else "completions"
+        media = request.headers.get("Content-Type", "").lower().split(";", 1)[0].strip()
+        if media != "application/json":  # as vLLM answers it
+            raise ClientError(400, "1 validation error:\n  Unsupported Media Type: Only "
+                                   "'application/json' is allowed")
         raw = await request.read()
         body = self._parse(raw, chat)
         model, lora = self._resolve_model(body.model)

@@ -396,8 +396,10 @@ def odd_request_line(draw: st.DrawFn) -> Case:
     ct = draw(st.sampled_from(["text/plain", "application/x-www-form-urlencoded",
                                "multipart/form-data; boundary=x", "application/json; charset=x",
                                "", "\u00e9/\u00e9".encode().decode("latin-1"), None]))
-    return Case(body, ANY, draw(st.sampled_from([COMPLETIONS, CHAT])), content_type=ct,
-                note="content type")
+    # As vLLM: only an application/json media type is served (parameters are ignored).
+    media = (ct or "").lower().split(";", 1)[0].strip()
+    return Case(body, ANY if media == "application/json" else BAD,
+                draw(st.sampled_from([COMPLETIONS, CHAT])), content_type=ct, note="content type")
 
 
 fuzz_cases = st.one_of(

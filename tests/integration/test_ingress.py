@@ -273,3 +273,17 @@ async def test_no_engine_is_503(world) -> None:
     await world.start({})
     status, _, body = await post(world.url, {"model": MODEL, "prompt": "x"})
     assert status == 503 and json.loads(body)["error"]["code"] == 503
+
+
+async def test_a_body_that_is_not_json_by_content_type_is_refused_as_vllm_does(world) -> None:
+    await world.start({"a": "ok"})
+    async with aiohttp.ClientSession() as http:
+        for ct in ("text/plain", "application/x-www-form-urlencoded"):
+            async with http.post(world.url + "/v1/completions", data=b'{"model":"m"}',
+                                 headers={"Content-Type": ct}) as r:
+                assert r.status == 400
+                assert "Unsupported Media Type" in (await r.json())["error"]["message"]
+        async with http.post(world.url + "/v1/completions", data=b'{"model":"m","prompt":"x"}',
+                             headers={"Content-Type": "application/json; charset=utf-8"}) as r:
+            assert r.status == 200
+    assert world.engines["a"].hits == 1
