@@ -9,6 +9,7 @@ from .client import (
     connect,
     request,
     request_parts,
+    settle,
 )
 from .security import (
     BusAuth,
@@ -42,5 +43,6 @@ __all__ = [
     "reply_error",
     "request",
     "request_parts",
+    "settle",
     "write_bus_auth",
 ]

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from infermesh.proto import codec
 
 from ..telemetry import extract_context, get_logger, tracer
+from .client import settle
 
 log = get_logger("bus.service")
 
@@ -127,6 +128,7 @@ class BusService:
         self._service = await add_service(self.nc, self._config)
         for cfg in self._pending:
             await self._service.add_endpoint(cfg)
+        await settle(self.nc)  # every endpoint is subscribed at the server on return
         return self._service
 
     async def stop(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from infermesh.libs.bus import BusError, BusService, connect, request_parts
+from infermesh.libs.bus import BusError, BusService, connect, request_parts, settle
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
 from infermesh.proto import codec
@@ -94,7 +94,7 @@ class Indexer:
                      queue_group=QUEUE_INDEXER)
         await svc.start()
         self._service = svc
-        await nc.flush()
+        await settle(nc)
         if self.cfg.http_port >= 0:
             self._ops = OpsServer([self.metrics.registry], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)

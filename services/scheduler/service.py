@@ -17,7 +17,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from infermesh.libs.bus import BusService, connect, reply_error
+from infermesh.libs.bus import BusService, connect, reply_error, settle
 from infermesh.libs.bus import request as bus_request
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
@@ -83,7 +83,7 @@ class SchedulerService:
             await nc.subscribe(self.subjects.pod_state_all, cb=self._on_pod_state),
             await nc.subscribe(self.subjects.req_all, cb=self._on_request_event),
         ]
-        await nc.flush()
+        await settle(nc)
         self._tasks = [asyncio.create_task(self._housekeeping(), name="scheduler-housekeeping")]
         if self.cfg.http_port >= 0:
             self._ops = OpsServer([self.metrics.registry], self._health)

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from infermesh.libs.bus import BusService, connect, reply_error
+from infermesh.libs.bus import BusService, connect, reply_error, settle
 from infermesh.libs.config import add_arguments, knob, load_config
 from infermesh.libs.telemetry import configure_logging, get_logger
 from infermesh.libs.telemetry.ops import OpsServer, run_until_stopped
@@ -238,7 +238,7 @@ class KVChaos:
         svc.endpoint("control", self.control_subject, ChaosControl, self._on_control)
         await svc.start()
         self._service = svc
-        await nc.flush()
+        await settle(nc)
         if self.cfg.http_port >= 0:
             self._ops = OpsServer([self.registry], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)

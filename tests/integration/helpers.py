@@ -12,6 +12,7 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
+from infermesh.libs.bus import settle
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     AllBlocksCleared,
@@ -88,7 +89,7 @@ class BusWatcher:
     async def start(self) -> BusWatcher:
         await self.nc.subscribe("im.kv.*.*", cb=self._on_kv)
         await self.nc.subscribe("im.pod.*.*", cb=self._on_pod)
-        await self.nc.flush()
+        await settle(self.nc)
         return self
 
     async def _on_kv(self, msg: Any) -> None:

@@ -17,6 +17,7 @@ from infermesh.libs.bus import (
     connect,
     reply_error,
     request,
+    settle,
 )
 from infermesh.libs.telemetry import tracer
 from infermesh.libs.telemetry.tracing import setup_tracing
@@ -110,7 +111,7 @@ async def test_client_reconnects_after_the_server_restarts():
             got.append(msg.data)
 
         await nc.subscribe("im.x", cb=cb)
-        await nc.flush()
+        await settle(nc)
         srv.kill()
         await wait_until(lambda: not nc.is_connected, what="disconnect noticed")
         srv2 = NatsServer(srv.port)
@@ -121,7 +122,7 @@ async def test_client_reconnects_after_the_server_restarts():
             # The subscription was restored on reconnect.
             async def delivered() -> bool:
                 await pub.publish("im.x", b"hello")
-                await pub.flush()
+                await settle(pub)
                 await asyncio.sleep(0.05)
                 return b"hello" in got
 

@@ -35,6 +35,7 @@ from infermesh.libs.bus import (
     ServerTLS,
     connect,
     request,
+    settle,
     write_bus_auth,
 )
 from infermesh.proto import codec
@@ -144,7 +145,7 @@ async def test_forged_kv_events_are_refused_and_never_delivered(secured) -> None
 
     await witness.subscribe("im.kv.*.*", cb=on_msg)
     await witness.subscribe("im.pod.*.*", cb=on_msg)
-    await witness.flush()
+    await settle(witness)
     clients: dict[str, tuple[Client, list[Exception]]] = {}
     try:
         for user in sorted({u for u, _ in FORGED_PUBLISH + FORGED_SUBSCRIBE}):
@@ -156,7 +157,7 @@ async def test_forged_kv_events_are_refused_and_never_delivered(secured) -> None
             data = _kv_batch("sim-0", f"forged-by-{user}-on-{subject}")
             forged.add(data)
             await nc.publish(subject, data)
-            await nc.flush()
+            await settle(nc)
             # The server refuses it and says so to the forger.
             await wait_until(lambda e=errs, s=subject: any(
                 f'permissions violation for publish to "{s}"' in str(x) for x in e),
@@ -165,7 +166,7 @@ async def test_forged_kv_events_are_refused_and_never_delivered(secured) -> None
         for user, subject in FORGED_SUBSCRIBE:
             nc, errs = clients[user]
             await nc.subscribe(subject)
-            await nc.flush()
+            await settle(nc)
             await wait_until(lambda e=errs, s=subject: any(
                 f'permissions violation for subscription to "{s.lower()}"' in str(x).lower()
                 for x in e), what=f"{user} told its subscription to {subject} was refused")
@@ -176,13 +177,13 @@ async def test_forged_kv_events_are_refused_and_never_delivered(secured) -> None
         agent0 = await connect(srv.url, "agent-sim-0", security=auth.client("agent-sim-0"))
         try:
             await agent0.publish("im.kv.default.sim-0", legit0)
-            await agent0.flush()
+            await settle(agent0)
         finally:
             await agent0.close()
         nc1, _ = clients["agent-sim-1"]
         await nc1.publish("im.kv.default.sim-1", legit1)
         await nc1.publish("im.pod.default.sim-1", b"heartbeat")
-        await nc1.flush()
+        await settle(nc1)
         await wait_until(lambda: {d for _, d in got} >= set(legit), what="legit events")
         await wait_until(lambda: (("im.pod.default.sim-1", b"heartbeat") in got),
                          what="legit heartbeat")
@@ -214,7 +215,7 @@ async def test_replies_go_only_to_the_requester(secured) -> None:
         await msg.respond(b"again")
 
     await tok.subscribe("im.tokenize", "tokenizer", cb=answer)
-    await tok.flush()
+    await settle(tok)
     ing = await connect(srv.url, "ingress", security=auth.client("ingress"))
     try:
         r = await ing.request("im.tokenize", b"hi", timeout=5)
@@ -223,7 +224,7 @@ async def test_replies_go_only_to_the_requester(secured) -> None:
                                      for e in tok_errs), what="second reply refused")
         # The tokenizer cannot publish a "reply" to an inbox that asked it nothing.
         await tok.publish("_INBOX.ingress.x.y", b"unasked")
-        await tok.flush()
+        await settle(tok)
         await wait_until(lambda: sum("_INBOX.ingress.x.y" in str(e).upper() or
                                      "_inbox.ingress.x.y" in str(e) for e in tok_errs) >= 1,
                          what="unasked reply refused")

@@ -17,7 +17,7 @@ import msgspec
 import nats
 import pytest
 
-from infermesh.libs.bus import NatsServer
+from infermesh.libs.bus import NatsServer, settle
 from infermesh.proto import codec
 from infermesh.proto.messages import LoraInfo, PodState
 
@@ -58,7 +58,7 @@ async def publish(url: str, messages: list[tuple[str, bytes]]) -> None:
     try:
         for subject, data in messages:
             await nc.publish(subject, data)
-        await nc.flush()
+        await settle(nc)
     finally:
         await nc.close()
 

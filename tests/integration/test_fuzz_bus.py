@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
 
-from infermesh.libs.bus import NatsServer, connect
+from infermesh.libs.bus import NatsServer, connect, settle
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     AllBlocksCleared,
@@ -572,4 +572,4 @@ def _fuzz_publishes(nc: Client, loop: Loop, tally: Tally) -> None:
     ).map(codec.encode)
     fuzz("scale", st.one_of(scale, garbage), 50,
          lambda data: loop.run(publish(S.scale("default"), data, "scale.<pool>")))
-    loop.run(nc.flush())
+    loop.run(settle(nc))

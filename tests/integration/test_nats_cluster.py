@@ -36,7 +36,7 @@ import nats
 import pytest
 
 from infermesh.libs import kvblock
-from infermesh.libs.bus import NatsCluster, connect, request
+from infermesh.libs.bus import NatsCluster, connect, request, settle
 from infermesh.libs.bus.server import free_port
 from infermesh.proto import codec
 from infermesh.proto.messages import LookupReply, LookupRequest, TokenizeReply
@@ -289,7 +289,7 @@ async def test_a_tokenize_request_lost_in_the_cut_is_asked_again(nats_server: An
             await msg.respond(codec.encode(TokenizeReply(num_tokens=3, block_keys=[7, 8, 9])))
 
         await world.nc.subscribe("im.tokenize", cb=tokenizer)
-        await world.nc.flush()
+        await settle(world.nc)
         async with aiohttp.ClientSession() as http:
             async with http.post(world.url + "/v1/completions",
                                  json={"model": "m", "prompt": "x"}) as r:
@@ -315,7 +315,7 @@ async def test_every_node_includes_the_extra_config(tmp_path: Path) -> None:
         b = await connect(c.nodes[1].url, "b", user="svc", password="s3cret")
         try:
             sub = await b.subscribe("hello")
-            await b.flush()
+            await settle(b)
 
             # Interest reaches node 0 over the route a moment after the subscribe.
             async def crossed() -> bool:
