@@ -1,6 +1,7 @@
 """The bus: NATS connections, typed request/reply, micro services, an embedded nats-server."""
 
 from .client import (
+    BUS_REGISTRY,
     BusAuthError,
     BusError,
     BusTimeout,
@@ -24,6 +25,7 @@ from .server import NatsCluster, NatsServer, nats_server_binary
 from .service import BusService, reply_error
 
 __all__ = [
+    "BUS_REGISTRY",
     "BusAuth",
     "BusAuthError",
     "BusClientKnobs",

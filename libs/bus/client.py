@@ -13,6 +13,7 @@ import nats
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from prometheus_client import CollectorRegistry, Counter
 
 from infermesh.proto import codec
 
@@ -22,6 +23,17 @@ from .security import ClientSecurity
 T = TypeVar("T")
 
 log = get_logger("bus")
+
+# The state of this process's bus connections, served on every service's /metrics.
+BUS_REGISTRY = CollectorRegistry()
+_DISCONNECTS = Counter("infermesh_bus_disconnects", "Times a bus connection was lost",
+                       ["client"], registry=BUS_REGISTRY)
+_RECONNECTS = Counter("infermesh_bus_reconnects", "Times a lost bus connection came back",
+                      ["client"], registry=BUS_REGISTRY)
+_ERRORS = Counter("infermesh_bus_errors",
+                  "Errors the NATS server reported to this client, by kind (refused: "
+                  "credentials or TLS; permission_denied: a subject this identity may not use)",
+                  ["client", "kind"], registry=BUS_REGISTRY)
 
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
@@ -82,9 +94,11 @@ async def connect(
     connected_once = False
 
     async def on_disconnect() -> None:
+        _DISCONNECTS.labels(name).inc()
         blog.warning("bus_disconnected")
 
     async def on_reconnect() -> None:
+        _RECONNECTS.labels(name).inc()
         blog.info(
             "bus_reconnected", server=str(nc.connected_url.netloc if nc.connected_url else "")
         )
@@ -93,11 +107,14 @@ async def connect(
         if _is_refusal(e):
             if not connected_once and not refused.done():
                 refused.set_result(e)
+            _ERRORS.labels(name, "refused").inc()
             blog.error("bus_refused", error=repr(e))
         elif "permissions violation" in str(e).lower():
             # Our own permission lists or code are wrong: loud, but the connection stays up.
+            _ERRORS.labels(name, "permission_denied").inc()
             blog.error("bus_permission_denied", error=str(e))
         else:
+            _ERRORS.labels(name, "other").inc()
             blog.warning("bus_error", error=repr(e))
 
     async def on_closed() -> None:

@@ -30,7 +30,7 @@ from nats.aio.client import Client
 from nats.micro.request import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from infermesh.libs.bus import BusService, connect
+from infermesh.libs.bus import BUS_REGISTRY, BusService, connect
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
 from infermesh.proto import codec
@@ -183,7 +183,7 @@ class Agent:
         await svc.start()
         self._service = svc
         if self.cfg.http_port >= 0:
-            self._ops = OpsServer([self.metrics.registry], self._health)
+            self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
         self._tasks = [
             asyncio.create_task(self._kv_loop(), name="agent-kv"),

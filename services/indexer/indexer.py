@@ -15,7 +15,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from infermesh.libs.bus import BusError, BusService, connect, request_parts, settle
+from infermesh.libs.bus import BUS_REGISTRY, BusError, BusService, connect, request_parts, settle
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
 from infermesh.proto import codec
@@ -96,7 +96,7 @@ class Indexer:
         self._service = svc
         await settle(nc)
         if self.cfg.http_port >= 0:
-            self._ops = OpsServer([self.metrics.registry], self._health)
+            self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
         self._tasks = [asyncio.create_task(self._sweep_loop(), name="indexer-sweep")]
         log.info("indexer_started", subject=s.index_lookup, http_port=self.http_port,

@@ -29,7 +29,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from infermesh.libs.bus import BusError, NoResponders, RemoteError, connect, request
+from infermesh.libs.bus import BUS_REGISTRY, BusError, NoResponders, RemoteError, connect, request
 from infermesh.libs.telemetry import get_logger
 from infermesh.proto import codec
 from infermesh.proto.messages import (
@@ -301,7 +301,8 @@ class Ingress:
         return web.json_response(body, status=200 if ok else 503)
 
     async def get_metrics(self, _: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry),
+        return web.Response(body=generate_latest(self.metrics.registry)
+                            + generate_latest(BUS_REGISTRY),
                             content_type="text/plain", charset="utf-8")
 
     async def models(self, _: web.Request) -> web.Response:

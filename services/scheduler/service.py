@@ -17,7 +17,7 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from infermesh.libs.bus import BusService, connect, reply_error, settle
+from infermesh.libs.bus import BUS_REGISTRY, BusService, connect, reply_error, settle
 from infermesh.libs.bus import request as bus_request
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
@@ -86,7 +86,7 @@ class SchedulerService:
         await settle(nc)
         self._tasks = [asyncio.create_task(self._housekeeping(), name="scheduler-housekeeping")]
         if self.cfg.http_port >= 0:
-            self._ops = OpsServer([self.metrics.registry], self._health)
+            self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
         # A fresh replica knows no pod: hear a round of heartbeats before taking requests, so it
         # does not answer "no engine" while the other replicas would not.

@@ -22,7 +22,7 @@ from nats.micro.request import ServiceError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from infermesh.libs.bus import BusService, connect, reply_error
+from infermesh.libs.bus import BUS_REGISTRY, BusService, connect, reply_error
 from infermesh.libs.kvblock import prompt_keys
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
@@ -167,7 +167,7 @@ class TokenizerService:
         await svc.start()
         self._service = svc
         if self.cfg.http_port >= 0:
-            self._ops = OpsServer([self.metrics.registry], self._health)
+            self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
         log.info(
             "tokenizer_started",

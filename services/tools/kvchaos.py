@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from infermesh.libs.bus import BusService, connect, reply_error, settle
+from infermesh.libs.bus import BUS_REGISTRY, BusService, connect, reply_error, settle
 from infermesh.libs.config import add_arguments, knob, load_config
 from infermesh.libs.telemetry import configure_logging, get_logger
 from infermesh.libs.telemetry.ops import OpsServer, run_until_stopped
@@ -240,7 +240,7 @@ class KVChaos:
         self._service = svc
         await settle(nc)
         if self.cfg.http_port >= 0:
-            self._ops = OpsServer([self.registry], self._health)
+            self._ops = OpsServer([self.registry, BUS_REGISTRY], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
         log.info("chaos_started", source=self.src.prefix, target=self.dst.prefix,
                  control=self.control_subject, http_port=self.http_port, **self._settings())

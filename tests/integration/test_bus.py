@@ -9,6 +9,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from infermesh.libs.bus import (
+    BUS_REGISTRY,
     BusService,
     BusTimeout,
     NatsServer,
@@ -127,6 +128,11 @@ async def test_client_reconnects_after_the_server_restarts():
                 return b"hello" in got
 
             await wait_until(delivered, what="message after reconnect")
+            # Counted for the service's /metrics.
+            assert BUS_REGISTRY.get_sample_value("infermesh_bus_disconnects_total",
+                                                 {"client": "t"}) >= 1
+            assert BUS_REGISTRY.get_sample_value("infermesh_bus_reconnects_total",
+                                                 {"client": "t"}) >= 1
             await pub.close()
             await nc.close()
         finally:

@@ -27,6 +27,7 @@ import pytest
 from nats.aio.client import Client
 
 from infermesh.libs.bus import (
+    BUS_REGISTRY,
     BusAuth,
     BusAuthError,
     BusError,
@@ -423,3 +424,21 @@ async def test_nats_mutual_tls(tmp_path: Path, certs: dict[str, str]) -> None:
         with pytest.raises(BusAuthError, match="(?i)certificate.required"):
             await asyncio.wait_for(connect(srv.url, "no-cert",
                                            security=ClientSecurity(tls_ca=certs["ca"])), 20)
+
+
+async def test_a_refused_publish_is_counted_for_metrics(secured) -> None:
+    srv, auth = secured
+    nc = await connect(srv.url, "ingress-counted", security=auth.client("ingress"))
+    try:
+        await nc.publish("im.kv.default.sim-0", b"forged")
+        await settle(nc)
+
+        def denied() -> float:
+            return BUS_REGISTRY.get_sample_value(
+                "infermesh_bus_errors_total",
+                {"client": "ingress-counted", "kind": "permission_denied"}) or 0.0
+
+        await wait_until(lambda: denied() == 1, what="permission_denied counted")
+        assert nc.is_connected
+    finally:
+        await nc.close()
