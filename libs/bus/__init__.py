@@ -12,6 +12,7 @@ from .client import (
     request_parts,
     settle,
 )
+from .lifecycle import cancel_tasks, release
 from .security import (
     BusAuth,
     BusClientKnobs,
@@ -40,8 +41,10 @@ __all__ = [
     "NoResponders",
     "RemoteError",
     "ServerTLS",
+    "cancel_tasks",
     "connect",
     "nats_server_binary",
+    "release",
     "reply_error",
     "request",
     "request_parts",

@@ -30,7 +30,7 @@ from nats.aio.client import Client
 from nats.micro.request import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from infermesh.libs.bus import BUS_REGISTRY, BusService, connect
+from infermesh.libs.bus import BUS_REGISTRY, BusService, cancel_tasks, connect, release
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
 from infermesh.proto import codec
@@ -204,24 +204,14 @@ class Agent:
         """Stop everything this agent started (its engine too, when it launched one)."""
         if self.vllm is not None:
             await self.vllm.stop()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_tasks(self._tasks)
         self._tasks = []
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
+        await release(service=self._service)
         if self._sub is not None:
             await self._sub.close()
         if self._http is not None:
             await self._http.close()
-        if self._ops is not None:
-            await self._ops.stop()
-        if self._nc is not None and self._own_nc:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
+        await release(ops=self._ops, nc=self._nc if self._own_nc else None)
         self._ctx.term()
 
     def _health(self) -> tuple[bool, dict[str, Any]]:

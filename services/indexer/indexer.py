@@ -8,14 +8,22 @@ asked of a pod's agent on ``im.kv.snapshot.<pod>``, one at a time per pod, with 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from infermesh.libs.bus import BUS_REGISTRY, BusError, BusService, connect, request_parts, settle
+from infermesh.libs.bus import (
+    BUS_REGISTRY,
+    BusError,
+    BusService,
+    cancel_tasks,
+    connect,
+    release,
+    request_parts,
+    settle,
+)
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
 from infermesh.proto import codec
@@ -104,27 +112,11 @@ class Indexer:
 
     async def stop(self) -> None:
         """Stop everything this indexer started."""
-        tasks = self._tasks + list(self._snapshots.values())
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_tasks(self._tasks + list(self._snapshots.values()))
         self._tasks, self._snapshots = [], {}
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
-            self._service = None
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subs = []
-        if self._ops is not None:
-            await self._ops.stop()
-            self._ops = None
-        if self._nc is not None and self._own_nc:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
+        await release(service=self._service, subs=self._subs, ops=self._ops,
+                      nc=self._nc if self._own_nc else None)
+        self._service, self._subs, self._ops = None, [], None
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
         ok = self._nc is not None and self._nc.is_connected

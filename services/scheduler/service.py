@@ -9,7 +9,6 @@ each other, and any of them can answer any request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from typing import Any
@@ -17,7 +16,15 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from infermesh.libs.bus import BUS_REGISTRY, BusService, connect, reply_error, settle
+from infermesh.libs.bus import (
+    BUS_REGISTRY,
+    BusService,
+    cancel_tasks,
+    connect,
+    release,
+    reply_error,
+    settle,
+)
 from infermesh.libs.bus import request as bus_request
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
@@ -117,26 +124,14 @@ class SchedulerService:
 
     async def stop(self) -> None:
         """Stop answering and following the bus (idempotent)."""
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
-            self._service = None
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        # Stop answering first, so the queue group hands new requests to the other replicas.
+        await release(service=self._service)
+        self._service = None
+        await cancel_tasks(self._tasks)
         self._tasks = []
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subs = []
-        if self._ops is not None:
-            await self._ops.stop()
-            self._ops = None
-        if self._nc is not None and self._own_nc:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
+        await release(subs=self._subs, ops=self._ops, nc=self._nc if self._own_nc else None)
+        self._subs, self._ops = [], None
+        if self._own_nc:
             self._nc = None
 
     def _health(self) -> tuple[bool, dict[str, Any]]:

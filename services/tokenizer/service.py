@@ -11,7 +11,6 @@ the vocabulary, chat messages or options the template refuses 400.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from nats.micro.request import ServiceError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from infermesh.libs.bus import BUS_REGISTRY, BusService, connect, reply_error
+from infermesh.libs.bus import BUS_REGISTRY, BusService, connect, release, reply_error
 from infermesh.libs.kvblock import prompt_keys
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
@@ -179,16 +178,9 @@ class TokenizerService:
 
     async def stop(self) -> None:
         """Stop answering and release everything this service started."""
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
-            self._service = None
-        if self._ops is not None:
-            await self._ops.stop()
-            self._ops = None
-        if self._nc is not None and self._own_nc:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
+        await release(service=self._service, ops=self._ops,
+                      nc=self._nc if self._own_nc else None)
+        self._service, self._ops = None, None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

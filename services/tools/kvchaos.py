@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from infermesh.libs.bus import BUS_REGISTRY, BusService, connect, reply_error, settle
+from infermesh.libs.bus import BUS_REGISTRY, BusService, connect, release, reply_error, settle
 from infermesh.libs.config import add_arguments, knob, load_config
 from infermesh.libs.telemetry import configure_logging, get_logger
 from infermesh.libs.telemetry.ops import OpsServer, run_until_stopped
@@ -247,22 +247,13 @@ class KVChaos:
 
     async def stop(self) -> None:
         """Release what is held back, then stop."""
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await release(subs=self._subs)
         self._subs = []
         with contextlib.suppress(Exception):
             await self.flush()
-        if self._service is not None:
-            with contextlib.suppress(Exception):
-                await self._service.stop()
-            self._service = None
-        if self._ops is not None:
-            await self._ops.stop()
-            self._ops = None
-        if self._nc is not None and self._own_nc:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
+        await release(service=self._service, ops=self._ops,
+                      nc=self._nc if self._own_nc else None)
+        self._service, self._ops = None, None
         log.info("chaos_stopped", **self.stats.as_dict())
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
