@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from infermesh.libs.bus import BUS_REGISTRY, BusService, connect, release, reply_error, settle
+from infermesh.libs.bus.security import BusClientKnobs
 from infermesh.libs.config import add_arguments, knob, load_config
 from infermesh.libs.telemetry import configure_logging, get_logger
 from infermesh.libs.telemetry.ops import OpsServer, run_until_stopped
@@ -63,7 +64,7 @@ def _check_odds(drop: float, duplicate: float, reorder: float) -> None:
 
 
 @dataclass
-class ChaosConfig:
+class ChaosConfig(BusClientKnobs):
     """Every knob of `infermesh chaos`."""
 
     nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
@@ -223,7 +224,7 @@ class KVChaos:
     async def start(self) -> None:
         """Connect, subscribe both ways, and serve the control subject and /metrics."""
         if self._nc is None:
-            self._nc = await connect(self.cfg.nats_url, "chaos")
+            self._nc = await connect(self.cfg.nats_url, "chaos", security=self.cfg.bus_security())
         nc = self._nc
         routes = [(f"{self.src.prefix}.kv.*.*", self._on_kv),
                   (self.src.pod_state_all, self._on_pod),
