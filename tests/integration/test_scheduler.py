@@ -377,6 +377,12 @@ async def test_killing_a_replica_under_load_loses_no_request(nc, replicas):
         assert len(done) == total and len({d.request_id for d in done}) == total
         assert s1_decisions > 0, "s1 never answered before it was killed"
         assert at_kill < total * 2 // 3, "the stream was almost over when s1 was killed"
-        assert all(d.pod == "pod-a" for d in done)
+        # Routing stayed cache-aware: every decision made with the index's answer went to the
+        # pod holding the prefix. On a saturated machine a lookup can miss its 50 ms budget
+        # (twice); that decision then has no precise-prefix score and goes by load — allowed,
+        # but rare, and never a wrong cache-aware choice.
+        informed = [d for d in done if d.scores.get("precise-prefix")]
+        assert all(d.pod == "pod-a" for d in informed), Counter(d.pod for d in informed)
+        assert len(informed) >= total * 0.9, f"only {len(informed)} lookups answered"
     finally:
         await pods.stop()
