@@ -416,6 +416,7 @@ class Ingress:
             # Route without block keys (load only) rather than fail the request.
             self.metrics.fallbacks.labels("tokenizer_unavailable").inc()
             log.warning("tokenizer_unavailable", error=str(e))
+            self._tokenizer_ok = 0.0  # an outage, not a blip: later requests do not wait
             return
         finally:
             self.metrics.tokenize.observe(time.perf_counter() - t0)
@@ -452,7 +453,8 @@ class Ingress:
     def _recently(t: float) -> bool:
         """Whether a service answered within the last 2 s: a fresh cut, worth a short wait.
 
-        In a longer outage the retry follows at once, so fallback routing adds no delay.
+        Once a request has waited and still found nobody, the time is reset: in an outage the
+        retry follows at once, so fallback routing adds no delay.
         """
         return time.monotonic() - t < 2.0
 
@@ -485,6 +487,7 @@ class Ingress:
                     if attempt == 2:
                         self.metrics.fallbacks.labels("scheduler_unavailable").inc()
                         log.warning("scheduler_unavailable_routing_by_load", error=str(e))
+                        self._scheduler_ok = 0.0  # an outage: later requests do not wait
                     elif isinstance(e, NoResponders) and self._recently(self._scheduler_ok):
                         # Replicas on a lost NATS node reconnect within milliseconds.
                         await asyncio.sleep(0.1)
