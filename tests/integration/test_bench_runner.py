@@ -16,10 +16,12 @@ def test_small_preset_runs_each_profile_on_a_cold_system(tmp_path: Path) -> None
         name="tiny",
         description="test",
         workload=lambda tok, seed: W.shared_prefix(
-            tok, num_groups=3, prompts_per_group=4, system_prompt_len=400, question_len=40,
+            tok, num_groups=3, prompts_per_group=8, system_prompt_len=400, question_len=40,
             output_len=8, seed=seed),
-        stages=[W.Stage(6, 2)],
-        sim=SimSpec(engines=3, num_gpu_blocks=2000, time_scale=0.5),
+        # 24 requests over 6 engines: random scatters each group over ~4 engines (a miss on
+        # each), precise prefix keeps it on one, so chance cannot make them equal.
+        stages=[W.Stage(6, 4)],
+        sim=SimSpec(engines=6, num_gpu_blocks=2000, time_scale=0.5),
         profiles=["random", "precise-prefix"],
     )
     doc = runner.run(preset, tmp_path, seed=1)
