@@ -49,7 +49,7 @@ def message_type_for_subject(subjects: Subjects, subject: str) -> Any:
         return None
     rest = subject[len(p) :]
     head = rest.split(".", 1)[0]
-    if rest.startswith("kv.snapshot."):
+    if head == "snapshot":
         return MESSAGE_TYPES["SnapshotRequest"]
     table: dict[str, Any] = {
         "kv": MESSAGE_TYPES["KVEventBatch"],

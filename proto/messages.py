@@ -82,7 +82,7 @@ class KVEventBatch(Message, kw_only=True):
 
 
 class SnapshotRequest(Message, kw_only=True):
-    """``im.kv.snapshot.<pod>``: ask an agent for its pod's whole block set."""
+    """``im.snapshot.<pod>``: ask an agent for its pod's whole block set."""
 
     pod: str
     max_blocks_per_part: int = 4096

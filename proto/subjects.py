@@ -55,22 +55,29 @@ class Subjects:
 
     def kv(self, pool: str, pod: str) -> str:
         """Publish: one pod's KVEventBatch stream."""
-        if pool == "snapshot":
-            raise ValueError("pool name 'snapshot' is reserved for snapshot requests")
         return f"{self.prefix}.kv.{check_token(pool, 'pool')}.{check_token(pod, 'pod')}"
 
     @property
     def kv_all(self) -> str:
-        """Wildcard every indexer subscribes to (it also matches snapshot requests; see below)."""
-        return f"{self.prefix}.kv.>"
+        """Wildcard for every pod's KV stream (what every indexer subscribes to)."""
+        return f"{self.prefix}.kv.*.*"
 
     def kv_pool(self, pool: str) -> str:
         """Wildcard for the KV events of one pool."""
         return f"{self.prefix}.kv.{check_token(pool, 'pool')}.*"
 
     def kv_snapshot(self, pod: str) -> str:
-        """Request/reply to one pod's agent: SnapshotRequest → Snapshot chunks."""
-        return f"{self.prefix}.kv.snapshot.{check_token(pod, 'pod')}"
+        """Request/reply to one pod's agent: SnapshotRequest → Snapshot chunks.
+
+        Outside ``im.kv.``, so a KV-stream subscriber never receives snapshot requests, and a
+        request for a pod whose agent is gone fails at once with no responders.
+        """
+        return f"{self.prefix}.snapshot.{check_token(pod, 'pod')}"
+
+    @property
+    def kv_snapshot_all(self) -> str:
+        """Wildcard for every pod's snapshot subject (who may ask for snapshots)."""
+        return f"{self.prefix}.snapshot.*"
 
     def pod_state(self, pool: str, pod: str) -> str:
         """Publish every ≤250 ms: PodState heartbeat."""
@@ -95,15 +102,12 @@ class Subjects:
         return f"{self.prefix}.scale.{check_token(pool, 'pool')}"
 
     def parse_kv(self, subject: str) -> tuple[str, str] | None:
-        """Return ``(pool, pod)`` for a KV event subject, ``None`` for any other subject.
-
-        ``im.kv.>`` also matches ``im.kv.snapshot.<pod>``; that is not an event stream.
-        """
+        """Return ``(pool, pod)`` for a KV event subject, ``None`` for any other subject."""
         head = f"{self.prefix}.kv."
         if not subject.startswith(head):
             return None
         rest = subject[len(head) :].split(".")
-        if len(rest) != 2 or rest[0] == "snapshot":
+        if len(rest) != 2:
             return None
         return rest[0], rest[1]
 

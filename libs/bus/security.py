@@ -110,10 +110,10 @@ def identities(prefix: str, pods: Iterable[tuple[str, str]]) -> list[Identity]:
             responses=1,
         )),
         Identity(INDEXER, Permissions(
-            # Snapshot requests to agents; `kv.*.*` also delivers other indexers' snapshot
-            # requests, which the indexer ignores.
-            publish=(f"{prefix}.kv.snapshot.*",),
-            subscribe=(f"{prefix}.kv.*.*", s.pod_state_all, s.index_lookup, *_DISCOVERY,
+            # Snapshot requests to agents (a subject tree of their own: the KV-stream
+            # subscription does not deliver other indexers' requests).
+            publish=(s.kv_snapshot_all,),
+            subscribe=(s.kv_all, s.pod_state_all, s.index_lookup, *_DISCOVERY,
                        inbox_prefix(INDEXER) + ".>"),
             responses=1,
         )),

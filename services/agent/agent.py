@@ -2,7 +2,7 @@
 
 It turns the engine's ZMQ KV events into the project's KVEventBatch stream on
 ``im.kv.<pool>.<pod>`` (own gapless seq within an epoch), keeps the engine's block set so it can
-answer ``im.kv.snapshot.<pod>``, and publishes a PodState heartbeat from the engine's /metrics.
+answer ``im.snapshot.<pod>``, and publishes a PodState heartbeat from the engine's /metrics.
 
 Engine stream rules:
 

@@ -54,8 +54,6 @@ class AgentConfig(BusClientKnobs):
 
     def __post_init__(self) -> None:
         check_token(self.pool, "pool")
-        if self.pool == "snapshot":
-            raise ValueError("pool name 'snapshot' is reserved")
         if self.pod:
             check_token(self.pod, "pod")
         if not 0 < self.heartbeat_s <= 0.25:

@@ -2,7 +2,7 @@
 
 Every replica subscribes to every pod's KV stream (``im.kv.*.*``, no queue group) and heartbeats
 (``im.pod.*.*``), and answers ``im.index.lookup`` in the ``indexer`` queue group. Snapshots are
-asked of a pod's agent on ``im.kv.snapshot.<pod>``, one at a time per pod, with backoff.
+asked of a pod's agent on ``im.snapshot.<pod>``, one at a time per pod, with backoff.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class Indexer:
         nc = self._nc
         s = self.subjects
         self._subs = [
-            await nc.subscribe(f"{s.prefix}.kv.*.*", cb=self._on_kv,
+            await nc.subscribe(s.kv_all, cb=self._on_kv,
                                pending_msgs_limit=_PENDING_MSGS,
                                pending_bytes_limit=_PENDING_BYTES),
             await nc.subscribe(s.pod_state_all, cb=self._on_pod,
@@ -132,7 +132,7 @@ class Indexer:
     async def _on_kv(self, msg: Msg) -> None:
         where = self.subjects.parse_kv(msg.subject)
         if where is None:
-            return  # im.kv.snapshot.<pod>: another replica's snapshot request
+            return  # not <prefix>.kv.<pool>.<pod> (the subscription only delivers those)
         try:
             b = codec.decode(msg.data, KVEventBatch)
         except codec.DecodeError as e:

@@ -7,7 +7,7 @@ under another (``--to-prefix``, ``im``). The hop forwards
   dropped, sent twice (the copy possibly a few batches later), or held back and sent after the
   next ``reorder_depth`` batches of the same pod;
 * ``raw.pod.<pool>.<pod>`` → ``im.pod.<pool>.<pod>`` (heartbeats), unchanged;
-* ``im.kv.snapshot.<pod>`` → ``raw.kv.snapshot.<pod>`` (snapshot requests), keeping the reply
+* ``im.snapshot.<pod>`` → ``raw.snapshot.<pod>`` (snapshot requests), keeping the reply
   subject, so the agent's multi-part answer goes straight back to whoever asked; with
   ``block_snapshots`` the request is refused instead (a 503 service error).
 
@@ -228,7 +228,7 @@ class KVChaos:
         nc = self._nc
         routes = [(f"{self.src.prefix}.kv.*.*", self._on_kv),
                   (self.src.pod_state_all, self._on_pod),
-                  (f"{self.dst.prefix}.kv.snapshot.*", self._on_snapshot)]
+                  (self.dst.kv_snapshot_all, self._on_snapshot)]
         self._subs = [
             await nc.subscribe(subject, cb=cb, pending_msgs_limit=_PENDING_MSGS,
                                pending_bytes_limit=_PENDING_BYTES)
@@ -317,7 +317,7 @@ class KVChaos:
     async def _on_kv(self, msg: Msg) -> None:
         where = self.src.parse_kv(msg.subject)
         if where is None:
-            return  # raw.kv.snapshot.<pod>: a request this hop forwarded itself
+            return  # not <prefix>.kv.<pool>.<pod> (the subscription only delivers those)
         pool, pod = where
         assert self._nc is not None
         try:

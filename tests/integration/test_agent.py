@@ -25,7 +25,7 @@ BS = 16
 
 
 async def snapshot(nc, pod: str) -> tuple[set[int], list[Snapshot]]:
-    parts = await request_parts(nc, f"im.kv.snapshot.{pod}",
+    parts = await request_parts(nc, f"im.snapshot.{pod}",
                                 SnapshotRequest(pod=pod, max_blocks_per_part=50), Snapshot,
                                 parts_of=lambda s: (s.part, s.parts), timeout=5)
     blocks = {b.block_hash for p in parts for b in p.blocks if "GPU" in b.tiers}

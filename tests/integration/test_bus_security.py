@@ -128,7 +128,7 @@ FORGED_PUBLISH = [
 ]
 # (identity, subject it must not subscribe to)
 FORGED_SUBSCRIBE = [
-    ("agent-sim-1", "im.kv.snapshot.sim-0"),  # would let it answer snapshots for sim-0
+    ("agent-sim-1", "im.snapshot.sim-0"),  # would let it answer snapshots for sim-0
     ("ingress", "_INBOX.scheduler.>"),         # another identity's replies
     ("ingress", "im.kv.*.*"),
     ("observer", "_INBOX.>"),

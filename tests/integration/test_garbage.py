@@ -79,7 +79,7 @@ async def test_bus_garbage_gets_structured_errors(nats_server, procs):
     agent = procs.agent(nats_server.url, eng, "pod-h")
     await wait_until(lambda: "pod-h" in watch.states and watch.states["pod-h"].ready,
                      what="agent ready")
-    subject = "im.kv.snapshot.pod-h"
+    subject = "im.snapshot.pod-h"
     for junk in (b"", b"\x00\xff garbage", msgspec.msgpack.encode({"pod": 5}),
                  msgspec.msgpack.encode([1, 2, 3]), b"{" * 10_000):
         resp = await nc.request(subject, junk, timeout=5)

@@ -290,7 +290,7 @@ async def test_snapshots_one_at_a_time_with_backoff(nats_server, procs):
                 pod="ghost", pool="default", epoch="e", seq=5, block_size=BS, part=part,
                 parts=2, blocks=blocks[part * 2 : part * 2 + 2], model=MODEL)))
 
-    await nc.subscribe("im.kv.snapshot.ghost", cb=on_request)
+    await nc.subscribe("im.snapshot.ghost", cb=on_request)
     # The heartbeat says 5 batches were published: the indexer has none, so it asks.
     beat = PodState(pod="ghost", pool="default", model=MODEL, url="", ts=0, epoch="e", kv_seq=5)
     await nc.publish("im.pod.default.ghost", codec.encode(beat))

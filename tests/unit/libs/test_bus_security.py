@@ -70,8 +70,8 @@ def test_an_agent_publishes_only_its_own_pods_subjects() -> None:
                    "im.kv.other.sim-1", "im.req.default", "im.tokenize", "_INBOX.x.y"):
         assert not allowed(a.publish, forged), forged
     # It answers snapshot requests for its own pod only, one message per part.
-    assert allowed(a.subscribe, "im.kv.snapshot.sim-1")
-    assert not allowed(a.subscribe, "im.kv.snapshot.sim-0")
+    assert allowed(a.subscribe, "im.snapshot.sim-1")
+    assert not allowed(a.subscribe, "im.snapshot.sim-0")
     assert not allowed(a.subscribe, "im.kv.default.sim-0")
     assert a.responses == AGENT_MAX_RESPONSES
     # The pool is part of the identity: gpu-7 publishes in pool "big".
