@@ -57,11 +57,12 @@ class Engines:
 
     def start(self, pod: str) -> dict[str, Any]:
         if pod not in self.ports:
-            self.ports[pod] = (free_ports(1), free_ports(1))
+            kv = free_ports(2)  # the PUB socket and, on kv + 1, the replay socket
+            http = free_ports(1)
+            while http in (kv, kv + 1):
+                http = free_ports(1)
+            self.ports[pod] = (http, kv)
         http, kv = self.ports[pod]
-        while kv + 1 == http:  # the replay socket is kv + 1
-            kv = free_ports(1)
-        self.ports[pod] = (http, kv)
         p, info = self.procs.sim("--time-scale", "1", "--hash-seed", "0", "--port", str(http),
                                  "--kv-port", str(kv), "--num-gpu-blocks", "2000")
         self.proc[pod] = p
