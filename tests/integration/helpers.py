@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+import signal
 import socket
-from collections.abc import Awaitable, Callable
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -173,3 +180,29 @@ def free_ports(n: int) -> int:
             for t in socks:
                 t.close()
     raise RuntimeError("no free port range")
+
+
+@contextlib.contextmanager
+def infermesh_up(tmp_path: Path, model_dir: Path, args: list[str],
+                 timeout: float = 90.0) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Run ``infermesh up ARGS`` (state in ``tmp_path/state``) until it prints that it is up;
+    yield (process, log path). Whatever is still running at the end is killed (process group).
+    """
+    log = tmp_path / "up.log"
+    env = {**os.environ, "INFERMESH_MODEL_DIR": str(model_dir)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "infermesh.cli", "up", *args,
+             "--state-dir", str(tmp_path / "state")],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while "infermesh is up" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -22,7 +22,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -42,7 +41,7 @@ from infermesh.proto import codec
 from infermesh.proto.messages import LookupReply, LookupRequest, TokenizeReply
 
 from ..stack import _wait_bus_services
-from .helpers import free_ports, random_prompt, wait_until
+from .helpers import free_ports, infermesh_up, random_prompt, wait_until
 from .test_indexer import converged, metrics, read_caches
 from .test_ingress import World
 
@@ -358,20 +357,10 @@ def _pid_listening(port: int) -> int:
 
 def test_up_runs_a_cluster_and_restarts_a_dead_node(tmp_path: Path, model_dir: Path) -> None:
     nats, sim, kv, ingress = free_ports(3), free_ports(1), free_ports(2), free_ports(1)
-    log = tmp_path / "up.log"
-    env = {**os.environ, "INFERMESH_MODEL_DIR": str(model_dir)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "infermesh.cli", "up", "--engines", "1", "--nats-cluster", "3",
-             "--nats-port", str(nats), "--sim-port", str(sim), "--kv-port", str(kv),
-             "--ingress-port", str(ingress), "--state-dir", str(tmp_path / "state")],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while "infermesh is up" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+    with infermesh_up(tmp_path, model_dir, [
+            "--engines", "1", "--nats-cluster", "3", "--nats-port", str(nats),
+            "--sim-port", str(sim), "--kv-port", str(kv), "--ingress-port", str(ingress),
+    ]) as (proc, log):
         text = log.read_text()
         assert "3-node cluster" in text
         for i in range(3):
@@ -399,7 +388,3 @@ def test_up_runs_a_cluster_and_restarts_a_dead_node(tmp_path: Path, model_dir: P
         assert proc.wait(30) == 0, log.read_text()[-3000:]
         with pytest.raises(AssertionError):
             _pid_listening(nats)  # nodes stopped with the launcher
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

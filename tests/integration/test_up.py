@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import stat
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +14,7 @@ import pytest
 from infermesh.libs.bus import BusAuthError, Credentials, connect
 from infermesh.libs.bus.security import ClientSecurity
 
-from .helpers import free_ports
+from .helpers import free_ports, infermesh_up
 
 
 def _get(url: str) -> int:
@@ -40,21 +36,9 @@ def test_up_starts_everything_and_stops_on_sigterm(tmp_path: Path, model_dir: Pa
     engines = 2
     nats, sim, kv = free_ports(1), free_ports(engines), free_ports(2 * engines)
     ingress = free_ports(1)
-    log = tmp_path / "up.log"
-    env = {**os.environ, "INFERMESH_MODEL_DIR": str(model_dir)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "infermesh.cli", "up", "--engines", str(engines),
-             "--nats-port", str(nats), "--sim-port", str(sim), "--kv-port", str(kv),
-             "--ingress-port", str(ingress),
-             "--state-dir", str(tmp_path / "state")],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while "infermesh is up" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+    with infermesh_up(tmp_path, model_dir, [
+            "--engines", str(engines), "--nats-port", str(nats), "--sim-port", str(sim),
+            "--kv-port", str(kv), "--ingress-port", str(ingress)]) as (proc, log):
         text = log.read_text()
         assert f"nats://127.0.0.1:{nats}" in text
         for i in range(engines):
@@ -84,10 +68,6 @@ def test_up_starts_everything_and_stops_on_sigterm(tmp_path: Path, model_dir: Pa
                 raise AssertionError(f"engine on {port} still serving")
             except OSError:
                 pass
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_up_with_api_keys_and_https(tmp_path: Path, model_dir: Path) -> None:
@@ -105,22 +85,11 @@ def test_up_with_api_keys_and_https(tmp_path: Path, model_dir: Path) -> None:
     keys = tmp_path / "keys.yaml"
     keys.write_text("keys:\n  - name: team-a\n    key: sk-team-a-123\n")
     nats, sim, kv, ingress = free_ports(1), free_ports(1), free_ports(2), free_ports(1)
-    log = tmp_path / "up.log"
-    env = {**os.environ, "INFERMESH_MODEL_DIR": str(model_dir)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "infermesh.cli", "up", "--engines", "1",
-             "--nats-port", str(nats), "--sim-port", str(sim), "--kv-port", str(kv),
-             "--ingress-port", str(ingress), "--state-dir", str(tmp_path / "state"),
-             "--api-keys-file", str(keys), "--ingress-tls-cert", str(cert_pem),
-             "--ingress-tls-key", str(key_pem)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while "infermesh is up" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+    with infermesh_up(tmp_path, model_dir, [
+            "--engines", "1", "--nats-port", str(nats), "--sim-port", str(sim),
+            "--kv-port", str(kv), "--ingress-port", str(ingress), "--api-keys-file", str(keys),
+            "--ingress-tls-cert", str(cert_pem), "--ingress-tls-key", str(key_pem),
+    ]) as (proc, log):
         base = f"https://127.0.0.1:{ingress}/v1"
         assert base in log.read_text()
         ctx = ssl.create_default_context(cafile=str(ca_pem))
@@ -134,7 +103,3 @@ def test_up_with_api_keys_and_https(tmp_path: Path, model_dir: Path) -> None:
                 bad.completions.create(model="infermesh/tiny-llama", prompt="Hi", max_tokens=2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
