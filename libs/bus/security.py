@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bcrypt
+
 from infermesh.proto.subjects import Subjects, check_token
 
 from ..config import knob
@@ -147,8 +149,20 @@ def _list(values: Iterable[str]) -> str:
     return "[" + ", ".join(_q(v) for v in values) + "]"
 
 
+# bcrypt cost of the server's password hashes. nats-server checks the hash on every connect, so
+# the cost is paid again by every client at every reconnect; the passwords are 192 random bits,
+# which no cost factor makes any harder to guess, so a low one keeps reconnect storms cheap.
+BCRYPT_COST = 6
+
+
+def hash_password(password: str, cost: int = BCRYPT_COST) -> str:
+    """The bcrypt hash nats-server accepts in place of a plain password."""
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode()
+
+
 def authorization_block(users: Mapping[str, str], identities_: Iterable[Identity]) -> str:
-    """The ``authorization { users = [...] }`` block; ``users`` maps each user to its password."""
+    """The ``authorization { users = [...] }`` block; ``users`` maps each user to its password
+    (plain, or a bcrypt hash as :func:`write_bus_auth` writes)."""
     lines = ["authorization {", "  users = ["]
     for ident in identities_:
         p = ident.permissions
@@ -197,8 +211,8 @@ def server_config(
 
     Other configs (a cluster node's) can ``include`` it.
     """
-    parts = ["# Written by infermesh (libs/bus/security.py)."
-             + (" Holds passwords: keep it 0600." if users is not None else "") + "\n"]
+    note = " Holds passwords or their hashes: keep it 0600." if users is not None else ""
+    parts = [f"# Written by infermesh (libs/bus/security.py).{note}\n"]
     if max_payload:
         parts.append(f"max_payload: {int(max_payload)}\n")
     if users is not None:
@@ -289,7 +303,9 @@ def write_bus_auth(
     os.chmod(folder, 0o700)
     os.chmod(creds_dir, 0o700)
     conf = folder / "nats-auth.conf"
-    _write_private(conf, server_config(users, idents, tls=tls, max_payload=max_payload))
+    # The server keeps only bcrypt hashes; the plain passwords live in the credentials files.
+    hashed = {u: hash_password(pw) for u, pw in users.items()}
+    _write_private(conf, server_config(hashed, idents, tls=tls, max_payload=max_payload))
     files = {u: Credentials(u, pw).write(creds_dir / f"{u}.json") for u, pw in users.items()}
     ca = tls_ca or (tls.ca_file if tls is not None else "")
     return BusAuth(conf, files, ca)

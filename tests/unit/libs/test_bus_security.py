@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import stat
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from infermesh.libs.bus.security import (
@@ -172,7 +174,11 @@ def test_write_bus_auth_files_are_private(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         c = Credentials.read(path)
         assert c.user == user and len(c.password) >= 24
-        assert f'password: "{c.password}"' in text
+        # The server config holds a bcrypt hash of the password, never the password itself.
+        assert c.password not in text
+        hashed = re.search(rf'user: "{re.escape(user)}", password: "([^"]+)"', text)
+        assert hashed and hashed.group(1).startswith("$2")
+        assert bcrypt.checkpw(c.password.encode(), hashed.group(1).encode())
         passwords.add(c.password)
     assert len(passwords) == len(auth.credentials)  # no two identities share a password
     # A second run writes fresh passwords over the old files, still private.
