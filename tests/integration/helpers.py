@@ -206,3 +206,18 @@ def infermesh_up(tmp_path: Path, model_dir: Path, args: list[str],
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+async def wait_healthy(http: aiohttp.ClientSession, proc: Any, port: int, name: str) -> None:
+    """Wait until ``proc`` answers 200 on ``/health`` at ``port``; fail at once if it exits."""
+
+    async def up() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"{name} exited:\n{proc.tail()}")
+        try:
+            async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_until(up, what=f"{name} healthy")

@@ -23,7 +23,7 @@ from infermesh.libs.bus import connect, request
 from infermesh.libs.bus.server import free_port
 from infermesh.services.tools.kvchaos import ChaosControl, ChaosStatus
 
-from .helpers import complete_ids, random_prompt, wait_until
+from .helpers import complete_ids, random_prompt, wait_healthy, wait_until
 from .test_indexer import (
     BS,
     LORA,
@@ -68,26 +68,13 @@ class Stack:
         return await metrics(self.http, self.idx_port)
 
 
-async def _healthy(http: aiohttp.ClientSession, proc: Any, port: int, name: str) -> None:
-    async def up() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"{name} exited:\n{proc.tail()}")
-        try:
-            async with http.get(f"http://127.0.0.1:{port}/health") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await wait_until(up, what=f"{name} healthy")
-
-
 async def start_stack(procs: Any, url: str, http: aiohttp.ClientSession,
                       chaos: list[str]) -> Stack:
     hop_port = free_port()
     hop = procs.service("tools.kvchaos", "--nats-url", url, "--from-prefix", "raw",
                         "--to-prefix", "im", "--seed", "7", "--http-port", str(hop_port),
                         *chaos, name="chaos")
-    await _healthy(http, hop, hop_port, "chaos hop")
+    await wait_healthy(http, hop, hop_port, "chaos hop")
     # A long pod timeout: a loaded test machine must not make pods look dead. A short backoff
     # cap: once snapshots are let through again, the next try comes soon.
     _, idx_port = await start_indexer(procs, url, "indexer", "--pod-timeout-s", "10",

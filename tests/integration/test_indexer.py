@@ -32,7 +32,7 @@ from infermesh.proto.messages import (
 )
 from infermesh.services.sim.block_hash import BlockHasher, to_wire
 
-from .helpers import complete_ids, random_prompt, sim_cache, wait_until
+from .helpers import complete_ids, random_prompt, sim_cache, wait_healthy, wait_until
 
 BS = 16
 MODEL = "infermesh/tiny-llama"
@@ -48,17 +48,7 @@ async def start_indexer(procs: Any, nats_url: str, name: str, *extra: str) -> tu
     p = procs.service("indexer", "--nats-url", nats_url, "--http-port", str(port), *extra,
                       name=name)
     async with aiohttp.ClientSession() as http:
-
-        async def up() -> bool:
-            if not p.alive():
-                raise AssertionError(f"{name} exited:\n{p.tail()}")
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/health") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_until(up, what=f"{name} healthy")
+        await wait_healthy(http, p, port, name)
     return p, port
 
 
