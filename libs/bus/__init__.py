@@ -6,20 +6,26 @@ from .client import (
     BusError,
     BusTimeout,
     NoResponders,
+    PayloadTooLarge,
     RemoteError,
     connect,
+    fits,
     request,
     request_parts,
     settle,
 )
 from .lifecycle import cancel_tasks, release
 from .security import (
+    DEFAULT_NATS_URL,
+    BusAddress,
     BusAuth,
     BusClientKnobs,
+    BusKnobs,
     ClientSecurity,
     Credentials,
     CredentialsError,
     ServerTLS,
+    credentials_path,
     write_bus_auth,
 )
 from .server import NatsCluster, NatsServer, nats_server_binary
@@ -27,9 +33,12 @@ from .service import BusService, reply_error
 
 __all__ = [
     "BUS_REGISTRY",
+    "DEFAULT_NATS_URL",
+    "BusAddress",
     "BusAuth",
     "BusAuthError",
     "BusClientKnobs",
+    "BusKnobs",
     "BusError",
     "BusService",
     "BusTimeout",
@@ -39,10 +48,13 @@ __all__ = [
     "NatsCluster",
     "NatsServer",
     "NoResponders",
+    "PayloadTooLarge",
     "RemoteError",
     "ServerTLS",
     "cancel_tasks",
     "connect",
+    "credentials_path",
+    "fits",
     "nats_server_binary",
     "release",
     "reply_error",

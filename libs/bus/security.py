@@ -26,7 +26,7 @@ from typing import Any
 
 import bcrypt
 
-from infermesh.proto.subjects import Subjects, check_token
+from infermesh.proto.subjects import DEFAULT_PREFIX, Subjects, check_token
 
 from ..config import knob
 
@@ -50,6 +50,14 @@ RESPONSE_TTL = "1m"
 
 class CredentialsError(ValueError):
     """A credentials file or a set of security knobs that cannot be used."""
+
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def credentials_path(state_dir: str | Path, user: str) -> Path:
+    """Where :func:`write_bus_auth` keeps ``user``'s credentials under ``state_dir``."""
+    return Path(state_dir) / "bus" / "credentials" / f"{check_token(user, 'NATS user')}.json"
 
 
 def agent_user(pod: str) -> str:
@@ -294,9 +302,16 @@ def write_bus_auth(
     Writes ``nats-auth.conf`` (the server config, for ``nats-server -c`` or an ``include``) and
     ``credentials/<user>.json`` for every identity, all 0600 in a 0700 folder. ``tls_ca`` is the CA
     the clients verify the server with (with ``tls`` given and no ``tls_ca``: ``tls.ca_file``).
+    A user whose credentials file is already there keeps its password, so writing again (Tilt
+    re-reading its plan, a test that started the server first) does not lock out running clients.
     """
     idents = identities(prefix, pods)
-    users = {i.user: secrets.token_urlsafe(24) for i in idents}
+    users: dict[str, str] = {}
+    for i in idents:
+        try:
+            users[i.user] = Credentials.read(credentials_path(state_dir, i.user)).password
+        except CredentialsError:
+            users[i.user] = secrets.token_urlsafe(24)
     folder = Path(state_dir) / "bus"
     creds_dir = folder / "credentials"
     creds_dir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +321,8 @@ def write_bus_auth(
     # The server keeps only bcrypt hashes; the plain passwords live in the credentials files.
     hashed = {u: hash_password(pw) for u, pw in users.items()}
     _write_private(conf, server_config(hashed, idents, tls=tls, max_payload=max_payload))
-    files = {u: Credentials(u, pw).write(creds_dir / f"{u}.json") for u, pw in users.items()}
+    files = {u: Credentials(u, pw).write(credentials_path(state_dir, u))
+             for u, pw in users.items()}
     ca = tls_ca or (tls.ca_file if tls is not None else "")
     return BusAuth(conf, files, ca)
 
@@ -360,6 +376,14 @@ class ClientSecurity:
 
 
 @dataclass
+class BusAddress:
+    """Where the bus is: the first two knobs of every service that talks on it."""
+
+    nats_url: str = knob(DEFAULT_NATS_URL, "NATS server URL(s), comma-separated")
+    subject_prefix: str = knob(DEFAULT_PREFIX, "Prefix of every bus subject")
+
+
+@dataclass
 class BusClientKnobs:
     """The NATS authentication and TLS knobs every service config inherits."""
 
@@ -386,3 +410,9 @@ class BusClientKnobs:
             user, password = creds.user, creds.password
         return ClientSecurity(user=user, password=password, tls_ca=self.nats_tls_ca,
                               tls_cert=self.nats_tls_cert, tls_key=self.nats_tls_key)
+
+
+@dataclass
+class BusKnobs(BusClientKnobs, BusAddress):
+    """Every bus knob of a service: where the bus is, who this client is, TLS. Service configs
+    inherit it, so the knobs are declared (and documented) once."""

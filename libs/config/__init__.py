@@ -12,6 +12,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,11 +25,14 @@ class ConfigError(ValueError):
     """A config file, variable or flag that does not fit the service's config."""
 
 
-def knob(default: Any, help: str, *, factory: Any = None) -> Any:  # noqa: A002 - mirrors argparse
-    """A documented config field (use ``factory`` for mutable defaults)."""
+def knob(default: Any, help: str, *, factory: Any = None,  # noqa: A002 - mirrors argparse
+         flag: bool = True) -> Any:
+    """A documented config field (use ``factory`` for mutable defaults; ``flag=False``: no
+    ``--flag`` of its own, for structured values a command line spells its own way)."""
+    meta = {"help": help, "flag": flag}
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -74,12 +78,19 @@ def _convert(raw: Any, tp: Any, name: str) -> Any:
                 if i != ""
             ]
         if origin is dict or base is dict:
+            _, value_type = typing.get_args(base) or (str, str)
             if isinstance(raw, str):
+                if value_type is not str:
+                    raise ValueError(f"not a mapping: {raw!r}")
                 pairs = [p.split("=", 1) for p in raw.split(",") if p]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError(f"not KEY=VALUE pairs: {raw!r}")
                 return {k.strip(): v.strip() for k, v in pairs}
             if not isinstance(raw, dict):
                 raise ValueError(f"not a mapping: {raw!r}")
-            return {str(k): str(v) for k, v in raw.items()}
+            if value_type is str:
+                return {str(k): str(v) for k, v in raw.items()}
+            return {str(k): _convert(v, value_type, f"{name}.{k}") for k, v in raw.items()}
         if origin is typing.Literal:
             if raw not in typing.get_args(base):
                 raise ValueError(f"{raw!r} is not one of {typing.get_args(base)}")
@@ -93,6 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     """Add one ``--flag`` per field of ``cls`` (all default to "not given")."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.metadata.get("flag", True):
+            continue
         flag = "--" + f.name.replace("_", "-")
         base, _ = _base_type(hints[f.name])
         default = (
@@ -153,3 +166,62 @@ def load_config(
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+
+
+def default_of(cls: type[Any], name: str) -> Any:
+    """The default of field ``name`` of config class ``cls`` (what a caller must not restate)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+            raise ConfigError(f"{cls.__name__}.{name} has no default")
+    raise ConfigError(f"{cls.__name__} has no field {name!r}")
+
+
+def _flag_value(value: Any, name: str) -> str:
+    if isinstance(value, (list, tuple)):
+        items = [_flag_value(v, name) for v in value]
+        if any("," in i for i in items):
+            raise ConfigError(f"{name}: list items must not contain ',' on a command line")
+        return ",".join(items)
+    if isinstance(value, Mapping):
+        pairs = [f"{_flag_value(k, name)}={_flag_value(v, name)}" for k, v in value.items()]
+        if any("," in p for p in pairs):
+            raise ConfigError(f"{name}: mapping entries must not contain ',' on a command line")
+        return ",".join(pairs)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def to_argv(cls: type[Any], values: Mapping[str, Any]) -> list[str]:
+    """The flags that set ``values`` on ``cls`` — the inverse of :func:`add_arguments` and
+    :func:`load_config`, so a launcher never spells a flag by hand.
+
+    Every key must be a field of ``cls``; values are checked by building ``cls`` from them (its
+    ``__post_init__`` runs), so a bad value fails here, before any process starts.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no setting {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(names))})")
+    hints = typing.get_type_hints(cls)
+    converted = {k: _convert(v, hints[k], k) for k, v in values.items()}
+    try:
+        cls(**converted)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+    argv: list[str] = []
+    for name, value in converted.items():
+        flag = "--" + name.replace("_", "-")
+        base, _ = _base_type(hints[name])
+        if base is bool:
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif value is None:
+            continue
+        else:
+            argv += [flag, _flag_value(value, name)]
+    return argv

@@ -181,10 +181,16 @@ def test_write_bus_auth_files_are_private(tmp_path: Path) -> None:
         assert bcrypt.checkpw(c.password.encode(), hashed.group(1).encode())
         passwords.add(c.password)
     assert len(passwords) == len(auth.credentials)  # no two identities share a password
-    # A second run writes fresh passwords over the old files, still private.
+    # Writing again (Tilt reloading its plan) keeps the passwords running clients hold; an
+    # identity whose file is gone gets a fresh one. Every file stays private.
     old = Credentials.read(auth.credentials["indexer"]).password
+    auth.credentials["scheduler"].unlink()
     again = write_bus_auth(tmp_path, "im", PODS)
-    assert Credentials.read(again.credentials["indexer"]).password != old
+    assert Credentials.read(again.credentials["indexer"]).password == old
+    fresh = Credentials.read(again.credentials["scheduler"]).password
+    assert fresh and fresh not in passwords
+    for path in again.credentials.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "secret" not in repr(Credentials("agent-sim-0", "secret"))
 
 

@@ -1,0 +1,1 @@
+"""Processes: start, supervise, wait for readiness, stop; ports; the run file."""
