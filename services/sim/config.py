@@ -15,8 +15,8 @@ class SimConfig:
     model: str = knob("", "Model folder (tokenizer + chat template); empty: the repo's tiny model")
     served_model_name: str = knob("", "Name in the OpenAI API; empty: the tiny model's name")
     engines: int = knob(1, "Simulated engines in this process, each with its own ports")
-    host: str = knob("127.0.0.1", "Address the HTTP servers listen on")
-    port: int = knob(0, "HTTP port of engine 0 (engine i uses port+i); 0: free ports")
+    http_host: str = knob("127.0.0.1", "Address the engines' HTTP servers (OpenAI API) listen on")
+    http_port: int = knob(0, "HTTP port of engine 0 (engine i uses http_port+i); 0: free ports")
     kv_port: int = knob(0, "ZMQ PUB port of engine 0 (engine i: kv_port+2i, replay +1); 0: free")
     kv_replay_port: int = knob(
         0, "Replay port of engine 0 when it is not kv_port+1 (one engine only); 0: the default"
@@ -39,7 +39,6 @@ class SimConfig:
     )
     max_num_seqs: int = knob(256, "Running sequences at most; the rest wait")
     max_model_len: int = knob(131_072, "Longest prompt + output accepted")
-    default_max_tokens: int = knob(16, "Completion max_tokens when the request gives none")
     chat_default_max_tokens: int = knob(
         128, "Chat max_tokens when the request gives none (vLLM would fill the context)"
     )

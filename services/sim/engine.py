@@ -146,13 +146,22 @@ class SimEngine:
             else zlib.crc32(f"{self.cfg.seed}:{req.request_id}".encode())
         )
         req.rng = random.Random(seed)
+        if not req.hashes:
+            req.hashes = self.prompt_hashes(req)
+        self.waiting.append(req)
+        self._wake.set()
+
+    def prompt_hashes(self, req: SimRequest) -> list[bytes]:
+        """The chained hashes of the prompt's full blocks (no engine state: thread-safe).
+
+        :meth:`submit` computes them unless the caller did, e.g. in a worker thread for a
+        long prompt.
+        """
         lora_path = self._lora_paths.get(req.lora_name) if req.lora_name else None
-        req.hashes = self.hasher.hash_prompt(
+        return self.hasher.hash_prompt(
             req.prompt_ids, self.cfg.block_size, lora_name=req.lora_name,
             lora_path=lora_path, cache_salt=req.cache_salt,
         )
-        self.waiting.append(req)
-        self._wake.set()
 
     def abort(self, req: SimRequest) -> None:
         """The client went away: free the request's blocks now."""
@@ -255,13 +264,16 @@ class SimEngine:
         step = itl * self._scale
         bs = self.cfg.block_size
         done: list[tuple[SimRequest, str]] = []
+        computed = 0  # tokens this step ran through the model: prefills ending now + decodes
         for req in self.running:
             if req.next_at > now:
                 continue
             tok = self._vocab[req.rng.randrange(len(self._vocab))] if req.rng else self._vocab[0]
             first = not req.output_ids
             req.output_ids.append(tok)
+            computed += 1
             if first:
+                computed += len(req.prompt_ids) - req.cached_tokens
                 req.first_token_at = now
                 ttft = (now - req.arrival) / self._scale if self._scale else req.modelled_ttft
                 self.metrics.on_first_token(ttft)
@@ -285,6 +297,8 @@ class SimEngine:
                 done.append((req, reason))
             else:
                 req.next_at = max(req.next_at + step, now) if step else now
+        if computed:
+            self.metrics.on_step(computed)
         for req, reason in done:
             self._finish(req, reason, notify=False)
 

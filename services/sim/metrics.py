@@ -214,22 +214,17 @@ class EngineMetrics:
             PlatformCollector(registry=reg)
             ProcessCollector(registry=reg)
 
-        # Model-FLOPs-utilisation estimates; vLLM registers these before the rest.
-        self._est_flops = counter(
-            "vllm:estimated_flops_per_gpu",
-            "Estimated number of floating point operations per GPU (for Model Flops "
-            "Utilization calculations).",
-        ).labels(*values)
-        self._est_read = counter(
-            "vllm:estimated_read_bytes_per_gpu",
-            "Estimated number of bytes read from memory per GPU (for Model Flops "
-            "Utilization calculations).",
-        ).labels(*values)
-        self._est_write = counter(
-            "vllm:estimated_write_bytes_per_gpu",
-            "Estimated number of bytes written to memory per GPU (for Model Flops "
-            "Utilization calculations).",
-        ).labels(*values)
+        # Model-FLOPs-utilisation estimates. vLLM registers them first, always, but only
+        # advances them with --enable-mfu-metrics, which the simulator does not model: 0.
+        for kind, what in (
+            ("flops", "floating point operations"),
+            ("read_bytes", "bytes read from memory"),
+            ("write_bytes", "bytes written to memory"),
+        ):
+            counter(
+                f"vllm:estimated_{kind}_per_gpu",
+                f"Estimated number of {what} per GPU (for Model Flops Utilization calculations).",
+            ).labels(*values)
 
         # Scheduler state.
         self._running = gauge(
@@ -288,10 +283,12 @@ class EngineMetrics:
             "vllm:mm_cache_hits", "Multi-modal cache hits, in terms of number of cached items."
         ).labels(*values)
 
-        # Token and request counters.
-        self._preemptions = counter(
-            "vllm:num_preemptions", "Cumulative number of preemption from the engine."
-        ).labels(*values)
+        # Token and request counters. The simulator reserves a request's output blocks when
+        # it admits it, so it never runs out of KV mid-generation and never preempts (vLLM
+        # would): the preemption counter stays 0.
+        counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.").labels(
+            *values
+        )
         self._prompt_tokens = counter(
             "vllm:prompt_tokens", "Number of prefill tokens processed."
         ).labels(*values)
@@ -320,13 +317,16 @@ class EngineMetrics:
             ("finished_reason",),
         )
         self._success = {r: success.labels(*values, r) for r in FINISH_REASONS}
+        # vLLM counts requests refused by --max-num-queued-reqs/-tokens; the simulator has no
+        # such limit (nor has vLLM by default), so these stay 0.
         admission = Counter(
             "vllm:admission_rejections",
             "Number of admission attempts rejected by a queue limit, by reason.",
             ("model_name", "reason"),
             registry=reg,
         )
-        self._admission = {r: admission.labels(model_name, r) for r in ADMISSION_REASONS}
+        for reason in ADMISSION_REASONS:
+            admission.labels(model_name, reason)
 
         # Histograms of counts.
         token_buckets = build_1_2_5_buckets(max_model_len)
@@ -486,20 +486,6 @@ class EngineMetrics:
         """Observe one engine step's computed tokens (prefill + decode)."""
         self._iteration_tokens.observe(scheduled_tokens)
 
-    def on_perf(self, flops: float, read_bytes: float, write_bytes: float) -> None:
-        """Add one step's estimated FLOPs and memory traffic per GPU."""
-        self._est_flops.inc(flops)
-        self._est_read.inc(read_bytes)
-        self._est_write.inc(write_bytes)
-
-    def on_preemption(self, count: int = 1) -> None:
-        """Count preempted requests."""
-        self._preemptions.inc(count)
-
-    def on_admission_rejected(self, reason: str) -> None:
-        """Count a request refused by a queue limit (``max_num_queued_reqs`` or ``..._tokens``)."""
-        self._admission[reason].inc()
-
     def on_first_token(self, ttft_s: float) -> None:
         """Observe a request's time to first token; the first token counts as generated."""
         self._ttft.observe(ttft_s)
@@ -524,7 +510,6 @@ class EngineMetrics:
         external_cached_tokens: int = 0,
         max_tokens: int | None = None,
         n: int = 1,
-        num_preemptions: int = 0,
     ) -> None:
         """Record a finished request (``reason`` is one of :data:`FINISH_REASONS`).
 
@@ -551,7 +536,7 @@ class EngineMetrics:
         self._prefill.observe(prefill_s)
         self._inference.observe(prefill_s + decode_s)
         self._decode.observe(decode_s)
-        self._req_preemptions.observe(num_preemptions)
+        self._req_preemptions.observe(0)  # never preempted (see vllm:num_preemptions)
         self._req_prefill_computed.observe(prompt_tokens - max(cached_tokens, 0))
         self._req_prompt_tokens.observe(prompt_tokens)
         self._req_generation_tokens.observe(gen_tokens)

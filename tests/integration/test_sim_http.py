@@ -17,10 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from infermesh.libs.tokenization import ModelTokenizer
 
-from .helpers import complete_ids, random_prompt, sim_cache, wait_until
+from .helpers import SIM_BLOCK_SIZE, complete_ids, random_prompt, sim_cache, wait_until
 
 MODEL = "infermesh/tiny-llama"
-BS = 16
+BS = SIM_BLOCK_SIZE
 JSON = {"Content-Type": "application/json"}
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "

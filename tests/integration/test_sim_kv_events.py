@@ -14,9 +14,9 @@ from zmq.utils.monitor import parse_monitor_message
 from infermesh.services.sim.block_hash import BlockHasher, to_wire
 
 from . import vllm_reference as ref
-from .helpers import complete_ids, random_prompt, sim_cache, zmq_replay
+from .helpers import SIM_BLOCK_SIZE, complete_ids, random_prompt, sim_cache, zmq_replay
 
-BS = 16
+BS = SIM_BLOCK_SIZE
 
 
 @pytest.mark.parametrize("form", ["map", "array"])

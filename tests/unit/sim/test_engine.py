@@ -147,6 +147,39 @@ async def test_modelled_ttft_and_itl_land_in_the_histograms(make_engine) -> None
     assert sample(e, "vllm:prompt_tokens_total") == 6000
 
 
+async def test_every_step_observes_the_tokens_it_computed(make_engine) -> None:
+    # vLLM's vllm:iteration_tokens_total: per step, the prompt tokens whose prefill ends in
+    # it (cached ones excluded) plus the tokens it generates.
+    e = make_engine(time_scale=0)
+    prompt = tokens(100)
+    first = request(prompt, max_tokens=5)
+    e.submit(first)
+    await collect(first)
+    again = request(list(prompt), max_tokens=3)
+    e.submit(again)
+    await collect(again)
+    assert again.cached_tokens == 96  # six full blocks; the last prompt token is recomputed
+    assert sample(e, "vllm:iteration_tokens_total_count") == 5 + 3  # one token per step
+    assert sample(e, "vllm:iteration_tokens_total_sum") == (100 + 5) + (100 - 96 + 3)
+    assert sample(e, "vllm:iteration_tokens_total_bucket", le="1.0") == 4 + 2  # decode steps
+
+
+async def test_kv_pressure_queues_requests_instead_of_preempting(make_engine) -> None:
+    # Each request reserves its output's blocks when admitted, so a full cache makes the
+    # next one wait; nothing is ever preempted, and the preemption metrics stay at 0.
+    e = make_engine(time_scale=0.05, num_gpu_blocks=12)
+    reqs = [request(tokens(40), max_tokens=40) for _ in range(3)]  # 5 blocks each
+    for r in reqs:
+        e.submit(r)
+    results = await asyncio.wait_for(asyncio.gather(*(collect(r) for r in reqs)), 20)
+    assert all(out[-1][1] == "length" and len(out) == 40 for out in results)
+    # the third was admitted only once one of the first two had finished
+    assert reqs[2].scheduled_at >= min(r.last_token_at for r in reqs[:2])
+    assert sample(e, "vllm:num_preemptions_total") == 0
+    assert sample(e, "vllm:request_num_preemptions_count") == 3
+    assert sample(e, "vllm:request_num_preemptions_sum") == 0
+
+
 # ---------------------------------------------------------------------- prefix cache
 
 

@@ -393,20 +393,29 @@ def test_unknown_finish_reason_is_refused() -> None:
         _engine().on_finished("cancelled", 1, 1, 0.1, 0.0, 0.0, 0.0)
 
 
-def test_step_preemption_admission_and_perf() -> None:
+def test_step_tokens_are_observed() -> None:
     m = _engine()
     m.on_step(300)
-    m.on_preemption()
-    m.on_admission_rejected("max_num_queued_reqs")
-    m.on_perf(1e12, 2e9, 1e8)
     assert _sample(m, "vllm:iteration_tokens_total_bucket", le="512.0") == 1
-    assert _sample(m, "vllm:num_preemptions_total") == 1
-    assert _sample(m, "vllm:estimated_flops_per_gpu_total") == 1e12
+    assert _sample(m, "vllm:iteration_tokens_total_bucket", le="256.0") == 0
+
+
+def test_families_the_simulator_never_moves_are_exported_at_zero() -> None:
+    # vLLM registers these whatever happens; the simulator never preempts (it reserves a
+    # request's output blocks at admission), has no queue limit and no MFU estimates.
+    m = _engine()
+    for name in (
+        "vllm:num_preemptions_total",
+        "vllm:estimated_flops_per_gpu_total",
+        "vllm:estimated_read_bytes_per_gpu_total",
+        "vllm:estimated_write_bytes_per_gpu_total",
+    ):
+        assert _sample(m, name) == 0
     text = m.render().decode()
-    assert (
-        'vllm:admission_rejections_total{model_name="tiny",reason="max_num_queued_reqs"} 1.0'
-        in text
-    )
+    for reason in ("max_num_queued_reqs", "max_num_queued_tokens"):
+        assert (
+            f'vllm:admission_rejections_total{{model_name="tiny",reason="{reason}"}} 0.0' in text
+        )
 
 
 def test_lora_info_stamps_time_and_keeps_old_combinations() -> None:

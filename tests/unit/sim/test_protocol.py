@@ -12,40 +12,42 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infermesh.services.sim.protocol import (
-    MAX_N_SEQUENCES,
-    SSE_DONE,
-    ChatCompletionRequest,
-    ChatStream,
-    CompletionRequest,
-    CompletionStream,
-    DetokenizeRequest,
+from infermesh.services.sim.errors import (
     RequestError,
+    error_body,
+    model_not_found,
+    stream_error_event,
+)
+from infermesh.services.sim.requests import (
+    MAX_N_SEQUENCES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
     StreamOptions,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
+)
+from infermesh.services.sim.responses import (
     chat_completion_response,
-    check_prompt_length,
     completion_response,
-    decode_request,
     detokenize_response,
-    error_body,
     model_card,
-    model_not_found,
     models_response,
-    queue_full,
     random_id,
-    resolve_max_tokens,
     response_id,
-    stream_error_event,
     system_fingerprint,
     tokenize_response,
     version_response,
+)
+from infermesh.services.sim.streaming import SSE_DONE, ChatStream, CompletionStream
+from infermesh.services.sim.validation import (
+    check_prompt_length,
+    decode_request,
+    resolve_max_tokens,
 )
 
 # fmt: off
@@ -342,15 +344,13 @@ def test_non_object_message_lists_every_union_member() -> None:
     assert "'loc': 'body.messages.0.Message'" in err.message
 
 
-def test_model_not_found_and_queue_full() -> None:
+def test_model_not_found() -> None:
     err = model_not_found("nope", ["tiny"])
     assert err.status == 404
     assert err.body() == (
         b'{"error":{"message":"The model `nope` does not exist. Valid aliases: tiny.",'
         b'"type":"NotFoundError","param":"model","code":404}}'
     )
-    busy = queue_full()
-    assert (busy.status, busy.type, busy.param) == (503, "Service Unavailable", None)
 
 
 def test_error_messages_are_scrubbed_like_vllm() -> None:
@@ -479,7 +479,9 @@ def test_null_defaults_and_extensions() -> None:
     assert isinstance(chat, ChatCompletionRequest)
     assert chat.top_logprobs == 0 and chat.n is None and chat.stop == "###"
     assert chat.vllm_xargs == {"kv_cache_report_mode": "full", "k": [1, 2.5, "x"]}
-    assert chat.tool_choice == {"type": "function", "function": {"name": "f"}}
+    choice = chat.tool_choice  # a model, as in vLLM (the msgspec version kept the dict)
+    assert choice is not None and not isinstance(choice, str)
+    assert choice.model_dump() == {"type": "function", "function": {"name": "f"}}
 
 
 def test_tokenize_and_detokenize() -> None:
@@ -725,11 +727,7 @@ def test_error_bodies() -> None:
 # --------------------------------------------------------------------------------------
 
 _FIELDS = sorted(
-    {
-        f.name
-        for cls in (CompletionRequest, ChatCompletionRequest)
-        for f in msgspec.structs.fields(cls)
-    }
+    {name for cls in (CompletionRequest, ChatCompletionRequest) for name in cls.model_fields}
 )
 _json_leaf = (
     st.none()
