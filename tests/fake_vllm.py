@@ -28,12 +28,12 @@ def main(argv: list[str]) -> None:
     if pidfile:
         with open(pidfile, "w") as f:
             f.write(str(os.getpid()))
+    block = ["--block-size", opt("--block-size", "")] if "--block-size" in flags else []
     os.execv(sys.executable, [
         sys.executable, "-m", "infermesh.services.sim", "--engines", "1",
-        "--host", opt("--host", "127.0.0.1"), "--port", opt("--port", "8000"),
+        "--http-host", opt("--host", "127.0.0.1"), "--http-port", opt("--port", "8000"),
         "--kv-port", kv, "--kv-replay-port", replay, "--kv-topic", events.get("topic", ""),
-        "--served-model-name", opt("--served-model-name", model),
-        "--block-size", opt("--block-size", "16"), "--time-scale", "0",
+        "--served-model-name", opt("--served-model-name", model), "--time-scale", "0", *block,
     ])
 
 

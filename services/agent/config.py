@@ -5,17 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from infermesh.libs.bus.security import BusClientKnobs
+from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import knob
-from infermesh.proto.subjects import DEFAULT_PREFIX, check_token
+from infermesh.proto.subjects import check_token
 
 
 @dataclass
-class AgentConfig(BusClientKnobs):
+class AgentConfig(BusKnobs):
     """Every knob of `infermesh agent`; one agent serves one engine."""
 
-    nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-    subject_prefix: str = knob(DEFAULT_PREFIX, "Prefix of every bus subject")
     pool: str = knob("default", "Pool (model deployment) this engine belongs to")
     pod: str = knob("", "Pod name on the bus; empty: derived from the engine URL")
     engine_url: str = knob("http://127.0.0.1:8000", "The engine's HTTP base URL")
@@ -30,6 +28,11 @@ class AgentConfig(BusClientKnobs):
     engine_lost_s: float = knob(
         0.5, "The engine's port refusing connections this long means it died: its blocks "
         "are cleared on the bus (AllBlocksCleared) until it comes back"
+    )
+    engine_unresponsive_s: float = knob(
+        5.0, "A /metrics scrape that times out (a busy engine, e.g. tokenizing a huge prompt) "
+        "keeps the last known load and ready=True until the engine has not answered for this "
+        "long; then the heartbeat says ready=False. A refused connection is engine_lost_s's"
     )
     replay_timeout_s: float = knob(2.0, "Timeout of one replay request")
     idle_check_s: float = knob(
@@ -58,6 +61,8 @@ class AgentConfig(BusClientKnobs):
             check_token(self.pod, "pod")
         if not 0 < self.heartbeat_s <= 0.25:
             raise ValueError("heartbeat_s must be within (0, 0.25]")
+        if self.engine_unresponsive_s < 0:
+            raise ValueError("engine_unresponsive_s must not be negative")
         if self.max_batch_events < 1 or self.snapshot_part_blocks < 1:
             raise ValueError("max_batch_events and snapshot_part_blocks must be positive")
 

@@ -63,8 +63,11 @@ async def replay(
 class KVSubscriber:
     """A SUB socket on the engine's PUB endpoint that reports connection changes.
 
-    ``on_reconnect`` runs when the socket connects again after a disconnect: the engine may
-    have restarted, so the agent re-checks its state.
+    ``on_disconnect`` runs when an established connection drops: the engine may be restarting,
+    so the agent re-checks its identity at the next successful replay. The drop, not the
+    reconnect, is reported because it happens exactly once per engine death, before the new
+    engine can answer anything: a re-check triggered by it can never come after (and repeat)
+    the rebuild from the new engine.
     """
 
     def __init__(
@@ -72,7 +75,7 @@ class KVSubscriber:
         ctx: zmq.asyncio.Context,
         endpoint: str,
         topic: str,
-        on_reconnect: Callable[[], None],
+        on_disconnect: Callable[[], None],
         hwm: int = 1_000_000,
     ) -> None:
         self.sock = ctx.socket(zmq.SUB)
@@ -85,7 +88,7 @@ class KVSubscriber:
         self.sock.connect(endpoint)
         self.connected = asyncio.Event()
         self._ever_connected = False
-        self._on_reconnect = on_reconnect
+        self._on_disconnect = on_disconnect
         self._task = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -99,11 +102,11 @@ class KVSubscriber:
                 self.connected.set()
                 if self._ever_connected:
                     log.info("engine_reconnected")
-                    self._on_reconnect()
                 self._ever_connected = True
             elif ev == zmq.EVENT_DISCONNECTED:
                 self.connected.clear()
                 log.warning("engine_disconnected")
+                self._on_disconnect()
 
     async def close(self) -> None:
         """Close both sockets."""

@@ -9,8 +9,24 @@ Engine stream rules:
 * batches apply in engine-seq order; a gap is filled from the replay socket;
 * a seq lower than expected means the engine restarted: the pod's blocks are replaced (an
   AllBlocksCleared goes out first), then rebuilt from the new engine's replay buffer;
-* after the ZMQ connection drops and comes back, or when the agent starts, the state is rebuilt
-  from the engine's replay buffer when it still reaches back to seq 0.
+* when the agent starts, and after the engine may have been replaced (the ZMQ connection or its
+  HTTP port went away), the replay buffer decides: if it still holds the last batch applied, the
+  engine is the same process; otherwise (or when neither engine published anything, so nothing
+  can prove it) the state is rebuilt from it;
+* an engine whose HTTP port refuses after it answered is dead: its blocks are withdrawn (one
+  AllBlocksCleared, after ``engine_lost_s``) and its ZMQ side is ignored until an engine answers
+  HTTP again (vLLM's engine core outlives a killed API server for seconds);
+* one engine process gives one AllBlocksCleared: a quiet engine with an empty replay buffer is
+  re-checked every idle period but not rebuilt again, the engine that follows a withdrawn one
+  needs no second clear, and a cleared batch carries no engine seq of the engine before it.
+
+Load and readiness come from scraping /metrics every ``heartbeat_s``; the heartbeat never waits
+on a scrape. A scrape that times out (a busy engine) keeps the last load for
+``engine_unresponsive_s``; a refused one means the engine is gone.
+
+Until the engine has answered once (a launched vLLM takes 20-50 s to boot) failed replays and
+scrapes are expected, and logged at debug: the agent says once that it waits (and where a
+launched engine's output goes), and once that the engine is ready.
 """
 
 from __future__ import annotations
@@ -28,7 +44,6 @@ import zmq
 import zmq.asyncio
 from nats.aio.client import Client
 from nats.micro.request import Request
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from infermesh.libs.bus import BUS_REGISTRY, BusService, cancel_tasks, connect, release
 from infermesh.libs.telemetry import get_logger
@@ -37,6 +52,7 @@ from infermesh.proto import codec
 from infermesh.proto.messages import (
     AllBlocksCleared,
     AnyKVEvent,
+    BlockStored,
     KVEventBatch,
     LoraInfo,
     PodState,
@@ -49,67 +65,32 @@ from infermesh.proto.vllm_kv import KVEventDecodeError, VllmEventDecoder
 from .blockset import BlockSet
 from .config import AgentConfig
 from .kvstream import KVSubscriber, RawBatch, ReplayError, replay
+from .metrics import AgentMetrics
 from .scrape import EngineLoad, scrape_engine
 from .vllm_launcher import VllmPorts, VllmProcess
 
 log = get_logger("agent")
 
 
-class AgentMetrics:
-    """The agent's own counters (served on its /metrics)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.engine_batches = Counter(
-            "infermesh_agent_engine_batches", "Engine batches applied", registry=r
-        )
-        self.engine_events = Counter(
-            "infermesh_agent_engine_events", "Engine events applied", registry=r
-        )
-        self.bad_frames = Counter(
-            "infermesh_agent_bad_frames", "ZMQ messages with bad framing", registry=r
-        )
-        self.bad_payloads = Counter(
-            "infermesh_agent_bad_payloads", "Engine payloads that did not decode", registry=r
-        )
-        self.gaps = Counter("infermesh_agent_seq_gaps", "Engine seq gaps seen", registry=r)
-        self.lost_batches = Counter(
-            "infermesh_agent_lost_batches",
-            "Engine batches neither received nor replayed",
-            registry=r,
-        )
-        self.replays = Counter(
-            "infermesh_agent_replays", "Replay requests made", ["outcome"], registry=r
-        )
-        self.engine_restarts = Counter(
-            "infermesh_agent_engine_restarts", "Engine restarts detected", registry=r
-        )
-        self.rebuilds = Counter(
-            "infermesh_agent_rebuilds", "Full rebuilds of the block set", registry=r
-        )
-        self.bus_batches = Counter(
-            "infermesh_agent_bus_batches", "KVEventBatch messages published", registry=r
-        )
-        self.bus_events = Counter(
-            "infermesh_agent_bus_events", "Events published on the bus", registry=r
-        )
-        self.snapshots = Counter(
-            "infermesh_agent_snapshots", "Snapshot requests answered", ["outcome"], registry=r
-        )
-        self.scrape_errors = Counter(
-            "infermesh_agent_scrape_errors", "Failed /metrics scrapes", registry=r
-        )
-        self.engine_lost = Counter(
-            "infermesh_agent_engine_lost",
-            "Times the engine's port refused connections for engine_lost_s (cache dropped)",
-            registry=r,
-        )
-        self.blocks = Gauge(
-            "infermesh_agent_blocks", "Blocks the engine holds (any tier)", registry=r
-        )
+def split_stored(ev: AnyKVEvent) -> tuple[BlockStored, BlockStored] | None:
+    """A BlockStored of several blocks as two, the second chained to the first (None when it
+    cannot be split: another event, or one block)."""
+    if not isinstance(ev, BlockStored) or len(ev.block_hashes) < 2:
+        return None
+    n = len(ev.block_hashes)
+    if len(ev.token_ids) % n:
+        return None  # tokens that do not map onto whole blocks: consumers key by them
+    half = n // 2
+    cut = half * (len(ev.token_ids) // n)
+    first = msgspec.structs.replace(ev, block_hashes=ev.block_hashes[:half],
+                                    token_ids=ev.token_ids[:cut])
+    second = msgspec.structs.replace(ev, block_hashes=ev.block_hashes[half:],
+                                     token_ids=ev.token_ids[cut:],
+                                     parent_hash=ev.block_hashes[half - 1])
+    return first, second
 
 
-class Agent:
+class AgentService:
     """One engine's agent. ``await start()``, then ``await stop()``."""
 
     def __init__(self, cfg: AgentConfig, nc: Client | None = None) -> None:
@@ -142,12 +123,23 @@ class Agent:
         self._expected: int | None = None  # next engine seq
         self._last: tuple[int, int] | None = None  # (seq, payload hash) last applied
         self._seen: dict[int, int] = {}  # seq → payload hash of the last replay
-        self._recheck = True  # re-check against the replay buffer at the next batch
+        # The engine may have been replaced (start, ZMQ drop, refused port): the next sync
+        # rebuilds unless the replay buffer proves it is the same process.
+        self._recheck = True
+        self._engine_known = False  # some engine was synced before: a rebuild is a restart
+        # An AllBlocksCleared for the dead engine went out and nothing since: the rebuild from
+        # the next one needs no second.
+        self._lost_cleared = False
         self._synced = asyncio.Event()  # the start-up sync with the engine is over
         self._pending: list[AnyKVEvent] = []
         self._pending_engine_seq: int | None = None
         self._refused_since: float | None = None  # the engine's port refuses connections
         self._engine_lost_told = False  # AllBlocksCleared sent for the lost engine
+        self._engine_up = False  # its HTTP answered, and has not refused since
+        self._waiting_since: float | None = None  # monotonic time we began to wait for it
+        self._answered_at: float | None = None  # monotonic time of the last good scrape
+        self._unresponsive_told = False  # engine_unresponsive logged for this stall
+        self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._sub: KVSubscriber | None = None
         self._service: BusService | None = None
@@ -161,6 +153,7 @@ class Agent:
 
     async def start(self) -> None:
         """Connect to the bus and the engine; start the loops and the snapshot endpoint."""
+        self._waiting_since = time.monotonic()
         if self.vllm is not None:
             await self.vllm.start()
         if self._nc is None:
@@ -170,7 +163,7 @@ class Agent:
             timeout=aiohttp.ClientTimeout(total=self.cfg.scrape_timeout_s)
         )
         self._sub = KVSubscriber(
-            self._ctx, self.cfg.kv_endpoint, self.cfg.kv_topic, self._on_reconnect
+            self._ctx, self.cfg.kv_endpoint, self.cfg.kv_topic, self._on_disconnect
         )
         svc = BusService(
             self._nc,
@@ -185,7 +178,7 @@ class Agent:
         if self.cfg.http_port >= 0:
             self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
-        self._tasks = [
+        self._tasks = [  # the KV loop first: stop() ends it before the engine
             asyncio.create_task(self._kv_loop(), name="agent-kv"),
             asyncio.create_task(self._scrape_loop(), name="agent-scrape"),
             asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat"),
@@ -199,10 +192,29 @@ class Agent:
             kv=self.cfg.kv_endpoint,
             http_port=self.http_port,
         )
+        if not self._engine_up:
+            self._log_waiting()
+
+    def _log_waiting(self) -> None:
+        """Say once what the agent waits for (and where a launched engine's output goes)."""
+        if self._stopping:
+            return
+        extra: dict[str, Any] = {}
+        if self.vllm is not None:
+            extra["vllm_log"] = self.vllm.log_path or "(discarded: set --vllm-log)"
+        log.info("waiting_for_engine", url=self.cfg.engine_url, kv=self.cfg.kv_endpoint,
+                 replay=self.cfg.replay_endpoint or None, **extra)
 
     async def stop(self) -> None:
         """Stop everything this agent started (its engine too, when it launched one)."""
+        self._stopping = True
         if self.vllm is not None:
+            # The KV side goes first: an engine stopped on purpose is no disconnect to warn
+            # about. The heartbeat goes on meanwhile and says ready=False once it is down.
+            await cancel_tasks(self._tasks[:1])
+            if self._sub is not None:
+                await self._sub.close()
+                self._sub = None
             await self.vllm.stop()
         await cancel_tasks(self._tasks)
         self._tasks = []
@@ -221,7 +233,7 @@ class Agent:
 
     # ------------------------------------------------------------------ KV events
 
-    def _on_reconnect(self) -> None:
+    def _on_disconnect(self) -> None:
         self._recheck = True
 
     async def _kv_loop(self) -> None:
@@ -238,7 +250,6 @@ class Agent:
             await asyncio.sleep(0.02)
         try:
             if await self._sync():
-                self._recheck = False
                 await self._flush()
         finally:
             self._synced.set()
@@ -247,7 +258,7 @@ class Agent:
             try:
                 if not await sock.poll(idle_ms):
                     # Quiet engine: make sure nothing was missed (a PUB drops messages while a
-                    # SUB is still connecting), and re-check identity after a reconnect.
+                    # SUB is still connecting), and re-check identity after a drop.
                     await self._catch_up()
                     await self._flush()
                     continue
@@ -269,23 +280,36 @@ class Agent:
             return
         seq = int.from_bytes(frames[1], "big")
         payload = frames[2]
+        if self._engine_dead():
+            log.debug("batch_of_a_dead_engine_dropped", seq=seq)
+            return
+        tried = synced = False
         if self._recheck or self._expected is None:
-            # After a reconnect the engine may be a new process: re-check against replay.
+            # The engine may be a new process: re-check against replay. Tried once: from here
+            # on the seqs tell (a batch applied now makes its identity checkable by hash), and
+            # a replay socket that is away must not cost a timeout per batch.
+            tried, synced = True, await self._sync()
             self._recheck = False
-            await self._sync()
         exp = self._expected
-        if exp is None or seq == exp:
+        if exp is not None and seq == exp:
             self._apply(seq, payload)
             return
-        if seq < exp and self._seen.get(seq) == hash(payload):
+        if exp is not None and seq < exp and self._seen.get(seq) == hash(payload):
             return  # already applied through a replay
-        if seq > exp:
+        if exp is not None and seq > exp:
             self.metrics.gaps.inc()
-        else:
+        elif exp is not None:
             log.warning("engine_restart_suspected", seq=seq, expected=exp)
-        await self._sync()
+        if not tried:
+            synced = await self._sync()
         exp = self._expected
-        if exp is None or seq == exp:
+        if not synced and (exp is None or seq < exp):
+            # No replay to ask: this is the first batch of an engine this agent has not seen,
+            # or the seq went back (a new engine). Its state starts from nothing.
+            await self._rebuild([])
+            exp = self._expected
+        assert exp is not None
+        if seq == exp:
             self._apply(seq, payload)
         elif seq > exp:
             # The replay buffer no longer holds the missing batches.
@@ -297,6 +321,7 @@ class Agent:
         self._expected = seq + 1
         self._pending_engine_seq = seq
         self._last = (seq, hash(payload))
+        self._lost_cleared = False
         try:
             batch = self._decoder.decode(payload)
         except KVEventDecodeError as e:
@@ -318,7 +343,10 @@ class Agent:
             )
         except ReplayError as e:
             self.metrics.replays.labels("failed").inc()
-            log.warning("replay_failed", start=start, error=str(e))
+            # Expected while the engine boots or restarts: only worth a warning once it is up.
+            (log.warning if self._engine_up else log.debug)(
+                "replay_failed", start=start, error=str(e)
+            )
             return None
         self.metrics.replays.labels("ok").inc()
         return got
@@ -326,7 +354,6 @@ class Agent:
     async def _catch_up(self) -> None:
         """Apply batches the engine published after the last one seen, if any."""
         if self._recheck or self._last is None:
-            self._recheck = False
             await self._sync()
             return
         last_seq, last_hash = self._last
@@ -336,34 +363,76 @@ class Agent:
         if not got or got[0][0] != last_seq or hash(got[0][1]) != last_hash:
             await self._sync()  # our last batch is not in the buffer: a new engine or a gap
             return
+        # What is applied from here may still arrive live (published while the replay ran):
+        # that copy is then known, not taken for a restart.
+        self._seen = {s: hash(p) for s, p in got}
         for seq, payload in got[1:]:
             if seq == self._expected:
                 self._apply(seq, payload)
+
+    def _engine_dead(self) -> bool:
+        """The engine answered HTTP once and its port refuses now: it died.
+
+        Until an engine answers HTTP again, its ZMQ side is not trusted: vLLM's engine core
+        outlives a killed API server by seconds, and its replay buffer (the dead engine's
+        blocks) must not be rebuilt after they were withdrawn. A new engine's KV events come
+        only with requests, which need its HTTP server anyway.
+        """
+        return self._refused_since is not None
 
     async def _sync(self) -> bool:
         """Bring the block set in line with the engine's replay buffer; False if unreachable.
 
         If the buffer still holds the last batch this agent applied (same seq, same bytes), the
-        engine is the same process: only the batches after it are applied. Otherwise the engine
-        is new (or this agent is): the block set is replaced by what the buffer rebuilds, and
-        consumers are told with an AllBlocksCleared first.
+        engine is the same process: only the batches after it are applied. If neither side has
+        anything yet and no drop made a restart possible since the last sync, nothing changed.
+        Otherwise the engine is new (or this agent is): the block set is rebuilt from the buffer.
         """
+        if self._engine_dead():
+            return False
         got = await self._replay(0)
-        if got is None:
+        if got is None or self._engine_dead():
             return False
         self._seen = {s: hash(p) for s, p in got}
-        last = self._last
-        if last is not None and self._seen.get(last[0]) == last[1]:
+        last, exp = self._last, self._expected
+        if exp is not None and last is not None and self._seen.get(last[0]) == last[1]:
+            self._recheck = False
             for s, p in got:
                 if s > last[0] and s == self._expected:
                     self._apply(s, p)
             return True
-        if last is not None:
+        if exp is not None and last is None and not self._recheck and (
+            not got or got[0][0] == exp
+        ):
+            # Still the engine synced last time, which had published nothing then: an idle
+            # check must not rebuild (and announce a clear) again and again.
+            for s, p in got:
+                if s == self._expected:
+                    self._apply(s, p)
+            return True
+        await self._rebuild(got)
+        return True
+
+    async def _rebuild(self, got: list[RawBatch]) -> None:
+        """Replace the block set by what the engine's replay buffer ``got`` holds.
+
+        Consumers are told with one AllBlocksCleared, in a batch of its own engine's seqs only
+        (the old engine's pending events go out first), unless the dead engine's clear already
+        went out with nothing after it.
+        """
+        if self._engine_known:
             self.metrics.engine_restarts.inc()
-            log.warning("engine_restart_detected", last_seq=last[0])
+            log.warning("engine_restart_detected", pod=self.pod,
+                        last_seq=self._last[0] if self._last else None)
+        self._engine_known = True
+        self._recheck = False
         self.metrics.rebuilds.inc()
+        await self._flush()
         self.blocks.clear()
-        self._pending.append(AllBlocksCleared())
+        if not self._lost_cleared:
+            self._pending.append(AllBlocksCleared())
+        self._lost_cleared = False
+        self._last = None
         self._expected = got[0][0] if got else 0
         if got and got[0][0] != 0:
             self.metrics.lost_batches.inc(got[0][0])
@@ -371,16 +440,17 @@ class Agent:
         for s, p in got:
             if s == self._expected:
                 self._apply(s, p)
-        return True
 
     async def _flush(self) -> None:
         if not self._pending:
             return
+        # Taken in one go (no await), so a batch names the engine seq of its own events only.
         events, self._pending = self._pending, []
-        await self._publish_events(events)
+        engine_seq, self._pending_engine_seq = self._pending_engine_seq, None
+        await self._publish_events(events, engine_seq)
         self.metrics.blocks.set(len(self.blocks))
 
-    async def _publish_events(self, events: list[AnyKVEvent]) -> None:
+    async def _publish_events(self, events: list[AnyKVEvent], engine_seq: int | None) -> None:
         """Publish ``events`` as one batch, or as several when one would exceed max_payload."""
         assert self._nc is not None
         batch = KVEventBatch(
@@ -390,16 +460,21 @@ class Agent:
             seq=self.seq + 1,
             ts=time.time(),
             events=events,
-            engine_seq=self._pending_engine_seq,
+            engine_seq=engine_seq,
             model=self.model or self.load.model,
         )
         data = codec.encode(batch)
         limit = self._nc.max_payload or (1 << 20)
-        if len(data) > limit - 1024 and len(events) > 1:
-            half = len(events) // 2
-            await self._publish_events(events[:half])
-            await self._publish_events(events[half:])
-            return
+        if len(data) > limit - 1024:
+            if len(events) > 1:
+                half = len(events) // 2
+                await self._publish_events(events[:half], engine_seq)
+                await self._publish_events(events[half:], engine_seq)
+                return
+            parts = split_stored(events[0])
+            if parts is not None:  # one prompt's blocks (a long one) over the limit
+                await self._publish_events(list(parts), engine_seq)
+                return
         self.seq += 1
         await self._nc.publish(self._kv_subject, data)
         self.metrics.bus_batches.inc()
@@ -450,25 +525,68 @@ class Agent:
     # ------------------------------------------------------------------ load and heartbeat
 
     async def _scrape_loop(self) -> None:
+        """Scrape the engine's load every ``heartbeat_s``; the heartbeat loop sends it on.
+
+        The heartbeat never waits on a scrape, so an engine that is slow to answer delays
+        nothing but the freshness of its load figures.
+        """
         assert self._http is not None
         while True:
             try:
-                self.load = await scrape_engine(
-                    self._http, self.cfg.engine_url, self.model, self.load
-                )
-                self._engine_lost_told = False
-                if not self.model and self.load.model:
-                    self.model = self.load.model
+                load = await scrape_engine(self._http, self.cfg.engine_url, self.model, self.load)
             except asyncio.CancelledError:
                 raise
-                self._refused_since = None
             except Exception as e:
                 self.metrics.scrape_errors.inc()
-                self.load = msgspec.structs.replace(self.load, ready=False)
                 log.debug("scrape_failed", error=repr(e))
-                if isinstance(e, aiohttp.ClientConnectorError):
-                    await self._engine_refused()
+                await self._scrape_failed(e)
+            else:
+                self._scraped(load)
             await asyncio.sleep(self.cfg.heartbeat_s)
+
+    def _scraped(self, load: EngineLoad) -> None:
+        now = time.monotonic()
+        self.load = load
+        self._answered_at = now
+        self._refused_since = None
+        self._engine_lost_told = False
+        if not self.model and load.model:
+            self.model = load.model
+        if not self._engine_up:
+            waited = None if self._waiting_since is None else round(now - self._waiting_since, 1)
+            log.info("engine_ready", pod=self.pod, url=self.cfg.engine_url, model=self.model,
+                     waited_s=waited)
+        elif self._unresponsive_told:
+            log.info("engine_responsive", pod=self.pod, url=self.cfg.engine_url)
+        self._engine_up = True
+        self._waiting_since = None
+        self._unresponsive_told = False
+
+    async def _scrape_failed(self, e: Exception) -> None:
+        """What a failed scrape says about the engine, by how it failed.
+
+        Refused: nothing listens, the engine is gone (see :meth:`_engine_refused`). Timed out or
+        cut off: the engine is busy (a big prompt blocks its event loop) or paused, so its last
+        known load stands until it has not answered for ``engine_unresponsive_s``. An HTTP
+        error or a page that does not parse: it answered, and not as a ready engine does.
+        """
+        if isinstance(e, aiohttp.ClientConnectorError):
+            self.load = msgspec.structs.replace(self.load, ready=False)
+            await self._engine_refused()
+            return
+        if not isinstance(e, (TimeoutError, aiohttp.ServerDisconnectedError,
+                              aiohttp.ClientOSError, aiohttp.ClientPayloadError)):
+            self.load = msgspec.structs.replace(self.load, ready=False)
+            return
+        silent = None if self._answered_at is None else time.monotonic() - self._answered_at
+        if silent is not None and silent < self.cfg.engine_unresponsive_s:
+            return
+        if self.load.ready and self._engine_up and not self._unresponsive_told:
+            self._unresponsive_told = True
+            log.warning("engine_unresponsive", pod=self.pod, url=self.cfg.engine_url,
+                        silent_s=None if silent is None else round(silent, 1),
+                        error=repr(e)[:200])
+        self.load = msgspec.structs.replace(self.load, ready=False)
 
     async def _engine_refused(self) -> None:
         """The engine's port refuses connections: after ``engine_lost_s`` its cache is gone.
@@ -476,12 +594,21 @@ class Agent:
         A refused connection means no process listens any more (a slow or paused engine
         times out instead), and a dead engine's KV cache died with it: the block set is
         emptied and consumers are told with an AllBlocksCleared, once. When an engine comes
-        back on the port, the replay check sees a new process and rebuilds from it.
+        back on the port, the replay check sees a new process and rebuilds from it (without
+        a second AllBlocksCleared when nothing was published since this one).
         """
         now = time.monotonic()
-        if self._refused_since is None:
+        if self._engine_up:
+            # It answered before and refuses now: the process is gone. Whatever answers next
+            # must prove by its replay buffer that it is the same one.
+            self._engine_up = False
+            self._recheck = True
             self._refused_since = now
+            self._waiting_since = now
+            self._log_waiting()
             return
+        if self._refused_since is None:
+            return  # not up since the agent started: a booting engine, not a lost one
         if now - self._refused_since < self.cfg.engine_lost_s or self._engine_lost_told:
             return
         self._engine_lost_told = True
@@ -492,10 +619,13 @@ class Agent:
         if not self.blocks:
             return  # nothing to withdraw (e.g. an engine that is still starting)
         self.metrics.engine_lost.inc()
-        log.warning("engine_lost", pod=self.pod, blocks=len(self.blocks))
+        (log.info if self._stopping else log.warning)(
+            "engine_lost", pod=self.pod, blocks=len(self.blocks), stopping=self._stopping
+        )
         self.blocks.clear()
         self._pending.append(AllBlocksCleared())
         await self._flush()
+        self._lost_cleared = True
 
     def pod_state(self) -> PodState:
         """The heartbeat as of now."""

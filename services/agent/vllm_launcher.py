@@ -13,21 +13,16 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infermesh.libs.process.ports import free_port
+from infermesh.libs.process.process import die_with_parent
 from infermesh.libs.telemetry import get_logger
 
 log = get_logger("agent.vllm")
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -41,7 +36,7 @@ class VllmPorts:
     @classmethod
     def pick(cls, http: int = 0, kv: int = 0, replay: int = 0) -> VllmPorts:
         """Use the given ports, and free ones where 0."""
-        return cls(http or _free_port(), kv or _free_port(), replay or _free_port())
+        return cls(http or free_port(), kv or free_port(), replay or free_port())
 
 
 class VllmProcess:
@@ -125,11 +120,13 @@ class VllmProcess:
             out = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv(), env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-            start_new_session=True,
+            # Its own group (stopped whole); and it dies with this agent, even a killed one.
+            start_new_session=True, preexec_fn=die_with_parent(),
         )
         if not isinstance(out, int):
             out.close()
-        log.info("vllm_started", pid=self.proc.pid, url=self.url, restarts=self.restarts)
+        log.info("vllm_started", pid=self.proc.pid, url=self.url, restarts=self.restarts,
+                 log=self.log_path or None)
 
     async def _supervise(self) -> None:
         backoff = 1.0

@@ -9,19 +9,20 @@ import random
 import aiohttp
 import pytest
 
-from infermesh.libs.bus import connect, request_parts
-from infermesh.proto.messages import Snapshot, SnapshotRequest
+from infermesh.libs.bus import NatsServer, connect, request_parts
+from infermesh.libs.process.ports import free_port_range
+from infermesh.proto.messages import BlockStored, Snapshot, SnapshotRequest
 
 from .helpers import (
+    SIM_BLOCK_SIZE,
     BusWatcher,
     complete_ids,
-    free_ports,
     random_prompt,
     sim_cache,
     wait_until,
 )
 
-BS = 16
+BS = SIM_BLOCK_SIZE
 
 
 async def snapshot(nc, pod: str) -> tuple[set[int], list[Snapshot]]:
@@ -81,9 +82,42 @@ async def test_every_block_reaches_the_bus_and_survives_an_agent_restart(nats_se
     await nc.close()
 
 
+async def test_a_prompt_over_the_bus_payload_reaches_the_bus_in_chained_parts(procs):
+    """One long prompt stores more blocks than one bus message holds (nats-server's default
+    1 MiB): the agent splits its BlockStored into chained parts, and loses nothing."""
+    srv = NatsServer().start()
+    try:
+        _, info = procs.sim("--time-scale", "0", "--max-model-len", "500000",
+                            "--num-gpu-blocks", "40000")
+        eng = info["engines"][0]
+        nc = await connect(srv.url, "test")
+        watch = await BusWatcher(nc).start()
+        procs.agent(srv.url, eng, "pod-big")
+        await wait_until(lambda: "pod-big" in watch.states and watch.states["pod-big"].ready,
+                         what="first ready heartbeat")
+        ids = random_prompt(random.Random(3), 400_000)
+        async with aiohttp.ClientSession() as http:
+            await complete_ids(http, eng["http"], ids, max_tokens=1)
+            cache = set((await sim_cache(http, eng["http"]))["GPU"])
+        assert len(cache) >= len(ids) // BS
+        view = watch.view("pod-big")
+        await wait_until(lambda: view.gpu == cache, what="every block of the long prompt")
+        (epoch,) = view.epochs()
+        assert view.seqs(epoch) == list(range(1, len(view.seqs(epoch)) + 1)), "gapless seq"
+        stored = [ev for b in view.batches for ev in b.events if isinstance(ev, BlockStored)]
+        assert len(stored) > 1
+        # Chained: each part's parent is the last block of the part before it.
+        for a, b in zip(stored, stored[1:], strict=False):
+            assert b.parent_hash == a.block_hashes[-1]
+        assert all(len(ev.token_ids) == len(ev.block_hashes) * BS for ev in stored)
+        await nc.close()
+    finally:
+        srv.stop()
+
+
 async def test_engine_restart_replaces_the_blocks(nats_server, procs):
-    http_port, kv_port = free_ports(1), free_ports(2)
-    args = ("--time-scale", "0", "--port", str(http_port), "--kv-port", str(kv_port))
+    http_port, kv_port = free_port_range(1), free_port_range(2)
+    args = ("--time-scale", "0", "--http-port", str(http_port), "--kv-port", str(kv_port))
     sim, info = procs.sim(*args)
     eng = info["engines"][0]
     nc = await connect(nats_server.url, "test")

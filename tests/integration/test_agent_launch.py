@@ -3,6 +3,7 @@ restarts it when it dies (re-indexed from seq 0), and stops it with itself."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import stat
@@ -42,6 +43,16 @@ async def test_agent_launches_supervises_and_stops_its_engine(nats_server, procs
     )
     await wait_until(lambda: "own" in watch.states and watch.states["own"].ready, timeout=30,
                      what="launched engine ready")
+    # While it booted the agent said once what it waits for (and where the engine's output
+    # goes), warned about nothing, and said when the engine was ready.
+    await wait_until(lambda: "engine_ready" in agent.tail(100_000), what="engine_ready log")
+    lines = [json.loads(ln) for ln in agent.log.read_text().splitlines() if ln.startswith("{")]
+    events = [ln["event"] for ln in lines]
+    boot = lines[: events.index("engine_ready") + 1]
+    waiting = [ln for ln in boot if ln["event"] == "waiting_for_engine"]
+    assert len(waiting) == 1 and waiting[0]["vllm_log"] == str(tmp_path / "engine.log")
+    assert waiting[0]["url"] == watch.states["own"].url
+    assert not [ln for ln in boot if ln["level"] not in ("debug", "info")], boot
     url = watch.states["own"].url
     pid = int(pidfile.read_text())
     rng = random.Random(4)

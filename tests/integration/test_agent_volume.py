@@ -13,9 +13,17 @@ from infermesh.libs.bus import connect
 from infermesh.proto.messages import AllBlocksCleared, BlockRemoved, BlockStored
 from infermesh.proto.vllm_kv import VllmEventDecoder
 
-from .helpers import BusWatcher, complete_ids, random_prompt, sim_cache, wait_until, zmq_replay
+from .helpers import (
+    SIM_BLOCK_SIZE,
+    BusWatcher,
+    complete_ids,
+    random_prompt,
+    sim_cache,
+    wait_until,
+    zmq_replay,
+)
 
-BS = 16
+BS = SIM_BLOCK_SIZE
 TARGET = 100_000
 
 
