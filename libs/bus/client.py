@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
 import nats
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from prometheus_client import CollectorRegistry, Counter
 
@@ -55,6 +55,10 @@ class NoResponders(BusError):
     """Nobody subscribes to the subject (the service is down or not started yet)."""
 
 
+class PayloadTooLarge(BusError):
+    """The message is larger than the server takes in one message (its ``max_payload``)."""
+
+
 class RemoteError(BusError):
     """The service answered with an error (``code`` as an HTTP-like status string)."""
 
@@ -72,6 +76,7 @@ async def connect(
     connect_timeout: float = 2.0,
     max_reconnect_attempts: int = -1,
     first_connect_timeout: float = 30.0,
+    on_permission_denied: Callable[[Exception], None] | None = None,
     **kwargs: Any,
 ) -> Client:
     """Connect to NATS, retrying forever by default, and log every state change.
@@ -85,6 +90,10 @@ async def connect(
     connection at once with :class:`BusAuthError`: retrying cannot fix a wrong password, and a
     service that exits with a clear message beats one that waits forever. After the first
     connection such errors are logged and the client keeps trying (credentials may be rotated).
+
+    The server reports a subject this identity may not use after the fact, through nats-py's
+    error callback; ``on_permission_denied`` gets each such error instead of the error log (a
+    tool that tells its user itself), and the ``permission_denied`` counter counts it either way.
     """
     urls = servers.split(",") if isinstance(servers, str) else servers
     blog = log.bind(client=name, **({"user": security.user} if security and security.user else {}))
@@ -94,6 +103,10 @@ async def connect(
     connected_once = False
 
     async def on_disconnect() -> None:
+        if nc.closing:
+            # Our own close() or drain() (a shutdown): `bus_closed` follows; nothing was lost.
+            blog.info("bus_disconnected", closing=True)
+            return
         _DISCONNECTS.labels(name).inc()
         blog.warning("bus_disconnected")
 
@@ -112,7 +125,10 @@ async def connect(
         elif "permissions violation" in str(e).lower():
             # Our own permission lists or code are wrong: loud, but the connection stays up.
             _ERRORS.labels(name, "permission_denied").inc()
-            blog.error("bus_permission_denied", error=str(e))
+            if on_permission_denied is not None:
+                on_permission_denied(e)
+            else:
+                blog.error("bus_permission_denied", error=str(e))
         else:
             _ERRORS.labels(name, "other").inc()
             blog.warning("bus_error", error=repr(e))
@@ -120,7 +136,7 @@ async def connect(
     async def on_closed() -> None:
         blog.info("bus_closed")
 
-    nc = Client()
+    nc = _Client()
     deadline = loop.time() + first_connect_timeout
     while True:
         attempt = asyncio.ensure_future(_connect_once(
@@ -156,11 +172,34 @@ async def connect(
             if loop.time() >= deadline:
                 raise BusError(f"cannot connect to NATS at {urls}: {e!r}") from e
             blog.info("bus_connect_retry", error=repr(e))
-            nc = Client()
+            nc = _Client()
             await asyncio.sleep(0.25)
     connected_once = True
     blog.info("bus_connected", servers=urls)
     return nc
+
+
+class _Client(Client):
+    """A nats-py client that knows whether its own user closed it.
+
+    nats-py calls the disconnected callback in the same state (closed) when this process closes
+    or drains the connection and when the server ends it for good, so the callback cannot tell a
+    shutdown from a loss without this flag.
+    """
+
+    closing = False
+
+    async def close(self) -> None:
+        self.closing = True
+        await super().close()
+
+    async def drain(self) -> None:
+        self.closing = True
+        try:
+            await super().drain()
+        except BaseException:
+            self.closing = self.is_closed  # refused (reconnecting): still ours to lose
+            raise
 
 
 async def _abandon(nc: Client, attempt: asyncio.Future[None]) -> None:
@@ -230,28 +269,53 @@ def _check_error(headers: dict[str, str] | None) -> None:
         raise RemoteError(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""))
 
 
+def message_size(payload: bytes, headers: Mapping[str, str] | None) -> int:
+    """Bytes of one message that the server holds against its ``max_payload``: the payload and
+    the headers as nats-py writes them (an empty mapping still sends the ``NATS/1.0`` line)."""
+    if headers is None:
+        return len(payload)
+    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())  # "k: v\r\n"
+    return len(payload) + len(b"NATS/1.0\r\n\r\n") + lines
+
+
+def fits(nc: Client, payload: bytes) -> bool:
+    """Whether ``payload``, with the trace headers :func:`request` adds, fits in one message.
+
+    Above the server's ``max_payload`` nats-py refuses the payload, and a server that gets one
+    anyway (the headers are not counted by nats-py) closes the whole connection.
+    """
+    return message_size(payload, inject_context()) <= nc.max_payload
+
+
 async def request(
     nc: Client,
     subject: str,
-    msg: msgspec.Struct,
+    msg: msgspec.Struct | bytes,
     reply_type: type[T],
     *,
     timeout: float = 1.0,
 ) -> T:
-    """Send ``msg`` and decode the reply as ``reply_type``.
+    """Send ``msg`` (a Struct, or one already encoded) and decode the reply as ``reply_type``.
 
     Raises :class:`BusTimeout`, :class:`NoResponders`, :class:`RemoteError` (the service said
-    no) or ``codec.DecodeError`` (the reply is malformed). The current trace context travels in
-    the headers.
+    no), :class:`PayloadTooLarge` (nothing was sent) or ``codec.DecodeError`` (the reply is
+    malformed). The current trace context travels in the headers.
     """
+    data = msg if isinstance(msg, bytes) else codec.encode(msg)
+    headers = inject_context()
+    size = message_size(data, headers)
+    if size > nc.max_payload:
+        raise PayloadTooLarge(f"a {size}-byte request on {subject} is over the bus's "
+                              f"max_payload of {nc.max_payload} bytes")
     try:
-        resp = await nc.request(
-            subject, codec.encode(msg), timeout=timeout, headers=inject_context()
-        )
+        resp = await nc.request(subject, data, timeout=timeout, headers=headers)
     except NoRespondersError:
         raise NoResponders(f"no responders on {subject}") from None
     except NatsTimeout:
         raise BusTimeout(f"no reply on {subject} within {timeout:.3f}s") from None
+    except MaxPayloadError:  # the limit changed since the check (a reconnect to another node)
+        raise PayloadTooLarge(f"a {size}-byte request on {subject} is over the bus's "
+                              f"max_payload of {nc.max_payload} bytes") from None
     _check_error(resp.headers)
     return codec.decode(resp.data, reply_type)
 

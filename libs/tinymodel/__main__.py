@@ -1,8 +1,9 @@
-"""``python -m infermesh.libs.tinymodel [DEST] [--weights]``: build the tiny model folder.
+"""``infermesh model [DEST] [--weights]``: build the tiny model folder.
 
 ``--weights`` also writes seeded random ``model.safetensors`` so real vLLM can
 serve the folder; it needs torch and transformers, so run it with
-``.venv-vllm/bin/python`` (``make vllm-env``).
+``.venv-vllm/bin/python -m infermesh.libs.tinymodel`` (``make vllm-env``), the same
+command under the name that venv has.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ from .build import DEFAULT_SEED, DEFAULT_VOCAB_SIZE, build_model_folder, default
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, build the folder and print its path."""
     parser = argparse.ArgumentParser(
-        prog="python -m infermesh.libs.tinymodel",
+        prog="infermesh model",
         description="Build the deterministic tiny Llama-style model folder.",
     )
     parser.add_argument("dest", nargs="?", type=Path, default=None,
-                        help="target folder (default: %(prog)s's default model dir)")
+                        help="target folder (default: $INFERMESH_MODEL_DIR, else .cache/tiny-model "
+                             "in a source checkout, else "
+                             "${XDG_CACHE_HOME:-~/.cache}/infermesh/tiny-model)")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--weights", action="store_true",
                         help="also add seeded random bf16 weights (model.safetensors); needs "
-                             "torch + transformers, i.e. .venv-vllm/bin/python")
+                             "torch + transformers: run `.venv-vllm/bin/python -m "
+                             "infermesh.libs.tinymodel --weights`")
     args = parser.parse_args(argv)
     dest = args.dest if args.dest is not None else default_model_dir()
     fresh = not is_built(dest, vocab_size=args.vocab_size, seed=args.seed)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infermesh.libs.bus.security import BusClientKnobs
+from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import knob
-from infermesh.proto.subjects import DEFAULT_PREFIX, check_token
+from infermesh.proto.subjects import check_token
 
 
 @dataclass
-class IngressConfig(BusClientKnobs):
+class IngressConfig(BusKnobs):
     """Every knob of `infermesh ingress`."""
 
-    nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-    subject_prefix: str = knob(DEFAULT_PREFIX, "Prefix of every bus subject")
-    host: str = knob("127.0.0.1", "Address the OpenAI API listens on")
-    port: int = knob(8000, "Port of the OpenAI API (0: a free port)")
+    http_host: str = knob("127.0.0.1", "Address the OpenAI API (and /health, /metrics) listens on")
+    http_port: int = knob(8000, "Port of the OpenAI API (0: a free port)")
     pool: str = knob("default", "Pool whose engines serve the requests")
     profile: str = knob("", "Scheduler profile to ask for (empty: the scheduler's default)")
     tokenize_timeout_s: float = knob(2.0, "How long to wait for the tokenizer service")

@@ -7,7 +7,9 @@ is tried. ``first_token`` and ``finished`` events follow, so every scheduler rep
 load. Client mistakes get OpenAI-style JSON errors (4xx), never a 500.
 
 When the tokenizer or the scheduler does not answer in time, the ingress still serves: it routes
-by the load the heartbeats report (and logs it), and cache-aware routing resumes by itself.
+by the load the heartbeats report (and logs it), and cache-aware routing resumes by itself. A
+prompt too large for one bus message (the server's ``max_payload``, 1 MiB by default) is routed
+by load the same way, and the engine answers it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,18 @@ import aiohttp
 import msgspec
 from aiohttp import web
 from nats.aio.client import Client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 
-from infermesh.libs.bus import BUS_REGISTRY, BusError, NoResponders, RemoteError, connect, request
+from infermesh.libs.bus import (
+    BUS_REGISTRY,
+    BusError,
+    NoResponders,
+    PayloadTooLarge,
+    RemoteError,
+    connect,
+    fits,
+    request,
+)
 from infermesh.libs.telemetry import get_logger
 from infermesh.proto import codec
 from infermesh.proto.messages import (
@@ -44,6 +55,7 @@ from infermesh.proto.subjects import Subjects
 
 from .auth import ApiKeyGuard, ApiKeys, server_ssl_context
 from .config import IngressConfig
+from .metrics import IngressMetrics
 
 log = get_logger("ingress")
 
@@ -137,38 +149,7 @@ class _Route:
     routing_s: float = 0.0
 
 
-class IngressMetrics:
-    """The ingress's own Prometheus metrics."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("infermesh_ingress_requests", "Requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)
-        self.rejected = Counter("infermesh_ingress_rejected", "Client errors by reason",
-                                ["reason"], registry=r)
-        self.routing = Histogram(
-            "infermesh_ingress_routing_seconds",
-            "Request received to its first byte leaving for the engine",
-            buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
-                     0.25, 0.5, 1.0), registry=r)
-        self.tokenize = Histogram("infermesh_ingress_tokenize_seconds", "Tokenizer round trip",
-                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                           0.25, 1.0), registry=r)
-        self.schedule = Histogram("infermesh_ingress_schedule_seconds", "Scheduler round trip",
-                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                           0.25, 1.0), registry=r)
-        self.ttft = Histogram("infermesh_ingress_ttft_seconds", "Time to first byte of the answer",
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                                       30.0, 60.0), registry=r)
-        self.retries = Counter("infermesh_ingress_retries", "Requests retried on another pod",
-                               registry=r)
-        self.fallbacks = Counter("infermesh_ingress_fallbacks",
-                                 "Requests served without a control-plane answer", ["reason"],
-                                 registry=r)
-        self.in_flight = Gauge("infermesh_ingress_in_flight", "Requests being served", registry=r)
-
-
-class Ingress:
+class IngressService:
     """One ingress process: the HTTP server and its bus side."""
 
     def __init__(self, cfg: IngressConfig) -> None:
@@ -180,7 +161,7 @@ class Ingress:
         self.nc: Client | None = None
         self.http: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
-        self.port: int | None = None
+        self.http_port: int | None = None
         self._rng = random.Random()
         self._tokenizer_ok = 0.0  # monotonic time of the last answer
         self._scheduler_ok = 0.0
@@ -191,6 +172,11 @@ class Ingress:
         self.ssl = server_ssl_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file)
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def http_scheme(self) -> str:
+        """``https`` when the API is served with TLS."""
+        return "https" if self.ssl is not None else "http"
 
     async def start(self) -> None:
         """Connect to the bus, follow heartbeats, serve HTTP."""
@@ -213,13 +199,14 @@ class Ingress:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      handler_cancellation=True, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, ssl_context=self.ssl)
+        site = web.TCPSite(self._runner, self.cfg.http_host, self.cfg.http_port,
+                           ssl_context=self.ssl)
         await site.start()
         server = site._server
         assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        self.http_port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
         scheme = "https" if self.ssl is not None else "http"
-        log.info("ingress_started", url=f"{scheme}://{self.cfg.host}:{self.port}",
+        log.info("ingress_started", url=f"{scheme}://{self.cfg.http_host}:{self.http_port}",
                  api_keys=len(self.guard.keys),
                  pool=self.cfg.pool, instance=self.instance)
 
@@ -402,9 +389,20 @@ class Ingress:
             tools=body.tools, documents=body.documents, lora_name=route.lora,
             cache_salt=body.cache_salt,
         )
+        data = codec.encode(req)
+        if not fits(self.nc, data):
+            # One bus message cannot carry this prompt: route it by load alone, as when the
+            # tokenizer is away, and let the engine answer it (its own 400 when the prompt is
+            # over its max_model_len). Without a token count the max_prompt_tokens check below
+            # cannot apply.
+            self._too_large_for_bus(route, len(data))
+            return
         t0 = time.perf_counter()
         try:
-            reply = await self._ask_tokenizer(req)
+            reply = await self._ask_tokenizer(data)
+        except PayloadTooLarge:  # the bus's limit shrank since the check (another node)
+            self._too_large_for_bus(route, len(data))
+            return
         except RemoteError as e:
             status = int(e.code) if e.code.isdigit() else 500
             if 400 <= status < 500:
@@ -427,8 +425,16 @@ class Ingress:
                               f"However, your prompt contains {reply.num_tokens} input tokens. "
                               "Please reduce the length of the input prompt.", "input_tokens")
 
-    async def _ask_tokenizer(self, req: TokenizeRequest) -> TokenizeReply:
-        """The tokenizer's reply; asked a second time when the first ask got none.
+    def _too_large_for_bus(self, route: _Route, size: int) -> None:
+        """Count and log a prompt that goes without tokenizing: one bus message cannot hold it."""
+        assert self.nc is not None
+        self.metrics.fallbacks.labels("too_large_for_bus").inc()
+        log.warning("prompt_too_large_for_bus_routing_by_load", request_id=route.request_id,
+                    bytes=size, max_payload=self.nc.max_payload)
+
+    async def _ask_tokenizer(self, req: bytes) -> TokenizeReply:
+        """The tokenizer's reply to an encoded request; asked a second time when the first ask
+        got none.
 
         A NATS node or tokenizer replica that dies takes the requests it holds with it, and the
         replicas that were on that node answer again once reconnected (milliseconds later), so
@@ -439,7 +445,7 @@ class Ingress:
             reply = await request(self.nc, self.subjects.tokenize, req, TokenizeReply,
                                   timeout=self.cfg.tokenize_timeout_s)
         except BusError as e:
-            if isinstance(e, RemoteError):
+            if isinstance(e, (RemoteError, PayloadTooLarge)):
                 raise
             log.info("tokenizer_retry", error=str(e))
             if isinstance(e, NoResponders) and self._recently(self._tokenizer_ok):
@@ -475,6 +481,11 @@ class Ingress:
                                       timeout=self.cfg.schedule_timeout_s)
                     self._scheduler_ok = time.monotonic()
                     return d.pod, d.url
+                except PayloadTooLarge as e:  # block keys of a prompt near the bus's limit
+                    self.metrics.fallbacks.labels("too_large_for_bus").inc()
+                    log.warning("schedule_request_too_large_routing_by_load", error=str(e),
+                                request_id=route.request_id)
+                    break
                 except RemoteError as e:
                     if e.code == "400":
                         raise ClientError(400, e.description) from None

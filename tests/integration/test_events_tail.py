@@ -1,4 +1,6 @@
-"""`infermesh events tail` on a real nats-server: decoded JSON lines, errors reported inline."""
+"""`infermesh events tail` on a real nats-server: decoded JSON lines, errors reported inline; on a
+bus with users, its defaults from the run file of `infermesh up`, and a subject the identity may
+not read refused at once."""
 
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 import nats
 import pytest
 
-from infermesh.libs.bus import NatsServer, settle
+from infermesh.libs.bus import BusAuth, ClientSecurity, NatsServer, connect, settle, write_bus_auth
+from infermesh.libs.process.runfile import RunFile, write_run_file
 from infermesh.proto import codec
 from infermesh.proto.messages import LoraInfo, PodState
 
@@ -53,8 +57,10 @@ def wait_subscribed(proc: subprocess.Popen[bytes], monitor_port: int, subject: s
         time.sleep(0.01)  # poll interval, not a readiness guess
 
 
-async def publish(url: str, messages: list[tuple[str, bytes]]) -> None:
-    nc = await nats.connect(url)
+async def publish(url: str, messages: list[tuple[str, bytes]],
+                  security: ClientSecurity | None = None) -> None:
+    nc = await (nats.connect(url) if security is None
+                else connect(url, "publisher", security=security))
     try:
         for subject, data in messages:
             await nc.publish(subject, data)
@@ -63,21 +69,58 @@ async def publish(url: str, messages: list[tuple[str, bytes]]) -> None:
         await nc.close()
 
 
-@pytest.fixture
-def tail_proc(nats_server: NatsServer) -> Iterator[subprocess.Popen[bytes]]:
+def tail_env(state_dir: Path) -> dict[str, str]:
+    """The environment of an `events tail` whose state directory (run file or none) is
+    ``state_dir``, with no INFERMESH_EVENTS_* of the caller's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERMESH_EVENTS_")}
+    return {**env, "PYTHONUNBUFFERED": "1", "INFERMESH_STATE_DIR": str(state_dir)}
+
+
+def start_tail(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     if not INFERMESH.exists():
         pytest.skip("infermesh console script not installed next to this interpreter")
-    proc = subprocess.Popen(
-        [str(INFERMESH), "events", "tail", "im.pod.>", "--nats-url", nats_server.url,
-         "--count", "3", "--timeout", "20"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    return subprocess.Popen([str(INFERMESH), "events", "tail", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+
+
+def stop_tail(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def tail_proc(nats_server: NatsServer, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    proc = start_tail(["im.pod.>", "--nats-url", nats_server.url, "--count", "3",
+                       "--timeout", "20"], tail_env(tmp_path))  # no run file there
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=10)
+        stop_tail(proc)
+
+
+@dataclass
+class SecuredRun:
+    """A nats-server with users, and the state directory of the `infermesh up` that runs it."""
+
+    nats: NatsServer
+    auth: BusAuth
+    state_dir: Path
+
+
+@pytest.fixture
+def secured_run(tmp_path: Path) -> Iterator[SecuredRun]:
+    state = tmp_path / "state"
+    auth = write_bus_auth(state, "im", [("default", "sim-0")])
+    srv = NatsServer(config_file=str(auth.config_file)).start()
+    write_run_file(RunFile(pid=os.getpid(), started=time.time(), state_dir=str(state),
+                           nats_url=srv.url, subject_prefix="im",
+                           observer_credentials=str(auth.credentials_file("observer"))))
+    try:
+        yield SecuredRun(srv, auth, state)
+    finally:
+        srv.stop()
 
 
 def test_tail_prints_decoded_messages_and_errors(
@@ -114,3 +157,47 @@ def test_tail_prints_decoded_messages_and_errors(
     assert bad["subject"] == "im.pod.x.y"
     assert "msg" not in bad
     assert isinstance(bad["error"], str) and "PodState" in bad["error"]
+
+
+def test_tail_with_no_flags_follows_the_running_up(secured_run: SecuredRun) -> None:
+    """README's `infermesh events tail 'im.pod.>'` on a bus with users: the run file gives the
+    URL and the observer's credentials."""
+    proc = start_tail(["im.pod.>", "--count", "1", "--timeout", "20"],
+                      tail_env(secured_run.state_dir))
+    try:
+        wait_subscribed(proc, secured_run.nats.monitor_port, "im.pod.>")
+        st = pod_state("sim-0", 0.5, 1)
+        asyncio.run(publish(secured_run.nats.url, [("im.pod.default.sim-0", codec.encode(st))],
+                            secured_run.auth.client("agent-sim-0")))
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_tail(proc)
+    assert proc.returncode == 0, err.decode()
+    (line,) = out.decode().splitlines()
+    assert msgspec.convert(json.loads(line)["msg"], PodState) == st
+
+
+@pytest.mark.parametrize("source", ["run file", "flags"])
+def test_a_subject_the_identity_may_not_read_fails_at_once(secured_run: SecuredRun, tmp_path: Path,
+                                                            source: str) -> None:
+    """The observer may read `im.>` and its inbox only: `tail '>'` says so and exits, instead of
+    waiting forever for messages the server will never send it."""
+    if source == "run file":
+        args, env = [], tail_env(secured_run.state_dir)
+    else:
+        creds = secured_run.auth.credentials_file("observer")
+        args = ["--nats-url", secured_run.nats.url, "--nats-credentials", str(creds)]
+        env = tail_env(tmp_path / "no-run")
+    start = time.monotonic()
+    proc = start_tail([">", "--timeout", "60", *args], env)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_tail(proc)
+    took = time.monotonic() - start
+    assert proc.returncode not in (0, None), err.decode()
+    assert out == b""
+    lines = err.decode().splitlines()
+    assert len(lines) == 1, lines  # one line, no traceback, no log noise
+    assert "'>'" in lines[0] and "'observer'" in lines[0] and "'im.>'" in lines[0], lines[0]
+    assert took < 20  # at once: not after --timeout

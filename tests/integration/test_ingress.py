@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from infermesh.libs.bus import BusService, connect
+from infermesh.libs.bus import BusService, NatsServer, connect
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     PodState,
@@ -23,11 +24,14 @@ from infermesh.proto.messages import (
     TokenizeRequest,
 )
 from infermesh.services.ingress.config import IngressConfig
-from infermesh.services.ingress.service import Ingress
+from infermesh.services.ingress.service import IngressService
 
+from ..conftest import ProcessManager
+from ..stack import start_stack
 from .helpers import wait_until
 
 MODEL = "m"
+SIM_MODEL = "infermesh/tiny-llama"
 
 
 class FakeEngine:
@@ -90,7 +94,7 @@ class World:
         self.schedule_calls: list[ScheduleRequest] = []
 
     async def start(self, engines: dict[str, str], *, tokenizer: bool = True,
-                    scheduler: bool = True, **cfg: Any) -> Ingress:
+                    scheduler: bool = True, **cfg: Any) -> IngressService:
         self.nc = await connect(self.nats_url, "world")
         for name, mode in engines.items():
             self.engines[name] = await FakeEngine(mode).start()
@@ -113,10 +117,10 @@ class World:
         if scheduler:
             await self.start_scheduler()
         cfg = {"tokenize_timeout_s": 0.3, "schedule_timeout_s": 0.3, **cfg}
-        self.ingress = Ingress(IngressConfig(nats_url=self.nats_url, port=0, **cfg))
+        self.ingress = IngressService(IngressConfig(nats_url=self.nats_url, http_port=0, **cfg))
         await self.ingress.start()
         await wait_until(lambda: len(self.ingress.live_pods()) == len(engines), what="pods")
-        self.url = f"http://127.0.0.1:{self.ingress.port}"
+        self.url = f"http://127.0.0.1:{self.ingress.http_port}"
         return self.ingress
 
     async def start_scheduler(self) -> None:
@@ -287,3 +291,36 @@ async def test_a_body_that_is_not_json_by_content_type_is_refused_as_vllm_does(w
                              headers={"Content-Type": "application/json; charset=utf-8"}) as r:
             assert r.status == 200
     assert world.engines["a"].hits == 1
+
+
+@pytest.fixture
+def default_nats() -> Iterator[NatsServer]:
+    """A nats-server with its default max_payload (1 MiB; the shared fixture raises it to 8)."""
+    srv = NatsServer().start()
+    yield srv
+    srv.stop()
+
+
+async def test_a_prompt_too_large_for_one_bus_message_is_routed_by_load(
+    default_nats: NatsServer, procs: ProcessManager  # this order: processes stop first
+) -> None:
+    # Room in the engine for a ~1M-token prompt, so it answers 200 rather than its own 400.
+    stack = start_stack(procs, default_nats, engines=2,
+                        settings={"sim": {"max_model_len": 2_000_000, "num_gpu_blocks": 200_000}})
+    prompt = "The quick brown fox jumps over the lazy dog. " * 46_000  # 2 MB, over 1 MiB
+    async with aiohttp.ClientSession() as http:
+        for path, body in [
+            ("/v1/completions", {"model": SIM_MODEL, "prompt": prompt, "max_tokens": 2}),
+            ("/v1/chat/completions", {"model": SIM_MODEL, "max_tokens": 2,
+                                      "messages": [{"role": "user", "content": prompt}]}),
+        ]:
+            async with http.post(stack.ingress_url + path, json=body) as r:
+                answer = await r.json()
+                assert r.status == 200, (path, r.status, answer)
+                assert r.headers["x-infermesh-endpoint"] in stack.pods
+            assert answer["usage"]["prompt_tokens"] > 500_000  # the engine saw all of it
+        async with http.get(stack.ingress_url + "/metrics") as r:
+            text = await r.text()
+    assert 'infermesh_ingress_fallbacks_total{reason="too_large_for_bus"} 2.0' in text
+    assert "tokenizer_unavailable" not in text  # the tokenizer was not blamed
+    assert stack.ingress is not None and stack.ingress.alive()

@@ -64,6 +64,16 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_help_names_itself(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`infermesh CMD --help` prints `usage: infermesh CMD`, not the module that implements it."""
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage.startswith(f"usage: infermesh {name} "), usage
+
+
 def test_console_script_help() -> None:
     script = Path(sys.executable).parent / "infermesh"
     if not script.exists():

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, generate_latest
 
 from infermesh.libs.config import ConfigError, load_config
-from infermesh.services.ingress.__main__ import build_parser
+from infermesh.services.ingress.__main__ import main as ingress_main
 from infermesh.services.ingress.auth import (
     KEY_NAME,
     ApiKeyGuard,
@@ -172,7 +172,7 @@ def test_single_key_knob_joins_the_file(tmp_path: Path) -> None:
 
 
 def test_knobs_from_env_flags_and_their_checks() -> None:
-    args = build_parser().parse_args(["--rate-limit-rps", "2", "--tls-cert-file", "c.pem",
+    args = ingress_main.parser().parse_args(["--rate-limit-rps", "2", "--tls-cert-file", "c.pem",
                                       "--tls-key-file", "k.pem"])
     cfg = load_config(IngressConfig, args, env_prefix="INFERMESH_INGRESS",
                       env={"INFERMESH_INGRESS_API_KEY": "sk-env",

@@ -1,0 +1,36 @@
+"""The ingress's own Prometheus metrics (the API keys' counters live with them, in auth.py)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class IngressMetrics:
+    """The ingress's own Prometheus metrics."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("infermesh_ingress_requests", "Requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.rejected = Counter("infermesh_ingress_rejected", "Client errors by reason",
+                                ["reason"], registry=r)
+        self.routing = Histogram(
+            "infermesh_ingress_routing_seconds",
+            "Request received to its first byte leaving for the engine",
+            buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0), registry=r)
+        self.tokenize = Histogram("infermesh_ingress_tokenize_seconds", "Tokenizer round trip",
+                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                           0.25, 1.0), registry=r)
+        self.schedule = Histogram("infermesh_ingress_schedule_seconds", "Scheduler round trip",
+                                  buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                           0.25, 1.0), registry=r)
+        self.ttft = Histogram("infermesh_ingress_ttft_seconds", "Time to first byte of the answer",
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                                       30.0, 60.0), registry=r)
+        self.retries = Counter("infermesh_ingress_retries", "Requests retried on another pod",
+                               registry=r)
+        self.fallbacks = Counter("infermesh_ingress_fallbacks",
+                                 "Requests served without a control-plane answer", ["reason"],
+                                 registry=r)
+        self.in_flight = Gauge("infermesh_ingress_in_flight", "Requests being served", registry=r)
