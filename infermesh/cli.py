@@ -7,7 +7,13 @@ import sys
 
 
 def _up(argv: list[str]) -> int:
-    from infermesh.services.launcher import main
+    from infermesh.services.system.up import main
+
+    return main(argv)
+
+
+def _tilt_plan(argv: list[str]) -> int:
+    from infermesh.services.system.tilt import main
 
     return main(argv)
 
@@ -92,6 +98,7 @@ COMMANDS = {
     "chaos": (_chaos, "fault-injecting hop between agents and the bus (drops, duplicates, "
               "reorders KV batches)"),
     "model": (_model, "build the deterministic tiny model folder"),
+    "tilt-plan": (_tilt_plan, "print the processes `up` runs, for the Tiltfile (JSON)"),
 }
 
 

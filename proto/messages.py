@@ -1,4 +1,4 @@
-"""Bus messages: one msgspec Struct per payload of DESIGN.md's subject table.
+"""Bus messages: one msgspec Struct per payload of the subject table in docs/architecture.md.
 
 Every payload is a MessagePack map (field names as keys). Every message carries ``v``, its schema
 version; readers ignore fields they do not know, so a newer writer can add fields without breaking

@@ -30,7 +30,7 @@ def check_token(value: str, what: str = "name") -> str:
 
 @dataclass(frozen=True, slots=True)
 class Subjects:
-    """Every subject of DESIGN.md under one prefix."""
+    """Every subject of the bus (docs/architecture.md) under one prefix."""
 
     prefix: str = DEFAULT_PREFIX
 
@@ -61,10 +61,6 @@ class Subjects:
     def kv_all(self) -> str:
         """Wildcard for every pod's KV stream (what every indexer subscribes to)."""
         return f"{self.prefix}.kv.*.*"
-
-    def kv_pool(self, pool: str) -> str:
-        """Wildcard for the KV events of one pool."""
-        return f"{self.prefix}.kv.{check_token(pool, 'pool')}.*"
 
     def kv_snapshot(self, pod: str) -> str:
         """Request/reply to one pod's agent: SnapshotRequest → Snapshot chunks.

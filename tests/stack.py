@@ -1,120 +1,70 @@
-"""The whole system as processes: nats, simulated engines, agents, tokenizer, indexer,
-scheduler(s) and the ingress."""
+"""The whole system as processes, started through the system plan (services/system) as
+`infermesh up` starts it: simulated engines, agents, tokenizer, indexer(s), scheduler(s) and the
+ingress, on the test's own nats-server and free ports."""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import time
-import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from infermesh.libs.bus import BusAuth, NatsServer
+from infermesh.libs.process.process import Process
+from infermesh.services.system.plan import plan
+from infermesh.services.system.run import LocalSystem
+from infermesh.services.system.spec import SystemSpec
 
-from .conftest import Proc, ProcessManager
+from .conftest import ProcessManager
 
 
 @dataclass
 class Stack:
     nats: NatsServer
+    system: LocalSystem
     ingress_url: str
     engines: list[dict[str, Any]]
     procs: ProcessManager
-    schedulers: list[Proc] = field(default_factory=list)
-    indexers: list[Proc] = field(default_factory=list)
-    ingress: Proc | None = None
+    schedulers: list[Process] = field(default_factory=list)
+    indexers: list[Process] = field(default_factory=list)
+    ingress: Process | None = None
 
     @property
     def pods(self) -> list[str]:
-        return [f"sim-{i}" for i in range(len(self.engines))]
-
-
-def _health(url: str) -> dict[str, Any] | None:
-    import json
-
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return json.loads(r.read())  # type: ignore[no-any-return]
-    except OSError:
-        return None
+        return list(self.system.plan.pods)
 
 
 def start_stack(procs: ProcessManager, nats: NatsServer, *, engines: int = 4,
-                schedulers: int = 1, indexers: int = 1,
-                sim_args: tuple[str, ...] = (),
-                ingress_args: tuple[str, ...] = (), auth: BusAuth | None = None) -> Stack:
-    """Start every process and wait until the ingress sees every engine.
+                schedulers: int = 1, indexers: int = 1, auth: BusAuth | None = None,
+                settings: dict[str, dict[str, Any]] | None = None, timeout: float = 90.0,
+                **spec: Any) -> Stack:
+    """Start every process and wait until the system serves (every engine visible to the
+    ingress, every bus service answering).
 
-    With ``auth`` (from ``write_bus_auth``; the server must run its config) every process
-    connects as its own identity, and the readiness check as the observer.
+    With ``auth`` (from ``write_bus_auth``; the server runs its config) every process connects
+    as its own identity: the plan's state folder is the one ``auth`` was written to, so the plan
+    reuses its passwords. ``settings`` and ``spec`` go to :class:`SystemSpec`.
     """
-    from .integration.helpers import free_ports
-
-    def creds(user: str) -> list[str]:
-        return ["--nats-credentials", str(auth.credentials_file(user))] if auth else []
-
-    _, info = procs.sim("--time-scale", "0.02", "--hash-seed", "0", *sim_args, engines=engines)
-    bus = ["--nats-url", nats.url]
-    for i, e in enumerate(info["engines"]):
-        procs.agent(nats.url, e, f"sim-{i}", *creds(f"agent-sim-{i}"))
-    procs.service("tokenizer", *bus, "--http-port", "-1", *creds("tokenizer"))
-    stack = Stack(nats, "", info["engines"], procs)
-    for i in range(indexers):
-        stack.indexers.append(procs.service("indexer", *bus, "--http-port", "-1",
-                                            *creds("indexer"), name=f"indexer-{i}"))
-    for i in range(schedulers):
-        stack.schedulers.append(procs.service("scheduler", *bus, "--http-port", "-1",
-                                              *creds("scheduler"), name=f"scheduler-{i}"))
-    port = free_ports(1)
-    stack.ingress = procs.service("ingress", *bus, "--port", str(port), *ingress_args,
-                                  *creds("ingress"))
-    stack.ingress_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        h = _health(stack.ingress_url + "/health")
-        if h and h.get("pods") == engines:
-            break
-        assert stack.ingress.alive(), stack.ingress.tail()
-        assert time.monotonic() < deadline, "stack not ready"
-        time.sleep(0.05)
-    # In a thread: the caller may be an async test with its own running loop.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run,
-                    _wait_bus_services(nats.url, schedulers, indexers, auth)).result()
-    return stack
+    state = auth.config_file.parent.parent if auth else procs.tmp / "system"
+    sim = {"hash_seed": "0", **(settings or {}).get("sim", {})}
+    system = LocalSystem(plan(SystemSpec(
+        engines=engines, schedulers=schedulers, indexers=indexers, nats_url=nats.url,
+        nats_auth=auth is not None, free_ports=True, time_scale=spec.pop("time_scale", 0.02),
+        state_dir=str(state), settings={**(settings or {}), "sim": sim}, **spec)))
+    # Stopped at teardown with the test's other processes (ingress first).
+    procs.procs += system.supervisor.procs.values()
+    system.start(timeout)
+    lay = system.plan.layout
+    host = system.plan.spec.host
+    return Stack(
+        nats=nats, system=system, ingress_url=system.url,
+        engines=[{"index": i, "http": f"http://{host}:{lay.engine_http[i]}",
+                  "kv": f"tcp://{host}:{lay.engine_kv[i]}",
+                  "replay": f"tcp://{host}:{lay.engine_kv[i] + 1}"} for i in range(engines)],
+        procs=procs, schedulers=system.procs("scheduler"), indexers=system.procs("indexer"),
+        ingress=system.procs("ingress")[0],
+    )
 
 
-async def _wait_bus_services(url: str, schedulers: int, indexers: int = 1,
-                             auth: BusAuth | None = None) -> None:
-    """Every bus service answers $SRV.PING (so the first request does not race startup)."""
-    import json
-
-    from infermesh.libs.bus import connect
-
-    nc = await connect(url, "stack-watch", security=auth.client("observer") if auth else None)
-    want = {"tokenizer": 1, "indexer": indexers, "scheduler": schedulers}
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            inbox = nc.new_inbox()
-            sub = await nc.subscribe(inbox)
-            await nc.publish("$SRV.PING", b"", reply=inbox)
-            seen: dict[str, int] = {}
-            try:
-                while True:
-                    m = await sub.next_msg(timeout=0.2)
-                    name = json.loads(m.data).get("name", "")
-                    for k in want:
-                        if k in name:
-                            seen[k] = seen.get(k, 0) + 1
-            except Exception:
-                pass
-            await sub.unsubscribe()
-            if all(seen.get(k, 0) >= n for k, n in want.items()):
-                return
-        raise AssertionError(f"bus services not up: saw {seen}")
-    finally:
-        await nc.close()
-
-
+def log_dir(stack: Stack) -> Path:
+    """Where the stack's processes write their logs."""
+    return stack.system.plan.logs_dir

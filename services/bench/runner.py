@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -25,11 +26,13 @@ import aiohttp
 
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, ensure_model_folder
 from infermesh.libs.tokenization import ModelTokenizer
+from infermesh.services.system.plan import plan
+from infermesh.services.system.run import LocalSystem
+from infermesh.services.system.spec import SystemSpec
 
 from . import metrics as M
 from . import workload as W
 from .client import send
-from .system import LocalSystem, SimSpec
 
 ALL_PROFILES = ["random", "round-robin", "load", "approx-prefix", "precise-prefix", "default"]
 
@@ -42,7 +45,7 @@ class Preset:
     description: str
     workload: Callable[[ModelTokenizer, int], list[W.BenchRequest]]
     stages: list[W.Stage]  # modelled time
-    sim: SimSpec
+    system: SystemSpec  # the fleet; ports, state folder and timeouts are the bench's
     profiles: list[str] = field(default_factory=lambda: list(ALL_PROFILES))
 
 
@@ -65,8 +68,8 @@ PRESETS: dict[str, Preset] = {
         workload=_quick_workload,
         stages=[W.Stage(4, 4), W.Stage(8, 4), W.Stage(16, 4)],
         # 1,200-token prompts at 16 QPS over 4 engines: random routing recomputes prefixes.
-        sim=SimSpec(engines=4, num_gpu_blocks=2000, time_scale=1.0,
-                    extra=["--prefill-tokens-per-s", "12000"]),
+        system=SystemSpec(engines=4, num_gpu_blocks=2000, time_scale=1.0,
+                          engine_args="--prefill-tokens-per-s 12000"),
     ),
     "llmd-kvcache-wins": Preset(
         name="llmd-kvcache-wins",
@@ -84,11 +87,20 @@ PRESETS: dict[str, Preset] = {
         # CPU and distort what is being measured: the engines' queues.
         # Prefill at 20k tok/s instead of the 8B calibration's 30k: llm-d's run served
         # Qwen3-32B, whose prefill costs several times an 8B's per token on its GPUs.
-        sim=SimSpec(engines=8, num_gpu_blocks=9630, time_scale=2.0,
-                    extra=["--prefill-tokens-per-s", "20000"]),
+        system=SystemSpec(engines=8, num_gpu_blocks=9630, time_scale=2.0,
+                          engine_args="--prefill-tokens-per-s 20000"),
         profiles=["random", "approx-prefix", "precise-prefix", "default"],
     ),
 }
+
+
+def local_system(spec: SystemSpec, state_dir: Path) -> LocalSystem:
+    """A cold system for one profile, as `infermesh up` runs it, on free ports; the ingress
+    waits longer for the control plane than its defaults (a saturated 2-core machine)."""
+    settings = {"ingress": {"schedule_timeout_s": 2, "tokenize_timeout_s": 5},
+                **spec.settings}
+    return LocalSystem(plan(dataclasses.replace(spec, free_ports=True, state_dir=str(state_dir),
+                                                settings=settings)))
 
 
 async def run_requests(url: str, requests: list[W.BenchRequest], *, profile: str, model: str,
@@ -134,7 +146,7 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
     """Run ``preset`` for each profile; write results.json and plots into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     tok = ModelTokenizer.from_folder(ensure_model_folder())
-    scale = 1.0 if url else preset.sim.time_scale
+    scale = 1.0 if url else preset.system.time_scale
     base = preset.workload(tok, seed)
     wall_stages = W.scale_time(preset.stages, scale)
     times = W.poisson_arrivals(wall_stages, seed)
@@ -145,7 +157,7 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
     raw: dict[str, list[dict[str, Any]]] = {}
     for profile in profiles or preset.profiles:
         print(f"[bench] {preset.name}: profile {profile}: {len(requests)} requests", flush=True)
-        system = None if url else LocalSystem(preset.sim, out / "logs" / profile).start()
+        system = None if url else local_system(preset.system, out / "logs" / profile).start()
         try:
             target = url or (system.url if system else "")
             results, duration = asyncio.run(run_requests(
@@ -153,6 +165,7 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         finally:
             if system is not None:
                 system.stop()
+                system.remove_secrets()
         summaries[profile] = M.summarize(results, duration_s=duration, time_scale=scale)
         summaries[profile]["peak_output_tok_s"] = peak_stage_output_tok_s(
             results, wall_stages, scale)
@@ -166,7 +179,7 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         "preset": preset.name, "description": preset.description, "seed": seed,
         "time_scale": scale, "url": url, "requests": len(requests),
         "stages": [{"rate_qps": s.rate_qps, "duration_s": s.duration_s} for s in preset.stages],
-        "engines": preset.sim.engines if not url else None,
+        "engines": preset.system.engines if not url else None,
         "profiles": summaries, "per_rate": per_rate,
     }
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infermesh.libs.bus.security import BusClientKnobs
+from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import knob
-from infermesh.proto.subjects import DEFAULT_PREFIX
 
 
 @dataclass
-class IndexerConfig(BusClientKnobs):
+class IndexerConfig(BusKnobs):
     """Every knob of `infermesh indexer`."""
 
-    nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-    subject_prefix: str = knob(DEFAULT_PREFIX, "Prefix of every bus subject")
     max_blocks: int = knob(
         4_000_000,
         "Cap on (block key, pod) entries; past it the least recently stored or looked-up keys "

@@ -50,7 +50,7 @@ _PENDING_MSGS = 1_000_000
 _PENDING_BYTES = 1 << 30
 
 
-class Indexer:
+class IndexerService:
     """One indexer replica. ``await start()``, then ``await stop()``."""
 
     def __init__(self, cfg: IndexerConfig, nc: Client | None = None) -> None:

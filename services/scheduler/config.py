@@ -31,9 +31,8 @@ from typing import Any
 
 import yaml
 
-from infermesh.libs.bus.security import BusClientKnobs
+from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import ConfigError, knob
-from infermesh.proto.subjects import DEFAULT_PREFIX
 
 from .framework import (
     Filter,
@@ -50,11 +49,9 @@ from .plugins import PLUGIN_TYPES, MaxScorePicker, SingleProfileHandler
 
 
 @dataclass
-class SchedulerConfig(BusClientKnobs):
+class SchedulerConfig(BusKnobs):
     """Every knob of `infermesh scheduler`."""
 
-    nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-    subject_prefix: str = knob(DEFAULT_PREFIX, "Prefix of every bus subject")
     profiles_file: str = knob(
         "", "YAML file of plugins and profiles (empty: the built-in default, which is "
         "deploy/local/scheduler.yaml)"

@@ -5,18 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from infermesh.libs.bus.security import BusClientKnobs
+from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import knob
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
-from infermesh.proto.subjects import DEFAULT_PREFIX
 
 
 @dataclass
-class TokenizerConfig(BusClientKnobs):
+class TokenizerConfig(BusKnobs):
     """Every knob of `infermesh tokenizer`; replicas share ``im.tokenize`` in a queue group."""
 
-    nats_url: str = knob("nats://127.0.0.1:4222", "NATS server URL(s), comma-separated")
-    subject_prefix: str = knob(DEFAULT_PREFIX, "Prefix of every bus subject")
     models: list[str] = knob(
         None,
         "Served models as NAME=FOLDER (a bare FOLDER is served under its own path, as vLLM "

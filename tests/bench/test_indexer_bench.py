@@ -34,7 +34,7 @@ from infermesh.proto.messages import (
 )
 from infermesh.services.indexer.config import IndexerConfig
 from infermesh.services.indexer.index import KVIndex
-from infermesh.services.indexer.indexer import Indexer
+from infermesh.services.indexer.service import IndexerService
 
 pytestmark = pytest.mark.bench
 
@@ -141,7 +141,7 @@ async def ingest_over_bus(srv: NatsServer, payloads: list[bytes], run: int) -> t
 
     cfg = IndexerConfig(nats_url=srv.url, subject_prefix=f"idx{run}", http_port=-1,
                         pod_timeout_s=3600)
-    indexer = Indexer(cfg)
+    indexer = IndexerService(cfg)
     await indexer.start()
     subjects = [f"idx{run}.kv.default.{codec.decode(d, KVEventBatch).pod}" for d in payloads]
     stats = indexer.index.stats
@@ -182,7 +182,7 @@ async def lookups_over_bus(srv: NatsServer, keys: list[int],
                            ) -> tuple[list[float], list[float], list[float], int]:
     """Round trips of the indexer, of an empty echo and of an echo of the indexer's reply."""
     cfg = IndexerConfig(nats_url=srv.url, subject_prefix="lk", http_port=-1, pod_timeout_s=3600)
-    indexer = Indexer(cfg)
+    indexer = IndexerService(cfg)
     await indexer.start()
     nc = await connect(srv.url, "bench-lookup")
     for b in batches:

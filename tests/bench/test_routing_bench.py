@@ -82,7 +82,7 @@ def test_routing_overhead() -> None:
     procs = ProcessManager(tmp, model_dir)
     rows = []
     try:
-        stack = start_stack(procs, nats, engines=4, sim_args=("--time-scale", "0"))
+        stack = start_stack(procs, nats, engines=4, time_scale=0.0)
         rng = random.Random(0)
         for size in SIZES:
             prefix = _text(tok, rng, int(size * 0.9))

@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-import nats.errors
 import pytest
 
 from infermesh.libs.bus import NatsServer, connect, request
 from infermesh.libs.kvblock import prompt_keys
+from infermesh.libs.process.process import Process
+from infermesh.libs.process.ready import wait_bus_services
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
 from infermesh.libs.tinymodel.corpus import corpus
 from infermesh.libs.tokenization import ModelTokenizer
 from infermesh.proto.messages import TokenizeReply, TokenizeRequest
-
-from ..conftest import Proc
 
 pytestmark = pytest.mark.bench
 
@@ -76,18 +74,8 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def _wait_service(nc, proc: Proc, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError("tokenizer exited:\n" + proc.tail())
-        try:
-            m = await nc.request("$SRV.PING.infermesh-tokenizer", b"", timeout=0.5)
-            if m.data and json.loads(m.data).get("name") == "infermesh-tokenizer":
-                return
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-            await asyncio.sleep(0.05)
-    raise TimeoutError("tokenizer not up:\n" + proc.tail())
+async def _wait_service(nc, proc: Process, timeout: float = 120.0) -> None:
+    await wait_bus_services(nc, {"infermesh-tokenizer": 1}, timeout, [proc])
 
 
 async def _bus_times(nc, prompts: list[str]) -> tuple[list[float], list[int]]:
@@ -101,7 +89,7 @@ async def _bus_times(nc, prompts: list[str]) -> tuple[list[float], list[int]]:
     return times, tokens
 
 
-async def _bench(url: str, proc: Proc, tok: ModelTokenizer) -> list[tuple[int, str, int, float,
+async def _bench(url: str, proc: Process, tok: ModelTokenizer) -> list[tuple[int, str, int, float,
                                                                           float, int]]:
     sample = "\n\n".join(itertools.islice(corpus(98), 300))
     chars_per_token = len(sample) / len(tok.encode(sample))
@@ -149,7 +137,7 @@ async def _bench(url: str, proc: Proc, tok: ModelTokenizer) -> list[tuple[int, s
 
 def test_tokenizer_latency(nats_server: NatsServer, model_dir: Path, tmp_path: Path) -> None:
     tok = ModelTokenizer.from_folder(model_dir)
-    proc = Proc([sys.executable, "-m", "infermesh.services.tokenizer", "--nats-url",
+    proc = Process("tokenizer", [sys.executable, "-m", "infermesh.services.tokenizer", "--nats-url",
                  nats_server.url, "--models", f"{MODEL}={model_dir}", "--http-port", "-1"],
                 log=tmp_path / "tokenizer.log").start()
     try:

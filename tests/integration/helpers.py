@@ -7,7 +7,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import zmq
 import zmq.asyncio
 
 from infermesh.libs.bus import settle
+from infermesh.libs.config import default_of
+from infermesh.libs.process.runfile import RunFile, read_run_file
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     AllBlocksCleared,
@@ -28,6 +29,10 @@ from infermesh.proto.messages import (
     KVEventBatch,
     PodState,
 )
+from infermesh.services.sim.config import SimConfig
+
+# The simulator's KV block size when a test does not set one.
+SIM_BLOCK_SIZE: int = default_of(SimConfig, "block_size")
 
 
 async def wait_until(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0,
@@ -159,41 +164,22 @@ async def zmq_replay(ctx: zmq.asyncio.Context, endpoint: str, start: int = 0,
         s.close(0)
 
 
-def free_ports(n: int) -> int:
-    """A base port with ``n`` consecutive ports free after it (checked by binding them)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + n >= 65000:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for i in range(n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free port range")
-
-
 @contextlib.contextmanager
-def infermesh_up(tmp_path: Path, model_dir: Path, args: list[str],
-                 timeout: float = 90.0) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """Run ``infermesh up ARGS`` (state in ``tmp_path/state``) until it prints that it is up;
-    yield (process, log path). Whatever is still running at the end is killed (process group).
+def infermesh_up(tmp_path: Path, model_dir: Path, args: list[str], timeout: float = 90.0,
+                 state: Path | None = None, log_name: str = "up.log",
+                 env: dict[str, str] | None = None,
+                 ) -> Iterator[tuple[subprocess.Popen[bytes], Path, RunFile]]:
+    """Run ``infermesh up --free-ports ARGS`` (state in ``tmp_path/state``) until it prints that
+    it is up; yield (process, log path, its run.json). Whatever is still running at the end is
+    killed (process group).
     """
-    log = tmp_path / "up.log"
-    env = {**os.environ, "INFERMESH_MODEL_DIR": str(model_dir)}
+    log = tmp_path / log_name
+    state = state or tmp_path / "state"
+    env = {**os.environ, "INFERMESH_MODEL_DIR": str(model_dir), **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "infermesh.cli", "up", *args,
-             "--state-dir", str(tmp_path / "state")],
+            [sys.executable, "-m", "infermesh.cli", "up", "--free-ports", *args,
+             "--state-dir", str(state)],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
@@ -201,7 +187,9 @@ def infermesh_up(tmp_path: Path, model_dir: Path, args: list[str],
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
-        yield proc, log
+        run = read_run_file(state)
+        assert run is not None and run.pid == proc.pid
+        yield proc, log, run
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -221,3 +209,19 @@ async def wait_healthy(http: aiohttp.ClientSession, proc: Any, port: int, name: 
             return False
 
     await wait_until(up, what=f"{name} healthy")
+
+
+async def services_ready(url: str, *, tokenizer: int = 1, indexer: int = 1, scheduler: int = 1,
+                         security: Any = None, timeout: float = 60.0) -> None:
+    """Wait until the bus services answer $SRV.PING in these numbers (so a first request does
+    not race their start)."""
+    from infermesh.libs.bus import connect
+    from infermesh.libs.process.ready import wait_bus_services
+
+    nc = await connect(url, "test-watch", security=security)
+    try:
+        await wait_bus_services(nc, {"infermesh-tokenizer": tokenizer,
+                                     "infermesh-indexer": indexer,
+                                     "infermesh-scheduler": scheduler}, timeout)
+    finally:
+        await nc.close()

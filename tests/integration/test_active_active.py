@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from ..stack import _wait_bus_services, start_stack
+from ..stack import start_stack
+from .helpers import services_ready
 
 MODEL = "infermesh/tiny-llama"
 GROUPS = 8
@@ -117,7 +118,7 @@ async def test_killing_replicas_loses_nothing_and_routing_stays_cache_aware(proc
         t_back = time.monotonic()
         stack.schedulers.append(procs.service(
             "scheduler", "--nats-url", nats_server.url, "--http-port", "-1", name="scheduler-2"))
-        await _wait_bus_services(nats_server.url, 1)
+        await services_ready(nats_server.url)
         t_ready = time.monotonic()
         resumed, _ = await phase(http)
         fallbacks_after = await _metric(

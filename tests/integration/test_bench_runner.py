@@ -8,7 +8,7 @@ from pathlib import Path
 
 from infermesh.services.bench import runner
 from infermesh.services.bench import workload as W
-from infermesh.services.bench.system import SimSpec
+from infermesh.services.system.spec import SystemSpec
 
 
 def test_small_preset_runs_each_profile_on_a_cold_system(tmp_path: Path) -> None:
@@ -21,7 +21,7 @@ def test_small_preset_runs_each_profile_on_a_cold_system(tmp_path: Path) -> None
         # 24 requests over 6 engines: random scatters each group over ~4 engines (a miss on
         # each), precise prefix keeps it on one, so chance cannot make them equal.
         stages=[W.Stage(6, 4)],
-        sim=SimSpec(engines=6, num_gpu_blocks=2000, time_scale=0.5),
+        system=SystemSpec(engines=6, num_gpu_blocks=2000, time_scale=0.5),
         profiles=["random", "precise-prefix"],
     )
     doc = runner.run(preset, tmp_path, seed=1)

@@ -50,11 +50,11 @@ from infermesh.proto.messages import (
 )
 
 from ..stack import start_stack
-from .helpers import wait_until
+from .helpers import SIM_BLOCK_SIZE, wait_until
 
 PODS = [("default", "sim-0"), ("default", "sim-1")]
 MODEL = "infermesh/tiny-llama"
-BS = 16
+BS = SIM_BLOCK_SIZE
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from infermesh.libs.bus import connect, request
+from infermesh.libs.process.ports import free_port_range
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     LookupReply,
@@ -32,11 +33,10 @@ from infermesh.proto.messages import (
     TokenizeRequest,
 )
 
-from ..stack import _wait_bus_services
-from .helpers import free_ports, wait_until
+from .helpers import SIM_BLOCK_SIZE, services_ready, wait_until
 
 MODEL = "infermesh/tiny-llama"
-BS = 16
+BS = SIM_BLOCK_SIZE
 HEARTBEAT_S = 0.2
 
 
@@ -57,13 +57,13 @@ class Engines:
 
     def start(self, pod: str) -> dict[str, Any]:
         if pod not in self.ports:
-            kv = free_ports(2)  # the PUB socket and, on kv + 1, the replay socket
-            http = free_ports(1)
+            kv = free_port_range(2)  # the PUB socket and, on kv + 1, the replay socket
+            http = free_port_range(1)
             while http in (kv, kv + 1):
-                http = free_ports(1)
+                http = free_port_range(1)
             self.ports[pod] = (http, kv)
         http, kv = self.ports[pod]
-        p, info = self.procs.sim("--time-scale", "1", "--hash-seed", "0", "--port", str(http),
+        p, info = self.procs.sim("--time-scale", "1", "--hash-seed", "0", "--http-port", str(http),
                                  "--kv-port", str(kv), "--num-gpu-blocks", "2000")
         self.proc[pod] = p
         self.info[pod] = info["engines"][0]
@@ -84,8 +84,8 @@ async def test_engine_dies_mid_stream_is_avoided_dropped_and_reindexed(nats_serv
     procs.service("tokenizer", *bus)
     procs.service("indexer", *bus)
     procs.service("scheduler", *bus)
-    port = free_ports(1)
-    ingress = procs.service("ingress", "--nats-url", nats_server.url, "--port", str(port))
+    port = free_port_range(1)
+    ingress = procs.service("ingress", "--nats-url", nats_server.url, "--http-port", str(port))
     url = f"http://127.0.0.1:{port}"
 
     nc = await connect(nats_server.url, "test")
@@ -116,7 +116,7 @@ async def test_engine_dies_mid_stream_is_avoided_dropped_and_reindexed(nats_serv
 
         await wait_until(healthy, timeout=60, what="ingress sees both engines")
         assert ingress.alive()
-        await _wait_bus_services(nats_server.url, 1)
+        await services_ready(nats_server.url)
 
         # A long prefix, served once: the index says which engine holds it.
         prefix = _text(rng, 500)

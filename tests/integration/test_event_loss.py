@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from infermesh.libs.bus import connect, request
-from infermesh.libs.bus.server import free_port
+from infermesh.libs.process.ports import free_port
 from infermesh.services.tools.kvchaos import ChaosControl, ChaosStatus
 
 from .helpers import complete_ids, random_prompt, wait_healthy, wait_until

@@ -37,6 +37,9 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from infermesh.libs.bus import NatsServer, connect, settle
+from infermesh.libs.process.ports import free_port_range
+from infermesh.libs.process.process import Process
+from infermesh.libs.process.ready import http_ok
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     AllBlocksCleared,
@@ -58,9 +61,8 @@ from infermesh.proto.messages import (
 )
 from infermesh.proto.subjects import Subjects
 
-from ..conftest import Proc, ProcessManager
-from ..stack import _health, _wait_bus_services
-from .helpers import free_ports
+from ..conftest import ProcessManager
+from .helpers import services_ready
 
 MODEL = "infermesh/tiny-llama"
 S = Subjects()
@@ -75,7 +77,7 @@ T = TypeVar("T")
 class BusStack:
     nats: NatsServer
     ingress_url: str
-    procs: dict[str, Proc]
+    procs: dict[str, Process]
     metrics: dict[str, str]  # service → its /metrics URL
 
 
@@ -87,9 +89,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
     pm = ProcessManager(tmp_path_factory.mktemp("fuzz-bus"), model_dir)
     try:
         _, info = pm.sim("--time-scale", "0.02", "--hash-seed", "0", engines=len(PODS))
-        base = free_ports(6)
+        base = free_port_range(6)
         bus = ["--nats-url", srv.url]
-        procs: dict[str, Proc] = {}
+        procs: dict[str, Process] = {}
         metrics: dict[str, str] = {}
         for i, (pod, eng) in enumerate(zip(PODS, info["engines"], strict=True)):
             procs[pod] = pm.agent(srv.url, eng, pod, "--http-port", str(base + i))
@@ -97,15 +99,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
         for i, name in enumerate(("tokenizer", "indexer", "scheduler"), start=2):
             procs[name] = pm.service(name, *bus, "--http-port", str(base + i))
             metrics[name] = f"http://127.0.0.1:{base + i}/metrics"
-        procs["ingress"] = pm.service("ingress", *bus, "--port", str(base + 5))
+        procs["ingress"] = pm.service("ingress", *bus, "--http-port", str(base + 5))
         url = f"http://127.0.0.1:{base + 5}"
         metrics["ingress"] = url + "/metrics"
         deadline = time.monotonic() + 60
-        while (_health(url + "/health") or {}).get("pods") != len(PODS):
+        while (http_ok(url + "/health") or {}).get("pods") != len(PODS):
             assert procs["ingress"].alive(), procs["ingress"].tail()
             assert time.monotonic() < deadline, "stack not ready"
             time.sleep(0.05)
-        asyncio.run(_wait_bus_services(srv.url, 1, 1))
+        asyncio.run(services_ready(srv.url))
         yield BusStack(srv, url, procs, metrics)
     finally:
         pm.stop_all()
@@ -581,3 +583,4 @@ def _fuzz_publishes(nc: Client, loop: Loop, tally: Tally) -> None:
     fuzz("scale", st.one_of(scale, garbage), 50,
          lambda data: loop.run(publish(S.scale("default"), data, "scale.<pool>")))
     loop.run(settle(nc))
+

@@ -62,8 +62,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
     pm = ProcessManager(tmp_path_factory.mktemp("fuzz-http"), model_dir)
     try:
         yield start_stack(pm, srv, engines=2,
-                          sim_args=("--max-model-len", str(MAX_MODEL_LEN)),
-                          ingress_args=("--max-body-bytes", str(BODY_LIMIT)))
+                          settings={"sim": {"max_model_len": MAX_MODEL_LEN},
+                                    "ingress": {"max_body_bytes": BODY_LIMIT}})
     finally:
         pm.stop_all()
         srv.stop()

@@ -3,24 +3,17 @@ keeps working."""
 
 from __future__ import annotations
 
-import socket
-
 import aiohttp
 import msgspec
 import zmq
 import zmq.asyncio
 
 from infermesh.libs.bus import RemoteError, connect, request_parts
+from infermesh.libs.process.ports import free_port
 from infermesh.proto.messages import Snapshot, SnapshotRequest
 from infermesh.proto.vllm_kv import EngineEvent, VllmEventEncoder
 
 from .helpers import BusWatcher, wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _metric(http: aiohttp.ClientSession, port: int, name: str) -> float:
@@ -37,7 +30,7 @@ async def test_zmq_garbage_is_counted_and_valid_batches_still_flow(nats_server, 
     pub = ctx.socket(zmq.XPUB)  # XPUB: we see the agent's subscription arrive
     pub.setsockopt(zmq.LINGER, 0)
     kv_port = pub.bind_to_random_port("tcp://127.0.0.1")
-    http_port = _free_port()
+    http_port = free_port()
     fake = {"http": "http://127.0.0.1:9", "kv": f"tcp://127.0.0.1:{kv_port}", "replay": ""}
     nc = await connect(nats_server.url, "test")
     watch = await BusWatcher(nc).start()

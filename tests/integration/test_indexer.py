@@ -18,7 +18,7 @@ import msgspec
 
 from infermesh.libs import kvblock
 from infermesh.libs.bus import connect, request
-from infermesh.libs.bus.server import free_port
+from infermesh.libs.process.ports import free_port
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     BlockStored,
@@ -32,9 +32,16 @@ from infermesh.proto.messages import (
 )
 from infermesh.services.sim.block_hash import BlockHasher, to_wire
 
-from .helpers import complete_ids, random_prompt, sim_cache, wait_healthy, wait_until
+from .helpers import (
+    SIM_BLOCK_SIZE,
+    complete_ids,
+    random_prompt,
+    sim_cache,
+    wait_healthy,
+    wait_until,
+)
 
-BS = 16
+BS = SIM_BLOCK_SIZE
 MODEL = "infermesh/tiny-llama"
 LORA = "ad1"
 HASHER = BlockHasher("sha256", "0")

@@ -25,12 +25,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from infermesh.libs.bus import NatsServer
+from infermesh.libs.process.ports import free_port_range
 from infermesh.services.ingress.config import IngressConfig
-from infermesh.services.ingress.service import Ingress
+from infermesh.services.ingress.service import IngressService
 
 from ..conftest import ProcessManager
 from ..stack import Stack, start_stack
-from .helpers import free_ports, wait_until
+from .helpers import wait_until
 
 MODEL = "infermesh/tiny-llama"
 ALICE = "sk-alice-0123456789"  # listed in the file as is
@@ -79,9 +80,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
     srv.start()
     pm = ProcessManager(tmp, model_dir)
     try:
-        stack = start_stack(pm, srv, engines=2, ingress_args=("--api-keys-file", str(keys)))
-        port = free_ports(1)
-        pm.service("ingress", "--nats-url", srv.url, "--port", str(port),
+        stack = start_stack(pm, srv, engines=2, api_keys_file=str(keys))
+        port = free_port_range(1)
+        pm.service("ingress", "--nats-url", srv.url, "--http-port", str(port),
                    "--tls-cert-file", str(certs["cert"]), "--tls-key-file", str(certs["key"]),
                    env={"INFERMESH_INGRESS_API_KEY": TLS_KEY}, name="ingress-tls")
         yield World(stack, f"https://127.0.0.1:{port}", ca, certs)
@@ -268,13 +269,13 @@ async def test_https_with_the_sdk_and_plain_http_fails(world: World) -> None:
 
 async def test_client_certificates_when_a_ca_is_given(world: World) -> None:
     """mTLS, in process on the module's bus: no client certificate, no connection."""
-    ingress = Ingress(IngressConfig(nats_url=world.stack.nats.url, port=0,
+    ingress = IngressService(IngressConfig(nats_url=world.stack.nats.url, http_port=0,
                                     tls_cert_file=str(world.certs["cert"]),
                                     tls_key_file=str(world.certs["key"]),
                                     tls_ca_file=str(world.certs["ca"])))
     await ingress.start()
     try:
-        url = f"https://127.0.0.1:{ingress.port}/health"
+        url = f"https://127.0.0.1:{ingress.http_port}/health"
         no_cert = world.client_ssl()
         with_cert = world.client_ssl()
         world.ca.issue_cert("client@example.test").configure_cert(with_cert)
@@ -302,7 +303,7 @@ def test_bad_settings_stop_the_start_with_a_clear_error(tmp_path: Path, args: li
     args = [str(bad) if a == "BAD" else a for a in args]
     # Nothing listens on this bus URL: the error must come before any bus work.
     r = subprocess.run([sys.executable, "-m", "infermesh.services.ingress", "--nats-url",
-                        "nats://127.0.0.1:1", "--port", "0", *args],
+                        "nats://127.0.0.1:1", "--http-port", "0", *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert fragment in r.stderr and "Traceback" not in r.stderr

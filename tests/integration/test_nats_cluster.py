@@ -36,17 +36,16 @@ import pytest
 
 from infermesh.libs import kvblock
 from infermesh.libs.bus import NatsCluster, connect, request, settle
-from infermesh.libs.bus.server import free_port
+from infermesh.libs.process.ports import free_port, free_port_range
 from infermesh.proto import codec
 from infermesh.proto.messages import LookupReply, LookupRequest, TokenizeReply
 
-from ..stack import _wait_bus_services
-from .helpers import free_ports, infermesh_up, random_prompt, wait_until
+from .helpers import SIM_BLOCK_SIZE, infermesh_up, random_prompt, services_ready, wait_until
 from .test_indexer import converged, metrics, read_caches
 from .test_ingress import World
 
 MODEL = "infermesh/tiny-llama"
-BS = 16
+BS = SIM_BLOCK_SIZE
 REQUESTS = 200
 CONCURRENCY = 4
 KILL_AFTER = 50  # completed requests before node 0 is killed
@@ -138,11 +137,11 @@ async def test_killing_the_node_of_ingress_and_scheduler_under_load_loses_no_req
     procs.agent(seed, e0, "sim-0")
     procs.agent(_rotated(cluster, 1), e1, "sim-1")
     procs.service("tokenizer", "--nats-url", _rotated(cluster, 1), "--http-port", "-1")
-    indexer_port, scheduler_port, ingress_port = free_port(), free_port(), free_ports(1)
+    indexer_port, scheduler_port, ingress_port = free_port(), free_port(), free_port_range(1)
     procs.service("indexer", "--nats-url", _rotated(cluster, 2), "--http-port",
                   str(indexer_port))
     procs.service("scheduler", "--nats-url", seed, "--http-port", str(scheduler_port))
-    ingress = procs.service("ingress", "--nats-url", seed, "--port", str(ingress_port))
+    ingress = procs.service("ingress", "--nats-url", seed, "--http-port", str(ingress_port))
     url = f"http://127.0.0.1:{ingress_port}"
     engines = {"sim-0": e0["http"], "sim-1": e1["http"]}
 
@@ -157,7 +156,7 @@ async def test_killing_the_node_of_ingress_and_scheduler_under_load_loses_no_req
                 return False
 
         await wait_until(ready, timeout=60, what="ingress sees both engines")
-        await _wait_bus_services(cluster.urls, 1)
+        await services_ready(cluster.urls)
         await wait_until(lambda: not _missing(sum((cluster.client_names(i) for i in range(3)),
                                                    [])), what="every client connected")
         on_victim = cluster.client_names(0)
@@ -356,31 +355,30 @@ def _pid_listening(port: int) -> int:
 
 
 def test_up_runs_a_cluster_and_restarts_a_dead_node(tmp_path: Path, model_dir: Path) -> None:
-    nats, sim, kv, ingress = free_ports(3), free_ports(1), free_ports(2), free_ports(1)
-    with infermesh_up(tmp_path, model_dir, [
-            "--engines", "1", "--nats-cluster", "3", "--nats-port", str(nats),
-            "--sim-port", str(sim), "--kv-port", str(kv), "--ingress-port", str(ingress),
-    ]) as (proc, log):
+    with infermesh_up(tmp_path, model_dir, ["--engines", "1", "--nats-cluster", "3"]) as (
+            proc, log, run):
         text = log.read_text()
-        assert "3-node cluster" in text
+        ports = [int(u.rsplit(":", 1)[1]) for u in run.nats_url.split(",")]
+        assert len(ports) == 3
         for i in range(3):
-            assert f"nats://127.0.0.1:{nats + i}" in text
-        victim = _pid_listening(nats + 1)
+            assert f"nats-{i}" in text and f"nats://127.0.0.1:{ports[i]}" in text
+        nats = ports[0]
+        victim = _pid_listening(ports[1])
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while True:  # the launcher restarts it on the same port (a new process)
             try:
-                if _pid_listening(nats + 1) != victim:
+                if _pid_listening(ports[1]) != victim:
                     break
             except AssertionError:
                 pass
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
-        assert "nats_node_restarting" in log.read_text()
+        assert "process_restarted" in log.read_text() and '"nats-1"' in log.read_text()
         # The whole system still answers through the ingress.
         body = b'{"model": "%s", "prompt": "Hi", "max_tokens": 2}' % MODEL.encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{ingress}/v1/completions", data=body,
+        req = urllib.request.Request(f"{run.ingress_url}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.status == 200

@@ -28,6 +28,8 @@ from infermesh.libs.bus import (
     connect,
     request,
 )
+from infermesh.libs.process.ports import free_port_range
+from infermesh.libs.process.process import Process
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     LookupReply,
@@ -39,8 +41,7 @@ from infermesh.proto.messages import (
     ScheduleRequest,
 )
 
-from ..conftest import Proc
-from .helpers import free_ports, wait_until
+from .helpers import wait_until
 
 MODEL = "infermesh/tiny-llama"
 KEYS = list(range(1000, 1008))  # an 8-block prompt
@@ -107,12 +108,12 @@ class Replicas:
     def __init__(self, nats_url: str, tmp: Path) -> None:
         self.nats_url = nats_url
         self.tmp = tmp
-        self.procs: dict[str, Proc] = {}
+        self.procs: dict[str, Process] = {}
         self.ports: dict[str, int] = {}
 
-    def start(self, name: str, *extra: str) -> Proc:
-        port = free_ports(1)
-        p = Proc([sys.executable, "-m", "infermesh.services.scheduler", "--nats-url",
+    def start(self, name: str, *extra: str) -> Process:
+        port = free_port_range(1)
+        p = Process(name, [sys.executable, "-m", "infermesh.services.scheduler", "--nats-url",
                   self.nats_url, "--replica", name, "--http-port", str(port),
                   "--warmup-s", "0.15", *extra], log=self.tmp / f"{name}.log").start()
         self.procs[name] = p

@@ -21,14 +21,14 @@ from nats.aio.client import Client
 
 from infermesh.libs.bus import NatsServer, RemoteError, connect, request
 from infermesh.libs.kvblock import prompt_keys
+from infermesh.libs.process.process import Process
+from infermesh.libs.process.ready import wait_bus_services
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
 from infermesh.libs.tinymodel.corpus import corpus
 from infermesh.libs.tokenization import ModelTokenizer
 from infermesh.proto.messages import TokenizeReply, TokenizeRequest
 from infermesh.services.tokenizer.config import TokenizerConfig
 from infermesh.services.tokenizer.service import TokenizerService
-
-from ..conftest import Proc
 
 MODEL = DEFAULT_MODEL_NAME
 SUBJECT = "im.tokenize"
@@ -54,16 +54,9 @@ async def service_replies(nc: Client, verb: str, want: int = 0,
     return out
 
 
-async def wait_replicas(nc: Client, n: int, proc: Proc | None = None,
+async def wait_replicas(nc: Client, n: int, proc: Process | None = None,
                         timeout: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len({r["id"] for r in await service_replies(nc, "PING", want=n)}) < n:
-        if proc is not None and not proc.alive():
-            raise AssertionError("tokenizer exited:\n" + proc.tail())
-        if loop.time() > deadline:
-            raise AssertionError(f"{n} tokenizer replicas not up" +
-                                 ("\n" + proc.tail() if proc else ""))
+    await wait_bus_services(nc, {"infermesh-tokenizer": n}, timeout, [proc] if proc else [])
 
 
 @pytest.fixture
@@ -86,7 +79,7 @@ async def local(nats_server: NatsServer, model_dir: Path) -> AsyncIterator[Token
 @pytest.fixture
 def replica(nats_server: NatsServer, model_dir: Path, tmp_path: Path) -> Any:
     """A replica as its own process (`python -m infermesh.services.tokenizer`)."""
-    p = Proc([sys.executable, "-m", "infermesh.services.tokenizer", "--nats-url",
+    p = Process("tokenizer", [sys.executable, "-m", "infermesh.services.tokenizer", "--nats-url",
               nats_server.url, "--models", f"{MODEL}={model_dir}", "--http-port", "-1"],
              log=tmp_path / "tokenizer.log").start()
     yield p
@@ -100,7 +93,7 @@ def tokenize(**kw: Any) -> TokenizeRequest:
 
 
 async def test_two_replicas_share_the_queue_group(bus: Client, local: TokenizerService,
-                                                  replica: Proc, model_dir: Path) -> None:
+                                                  replica: Process, model_dir: Path) -> None:
     await wait_replicas(bus, 2, replica)
     tok = ModelTokenizer.from_folder(model_dir)
     docs = list(itertools.islice(corpus(21), 60))
@@ -118,7 +111,7 @@ async def test_two_replicas_share_the_queue_group(bus: Client, local: TokenizerS
     assert sum(served.values()) == len(docs)
 
 
-async def test_garbage_gets_a_400_and_the_service_keeps_serving(bus: Client, replica: Proc
+async def test_garbage_gets_a_400_and_the_service_keeps_serving(bus: Client, replica: Process
                                                                  ) -> None:
     await wait_replicas(bus, 1, replica)
     garbage = [
@@ -151,7 +144,7 @@ async def test_garbage_gets_a_400_and_the_service_keeps_serving(bus: Client, rep
     assert "Traceback" not in replica.tail(100_000)
 
 
-async def test_chat_ids_equal_the_simulators_tokenize(bus: Client, replica: Proc, procs: Any
+async def test_chat_ids_equal_the_simulators_tokenize(bus: Client, replica: Process, procs: Any
                                                       ) -> None:
     _, info = procs.sim("--time-scale", "0")
     base = info["engines"][0]["http"]

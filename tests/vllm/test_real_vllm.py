@@ -8,12 +8,9 @@ the ground truth: their own /tokenize, /metrics and KV-event replay buffer.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ import aiohttp
 import openai
 import pytest
 
-from infermesh.libs.bus import NatsServer, connect, request
+from infermesh.libs.bus import connect, request
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
 from infermesh.proto.messages import (
     LookupReply,
@@ -31,15 +28,17 @@ from infermesh.proto.messages import (
     TokenizeRequest,
 )
 from infermesh.services.sim.block_hash import BlockHasher, to_wire
+from infermesh.services.system.plan import VLLM_CPU_BLOCK_SIZE, plan
+from infermesh.services.system.run import LocalSystem
+from infermesh.services.system.spec import SystemSpec
 
-from ..conftest import ProcessManager
 from ..integration import vllm_reference as ref
-from ..integration.helpers import BusWatcher, free_ports, wait_until, zmq_replay
+from ..integration.helpers import BusWatcher, wait_until, zmq_replay
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM = ROOT / ".venv-vllm" / "bin" / "vllm"
 MODEL = DEFAULT_MODEL_NAME
-BS = 32  # vLLM's CPU attention backend needs a multiple of 32
+BS = VLLM_CPU_BLOCK_SIZE  # vLLM's CPU attention backend needs a multiple of 32
 GPU_BLOCKS = 96
 PODS = ["vllm-0", "vllm-1"]
 
@@ -54,14 +53,17 @@ def _needs_vllm() -> None:
 
 
 class RealStack:
-    def __init__(self, tmp: Path, model_dir: Path) -> None:
-        self.tmp = tmp
-        self.model_dir = model_dir
-        self.procs = ProcessManager(tmp, model_dir)
-        self.nats = NatsServer(max_payload=8 * 1024 * 1024)
-        self.http_ports = [free_ports(1) for _ in PODS]
-        self.kv_ports = [free_ports(2) for _ in PODS]
-        self.agents: dict[str, Any] = {}
+    """`infermesh up --engine vllm --engines 2` through the system plan, on free ports."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.system = LocalSystem(plan(SystemSpec(
+            engine="vllm", engines=len(PODS), block_size=BS, num_gpu_blocks=GPU_BLOCKS,
+            free_ports=True, nats_auth=False, state_dir=str(tmp / "system"))))
+        lay = self.system.plan.layout
+        self.http_ports = list(lay.engine_http)
+        self.kv_ports = list(lay.engine_kv)
+        self.nats_url = self.system.nats_url
+        self.ingress = self.system.url
 
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.http_ports[i]}"
@@ -70,48 +72,11 @@ class RealStack:
         return f"tcp://127.0.0.1:{self.kv_ports[i] + 1}"
 
     def start(self) -> None:
-        self.nats.start()
-        cache = self.tmp / "vllm-cache"
-        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "VLLM_SERVER_DEV_MODE": "1", "PYTHONHASHSEED": "0",
-               "VLLM_CACHE_ROOT": str(cache), "XDG_CACHE_HOME": str(cache),
-               "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
-        bus = ["--nats-url", self.nats.url]
-        for i, pod in enumerate(PODS):
-            self.agents[pod] = self.procs.service(
-                "agent", *bus, "--pod", pod, "--http-port", "-1",
-                "--launch-vllm", str(self.model_dir), "--model", MODEL,
-                "--vllm-command", str(VLLM), "--vllm-port", str(self.http_ports[i]),
-                "--vllm-kv-port", str(self.kv_ports[i]),
-                "--vllm-replay-port", str(self.kv_ports[i] + 1),
-                "--vllm-log", str(self.tmp / f"{pod}-engine.log"),
-                "--", "--block-size", str(BS), "--max-model-len", "2048", "--max-num-seqs", "16",
-                "--enforce-eager", "--enable-prompt-tokens-details",
-                "--num-gpu-blocks-override", str(GPU_BLOCKS),
-                name=f"agent-{pod}", env=env)
-        self.procs.service("tokenizer", *bus, "--http-port", "-1")
-        self.procs.service("indexer", *bus, "--http-port", "-1")
-        self.procs.service("scheduler", *bus, "--http-port", "-1")
-        port = free_ports(1)
-        self.ingress = f"http://127.0.0.1:{port}"
-        self.procs.service("ingress", *bus, "--port", str(port))
-        deadline = time.monotonic() + 240  # two engines start side by side on 2 cores
-        while True:
-            try:
-                with urllib.request.urlopen(self.ingress + "/health", timeout=1) as r:
-                    if json.loads(r.read()).get("pods") == len(PODS):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                logs = "\n".join((self.tmp / f"{p}-engine.log").read_text()[-2000:]
-                                 for p in PODS if (self.tmp / f"{p}-engine.log").exists())
-                raise AssertionError("real vLLM stack not ready:\n" + logs)
-            time.sleep(0.25)
+        # Two engines start side by side on 2 cores.
+        self.system.start(timeout=240)
 
     def stop(self) -> None:
-        self.procs.stop_all()
-        self.nats.stop()
+        self.system.stop()
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +87,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
     model_dir = ensure_model_folder()
     if not (model_dir / "model.safetensors").exists():
         pytest.fail(f"{model_dir} has no weights: `make vllm-env` adds them")
-    s = RealStack(tmp_path_factory.mktemp("real-vllm"), model_dir)
+    s = RealStack(tmp_path_factory.mktemp("real-vllm"))
     try:
         s.start()
         yield s
@@ -194,6 +159,18 @@ async def _index_matches_engines(nc: Any, stack: RealStack, http: aiohttp.Client
         assert have == want, (p[:40], have, want)
 
 
+async def test_engines_run_with_the_plans_block_size(stack: RealStack) -> None:
+    """The block size and capacity the plan gives reach vLLM (its own cache_config_info)."""
+    async with aiohttp.ClientSession() as http:
+        for i in range(len(PODS)):
+            async with http.get(stack.url(i) + "/metrics") as r:
+                text = await r.text()
+            info = next(line for line in text.splitlines()
+                        if line.startswith("vllm:cache_config_info{"))
+            assert f'block_size="{BS}"' in info, info
+            assert f'num_gpu_blocks="{GPU_BLOCKS}"' in info, info
+
+
 def test_openai_sdk_streams_a_chat_from_real_vllm(stack: RealStack) -> None:
     client = openai.OpenAI(base_url=stack.ingress + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == [MODEL]
@@ -205,7 +182,7 @@ def test_openai_sdk_streams_a_chat_from_real_vllm(stack: RealStack) -> None:
 
 
 async def test_tokenizer_service_equals_vllm_tokenize(stack: RealStack) -> None:
-    nc = await connect(stack.nats.url, "test")
+    nc = await connect(stack.nats_url, "test")
     rng = random.Random(3)
     chats = [
         [{"role": "user", "content": "hello there"}],
@@ -247,7 +224,7 @@ async def test_a_conversation_stays_on_the_engine_that_holds_its_prefix(stack) -
             messages += [{"role": "assistant", "content": data["choices"][0]["message"]["content"]},
                          {"role": "user", "content": f"And turn {turn}? " + _words(rng, 10)}]
             if turn == 0:  # let the first turn's blocks reach the index before the next
-                nc = await connect(stack.nats.url, "test")
+                nc = await connect(stack.nats_url, "test")
                 keys = (await request(nc, "im.tokenize", TokenizeRequest(
                     model=MODEL, block_size=BS, messages=messages[:2]), TokenizeReply)).block_keys
 
@@ -266,7 +243,7 @@ async def test_a_conversation_stays_on_the_engine_that_holds_its_prefix(stack) -
 
 
 async def test_evictions_and_resets_reach_the_index(stack: RealStack) -> None:
-    nc = await connect(stack.nats.url, "test")
+    nc = await connect(stack.nats_url, "test")
     watch = await BusWatcher(nc).start()
     rng = random.Random(7)
     prompts = [_words(rng, 400) for _ in range(10)]  # ~10 blocks each: > 96 blocks per engine
@@ -316,7 +293,7 @@ def _engine_pid(port: int) -> int:
 
 
 async def test_a_killed_engine_is_restarted_and_reindexed_from_scratch(stack: RealStack) -> None:
-    nc = await connect(stack.nats.url, "test")
+    nc = await connect(stack.nats_url, "test")
     watch = await BusWatcher(nc).start()
     rng = random.Random(9)
     async with aiohttp.ClientSession() as http:

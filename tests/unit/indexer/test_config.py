@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from infermesh.libs.config import ConfigError, load_config
-from infermesh.services.indexer.__main__ import build_parser
+from infermesh.services.indexer.__main__ import main
 from infermesh.services.indexer.config import IndexerConfig
 
 
 def test_env_and_flags() -> None:
-    args = build_parser().parse_args(["--pod-timeout-s", "2.5", "--http-port", "-1"])
+    args = main.parser().parse_args(["--pod-timeout-s", "2.5", "--http-port", "-1"])
     cfg = load_config(IndexerConfig, args, env_prefix="INFERMESH_INDEXER",
                       env={"INFERMESH_INDEXER_MAX_BLOCKS": "1000",
                            "INFERMESH_INDEXER_POD_TIMEOUT_S": "9"})

@@ -246,9 +246,9 @@ def test_config_models(model_dir: Path) -> None:
 
 def test_config_from_env_and_cli(model_dir: Path) -> None:
     from infermesh.libs.config import load_config
-    from infermesh.services.tokenizer.__main__ import build_parser
+    from infermesh.services.tokenizer.__main__ import main
 
-    args = build_parser().parse_args(["--chunk-chars", "100", "--no-trust-request-chat-template"])
+    args = main.parser().parse_args(["--chunk-chars", "100", "--no-trust-request-chat-template"])
     cfg = load_config(TokenizerConfig, args, env_prefix="INFERMESH_TOKENIZER",
                       env={"INFERMESH_TOKENIZER_MODELS": f"a={model_dir},b={model_dir}",
                            "INFERMESH_TOKENIZER_CHUNK_CHARS": "5"})

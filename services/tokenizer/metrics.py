@@ -1,0 +1,77 @@
+"""The tokenizer's Prometheus metrics: its own counters, and its caches' (read at scrape time)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from .service import TokenizerService
+
+
+class CacheCollector:
+    """Exports the caches' counters and sizes at scrape time (nothing on the request path)."""
+
+    def __init__(self, service: TokenizerService) -> None:
+        self._svc = service
+
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus collector protocol."""
+        caches = {"prompt": self._svc.prompt_cache, "chunk": self._svc.chunk_cache,
+                  "keys": self._svc.key_cache}
+        fams = {
+            "hits": CounterMetricFamily(
+                "infermesh_tokenizer_cache_hits", "Cache lookups that found an entry",
+                labels=["cache"]),
+            "misses": CounterMetricFamily(
+                "infermesh_tokenizer_cache_misses", "Cache lookups that found nothing",
+                labels=["cache"]),
+            "evictions": CounterMetricFamily(
+                "infermesh_tokenizer_cache_evictions", "Entries evicted to stay within bounds",
+                labels=["cache"]),
+        }
+        size = GaugeMetricFamily("infermesh_tokenizer_cache_bytes",
+                                 "Memory held by a cache (estimate)", labels=["cache"])
+        count = GaugeMetricFamily("infermesh_tokenizer_cache_entries", "Entries in a cache",
+                                  labels=["cache"])
+        for name, c in caches.items():
+            fams["hits"].add_metric([name], c.hits)
+            fams["misses"].add_metric([name], c.misses)
+            fams["evictions"].add_metric([name], c.evictions)
+            size.add_metric([name], c.bytes)
+            count.add_metric([name], len(c))
+        encoded = CounterMetricFamily(
+            "infermesh_tokenizer_encoded_chars",
+            "Characters run through the HF tokenizer (cache misses)", labels=["model"])
+        for model, tok in self._svc.tokenizers.items():
+            encoded.add_metric([model], tok.encoded_chars)
+        yield from (*fams.values(), size, count, encoded)
+
+
+class TokenizerMetrics:
+    """The service's own metrics, next to the bus service's per-endpoint ones."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "infermesh_tokenizer_requests", "Tokenize requests by model and input kind",
+            ["model", "kind"], registry=r,
+        )
+        self.errors = Counter(
+            "infermesh_tokenizer_errors", "Requests answered with an error, by code",
+            ["code"], registry=r,
+        )
+        self.latency = Histogram(
+            "infermesh_tokenizer_seconds",
+            "Time to render, tokenize and key one request, by input kind",
+            ["kind"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.tokens = Counter(
+            "infermesh_tokenizer_tokens", "Prompt tokens answered", ["model"], registry=r
+        )

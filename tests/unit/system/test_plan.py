@@ -1,0 +1,173 @@
+"""The system plan: one place for pod names, the port layout and every process's command line,
+built from the services' own config classes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infermesh.libs.config import ConfigError, default_of, load_config, to_argv
+from infermesh.services.sim.config import SimConfig
+from infermesh.services.system.plan import CONFIGS, VLLM_CPU_BLOCK_SIZE, plan, pod_name
+from infermesh.services.system.spec import SystemSpec
+from infermesh.services.system.up import build_parser, spec_from_args
+
+
+def flags(argv: tuple[str, ...] | list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    args = list(argv)
+    if "--" in args:
+        args = args[:args.index("--")]
+    for i, a in enumerate(args):
+        if a.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[a] = args[i + 1]
+    return out
+
+
+def parsed(kind: str, argv: tuple[str, ...]) -> Any:
+    """The config the service itself builds from the plan's command line."""
+    import importlib
+
+    module = argv[2]
+    main = importlib.import_module(module + ".__main__").main
+    args = list(argv[3:])
+    extra: list[str] = []
+    if "--" in args:
+        args, extra = args[:args.index("--")], args[args.index("--") + 1:]
+    ns = main.parser().parse_args(args)
+    if extra:
+        ns.vllm_args = extra
+    return load_config(CONFIGS[kind], ns, env_prefix="X_UNUSED", env={})
+
+
+def test_port_layout_and_pod_names(tmp_path: Path) -> None:
+    p = plan(SystemSpec(engines=3, state_dir=str(tmp_path), sim_processes="each"))
+    assert p.pods == ("sim-0", "sim-1", "sim-2") == tuple(pod_name("sim", i) for i in range(3))
+    for i in range(3):
+        sim = parsed("sim", p.process(f"sim-{i}").argv)
+        assert (sim.http_port, sim.kv_port, sim.engines) == (8100 + i, 5557 + 2 * i, 1)
+        agent = parsed("agent", p.process(f"agent-sim-{i}").argv)
+        assert agent.pod == f"sim-{i}"
+        assert agent.engine_url == f"http://127.0.0.1:{8100 + i}"
+        assert agent.kv_endpoint == f"tcp://127.0.0.1:{5557 + 2 * i}"
+        assert agent.replay_endpoint == f"tcp://127.0.0.1:{5557 + 2 * i + 1}"
+    assert parsed("ingress", p.process("ingress-0").argv).http_port == 8000
+    # Every process's ops port is its own, and every one is printed in the summary's links.
+    ops = [parsed(q.kind, q.argv).http_port for q in p.processes
+           if q.kind in ("agent", "tokenizer", "indexer", "scheduler")]
+    assert ops == list(range(8300, 8300 + len(ops)))
+    ports = [port.number for q in p.processes for port in q.ports]
+    assert len(ports) == len(set(ports)), "two processes share a port"
+
+
+def test_one_sim_process_binds_a_run_of_ports(tmp_path: Path) -> None:
+    p = plan(SystemSpec(engines=3, state_dir=str(tmp_path), sim_processes="one",
+                        free_ports=True))
+    (sim,) = p.of_kind("sim")
+    cfg = parsed("sim", sim.argv)
+    assert cfg.engines == 3 and sim.pods == p.pods
+    assert p.layout.engine_http == tuple(cfg.http_port + i for i in range(3))
+    assert p.layout.engine_kv == tuple(cfg.kv_port + 2 * i for i in range(3))
+
+
+def test_replicas_and_a_nats_cluster(tmp_path: Path) -> None:
+    p = plan(SystemSpec(engines=1, schedulers=2, indexers=3, ingresses=2, nats_cluster=3,
+                        state_dir=str(tmp_path)))
+    assert [q.name for q in p.of_kind("nats")] == ["nats-0", "nats-1", "nats-2"]
+    assert p.nats_url == "nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224"
+    assert p.micro_services() == {"infermesh-tokenizer": 1, "infermesh-indexer": 3,
+                                  "infermesh-scheduler": 2}
+    assert p.ingress_urls == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    for q in p.processes:
+        if q.kind not in ("nats", "sim"):
+            assert parsed(q.kind, q.argv).nats_url == p.nats_url
+
+
+def test_defaults_come_from_the_services(tmp_path: Path) -> None:
+    p = plan(SystemSpec(state_dir=str(tmp_path)))
+    sim = parsed("sim", p.of_kind("sim")[0].argv)
+    # Nothing restated: the plan leaves block size and capacity to the simulator.
+    assert "--block-size" not in p.of_kind("sim")[0].argv
+    assert sim.block_size == default_of(SimConfig, "block_size")
+    assert sim.num_gpu_blocks == default_of(SimConfig, "num_gpu_blocks")
+    p = plan(SystemSpec(state_dir=str(tmp_path), block_size=32, num_gpu_blocks=100))
+    sim = parsed("sim", p.of_kind("sim")[0].argv)
+    assert (sim.block_size, sim.num_gpu_blocks) == (32, 100)
+
+
+def test_vllm_engines_get_the_block_size_asked_for(tmp_path: Path) -> None:
+    p = plan(SystemSpec(engine="vllm", engines=2, block_size=64, state_dir=str(tmp_path)))
+    assert p.pods == ("vllm-0", "vllm-1") and not p.of_kind("sim")
+    for i, q in enumerate(p.of_kind("agent")):
+        cfg = parsed("agent", q.argv)
+        assert cfg.launch_vllm and cfg.pod == f"vllm-{i}"
+        args = cfg.vllm_args
+        assert args[args.index("--block-size") + 1] == "64"
+        assert args.count("--block-size") == 1
+        assert (cfg.vllm_port, cfg.vllm_kv_port, cfg.vllm_replay_port) == (
+            8100 + i, 5557 + 2 * i, 5558 + 2 * i)
+    default = plan(SystemSpec(engine="vllm", engines=1, state_dir=str(tmp_path)))
+    args = parsed("agent", default.of_kind("agent")[0].argv).vllm_args
+    assert args[args.index("--block-size") + 1] == str(VLLM_CPU_BLOCK_SIZE)
+
+
+@pytest.mark.parametrize("block", [16, 48])
+def test_a_block_size_vllm_on_cpu_refuses_is_refused(tmp_path: Path, block: int) -> None:
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        plan(SystemSpec(engine="vllm", block_size=block, state_dir=str(tmp_path)))
+
+
+def test_settings_reach_the_services(tmp_path: Path) -> None:
+    args = build_parser().parse_args([
+        "--state-dir", str(tmp_path), "--set", "ingress.schedule_timeout_s=2.5",
+        "--set", "sim.max-num-seqs=7", "--set", "scheduler.seed=3", "--engines", "2"])
+    p = plan(spec_from_args(args))
+    assert parsed("ingress", p.process("ingress-0").argv).schedule_timeout_s == 2.5
+    assert all(parsed("sim", q.argv).max_num_seqs == 7 for q in p.of_kind("sim"))
+    assert parsed("scheduler", p.process("scheduler-0").argv).seed == 3
+    with pytest.raises(ConfigError, match="max_attempts"):
+        plan(dataclasses.replace(p.spec, settings={"ingress": {"max_attempts": 0}}))
+    with pytest.raises(ConfigError, match="no setting nosuch"):
+        plan(dataclasses.replace(p.spec, settings={"agent": {"nosuch": 1}}))
+
+
+def test_credentials_are_files_in_the_environment(tmp_path: Path) -> None:
+    p = plan(SystemSpec(engines=1, state_dir=str(tmp_path)))
+    for q in p.processes:
+        if q.kind in ("nats", "sim"):
+            assert not any("CREDENTIALS" in k for k in q.env), q.name
+            continue
+        user = "agent-sim-0" if q.kind == "agent" else q.kind
+        key = f"INFERMESH_{q.kind.upper()}_NATS_CREDENTIALS"
+        assert q.env[key] == str(p.credentials(user)), q.name
+        assert not any("password" in a for a in q.argv)
+    # An external bus gets no identities unless asked.
+    p = plan(SystemSpec(engines=1, state_dir=str(tmp_path), nats_url="nats://x:1"))
+    assert not p.of_kind("nats") and p.nats_url == "nats://x:1"
+    assert not any("CREDENTIALS" in k for q in p.processes for k in q.env)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_to_argv_is_the_inverse_of_the_flags(kind: str) -> None:
+    """Every config field round-trips through the command line the plan builds."""
+    cls = CONFIGS[kind]
+    import importlib
+
+    main = importlib.import_module(f"infermesh.services.{kind}.__main__").main
+    for f in dataclasses.fields(cls):
+        value = default_of(cls, f.name)
+        if isinstance(value, bool):
+            value = not value
+        elif isinstance(value, (int, float)) and value > 1:
+            value = value * 2 if isinstance(value, int) else value * 1.5
+        argv = to_argv(cls, {f.name: value})
+        cfg = load_config(cls, main.parser().parse_args(argv), env_prefix="X_UNUSED", env={})
+        assert getattr(cfg, f.name) == value, (f.name, argv)
+
+
+def test_too_few_vllm_blocks_for_its_context_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="max model length"):
+        plan(SystemSpec(engine="vllm", num_gpu_blocks=10, state_dir=str(tmp_path)))
