@@ -53,6 +53,15 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     return preexec
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` is still there."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 class Process:
     """A child process started from ``argv``; always stopped as a whole process group."""
 
@@ -73,7 +82,6 @@ class Process:
         self.cwd = cwd
         self.tie_to_parent = tie_to_parent
         self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
         self.started_at = 0.0
 
     def start(self) -> Process:
@@ -92,7 +100,6 @@ class Process:
         finally:
             if not isinstance(out, int):
                 out.close()  # type: ignore[attr-defined]
-        self.starts += 1
         self.started_at = time.monotonic()
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -52,43 +53,78 @@ def build_parser(prog: str, description: str, config: type[Any]) -> argparse.Arg
 
 
 async def _serve(name: str, service: Runnable, ready_file: str) -> None:
-    await service.start()
-    # What exists now lives as long as the process: keep it out of every collection, so the
-    # pauses that land on requests only scan the garbage of recent work.
-    gc.collect()
-    gc.freeze()
-    if ready_file:
-        from infermesh.libs.process.ready import ReadyFile, write_ready_file
-
-        port = getattr(service, "http_port", None)
-        scheme = getattr(service, "http_scheme", "http")
-        host = getattr(getattr(service, "cfg", None), "http_host", "127.0.0.1")
-        detail = service.ready_detail() if hasattr(service, "ready_detail") else {}
-        write_ready_file(ready_file, ReadyFile(
-            service=name, pid=os.getpid(), started=time.time(),
-            http_url=f"{scheme}://{host}:{port}" if port else "", detail=detail))
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
         if done.is_set():  # a second signal: the caller will not wait for a clean stop
-            os._exit(1)
+            _exit_now(1)
         done.set()
 
+    # Handled from the start: a stop asked for while starting (a bus that is not there yet, an
+    # engine still booting) ends the start instead of waiting for it.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    try:
-        await done.wait()
-    finally:
-        # A clean stop drains the bus connection; with the bus gone that can wait forever
-        # (and swallow a cancellation), and a process told to stop must stop.
-        stopping = asyncio.ensure_future(service.stop())
-        finished, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_S)
-        if not finished:
-            get_logger("runtime").warning("stop_timed_out", service=name,
-                                          timeout_s=STOP_TIMEOUT_S)
-            os._exit(1)
-        stopping.result()
+    starting = asyncio.ensure_future(service.start())
+    signalled = asyncio.ensure_future(done.wait())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.wait({starting}, timeout=STOP_TIMEOUT_S)
+    else:
+        starting.result()  # a failed start raises here (StartupError: exit status 2)
+        # What exists now lives as long as the process: keep it out of every collection, so
+        # the pauses that land on requests only scan the garbage of recent work.
+        gc.collect()
+        gc.freeze()
+        if ready_file:
+            _write_ready_file(name, service, ready_file)
+        await signalled
+    # A clean stop drains the bus connection; with the bus gone that can wait forever (and
+    # swallow a cancellation), and a process told to stop must stop.
+    stopping = asyncio.ensure_future(service.stop())
+    finished, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_S)
+    if not finished:
+        get_logger("runtime").warning("stop_timed_out", service=name, timeout_s=STOP_TIMEOUT_S)
+        _exit_now(1)
+    stopping.result()
+    await _end_stragglers(name)
+
+
+def _write_ready_file(name: str, service: Runnable, path: str) -> None:
+    from infermesh.libs.process.ready import ReadyFile, write_ready_file
+
+    port = getattr(service, "http_port", None)
+    scheme = getattr(service, "http_scheme", "http")
+    host = getattr(getattr(service, "cfg", None), "http_host", "127.0.0.1")
+    detail = service.ready_detail() if hasattr(service, "ready_detail") else {}
+    write_ready_file(path, ReadyFile(
+        service=name, pid=os.getpid(), started=time.time(),
+        http_url=f"{scheme}://{host}:{port}" if port else "", detail=detail))
+
+
+async def _end_stragglers(name: str) -> None:
+    """Cancel what the service left running. A task that ignores its cancellation (nats-py's
+    reconnect loop with the server gone, say) would keep ``asyncio.run`` waiting forever: the
+    process exits without it."""
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me]
+    for t in left:
+        t.cancel()
+    if not left:
+        return
+    _, pending = await asyncio.wait(left, timeout=STOP_TIMEOUT_S)
+    if pending:
+        get_logger("runtime").info("tasks_abandoned_at_exit", service=name,
+                                   tasks=sorted(t.get_name() for t in pending))
+        _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 class ServiceMain:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from infermesh.libs.process.ports import free_port
-from infermesh.libs.process.process import die_with_parent
+from infermesh.libs.process.process import die_with_parent, group_alive
 from infermesh.libs.telemetry import get_logger
 
 log = get_logger("agent.vllm")
@@ -171,23 +171,15 @@ class VllmProcess:
         log.info("vllm_stopped", code=proc.returncode)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
 async def _reap_group(pgid: int, grace_s: float = 5.0) -> None:
     """End whatever is left of an engine's process group: SIGTERM, then SIGKILL after a grace."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _group_alive(pgid):
+        if not group_alive(pgid):
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
         deadline = time.monotonic() + grace_s
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while group_alive(pgid) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-    if _group_alive(pgid):
+    if group_alive(pgid):
         log.warning("vllm_group_survived", pgid=pgid)

@@ -27,7 +27,7 @@ from infermesh.libs.process.supervisor import Supervisor
 from infermesh.libs.telemetry import get_logger
 from infermesh.proto.subjects import Subjects
 
-from .plan import ProcessSpec, SystemPlan
+from .plan import SystemPlan
 
 log = get_logger("system")
 
@@ -189,17 +189,4 @@ class LocalSystem:
         self.stop()
 
 
-def process_lines(plan: SystemPlan) -> list[str]:
-    """The summary's lines: each process, where it listens, its log."""
-    out: list[str] = []
-    for p in plan.processes:
-        out.append(_line(plan, p))
-    return out
-
-
-def _line(plan: SystemPlan, p: ProcessSpec) -> str:
-    links = "  ".join(f"{k} {v}" for k, v in p.links.items())
-    return f"  {p.name:<14} {links}"
-
-
-__all__ = ["LocalSystem", "NotReady", "prepare_state", "process_lines"]
+__all__ = ["LocalSystem", "NotReady", "prepare_state"]

@@ -19,6 +19,7 @@ from types import FrameType
 
 from infermesh.libs.config import ConfigError, add_arguments, load_config
 from infermesh.libs.process.ports import PortBusy
+from infermesh.libs.process.process import group_alive
 from infermesh.libs.process.ready import NotReady
 from infermesh.libs.process.runfile import (
     RunFile,
@@ -96,7 +97,7 @@ def clean_stale_run(state_dir: Path) -> None:
             f"infermesh up: already running (pid {run.pid}, state dir {state_dir}, OpenAI API "
             f"{run.ingress_url or '?'}); stop it first (kill {run.pid}), or use another "
             "--state-dir and other ports")
-    left = [p for p in run.processes if _group_alive(p.pid)]
+    left = [p for p in run.processes if group_alive(p.pid)]
     for p in left:
         try:
             os.killpg(p.pid, signal.SIGKILL)
@@ -106,14 +107,6 @@ def clean_stale_run(state_dir: Path) -> None:
           + (f"; stopped what it left running: {', '.join(p.name for p in left)}"
              if left else "; nothing of it was left running"), file=sys.stderr)
     run_file_path(state_dir).unlink(missing_ok=True)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
 
 
 def _run_file(system: LocalSystem, plan_: SystemPlan) -> RunFile:

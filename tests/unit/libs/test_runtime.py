@@ -63,3 +63,53 @@ def test_help_names_the_command_and_shows_defaults(service: str,
     out = capsys.readouterr().out
     assert out.startswith(f"usage: infermesh {service}") and "(default: " in out
     assert "--ready-file" in out and "--http-port" in out
+
+
+STUBBORN = '''
+import asyncio, dataclasses, sys
+from infermesh.libs.runtime import service_main
+
+@dataclasses.dataclass
+class Cfg:
+    pass
+
+class Stubborn:
+    """Leaves behind a task that swallows its cancellation (as a reconnect loop may)."""
+    async def start(self):
+        async def forever():
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    pass
+        self.task = asyncio.create_task(forever(), name="stubborn")
+    async def stop(self):
+        if sys.argv[1] == "hang":
+            await asyncio.Event().wait()
+
+raise SystemExit(service_main("stubborn", Cfg, lambda cfg: Stubborn(), "test")(
+    ["--ready-file", sys.argv[2]]))
+'''
+
+
+@pytest.mark.parametrize("stop", ["returns", "hang"])
+def test_a_stop_signal_always_ends_the_process(stop: str, tmp_path: Path) -> None:
+    """Whatever the service leaves behind (a task that ignores cancellation, a stop that never
+    returns), SIGTERM ends the process: a supervisor must be able to count on it."""
+    import signal
+    import subprocess
+    import sys
+
+    from infermesh.libs.process.ready import wait_ready_file
+
+    ready = tmp_path / "ready.json"
+    p = subprocess.Popen([sys.executable, "-c", STUBBORN, stop, str(ready)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_ready_file(ready, 30).service == "stubborn"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) in (0, 1)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
