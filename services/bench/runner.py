@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from infermesh.libs.telemetry import configure_logging
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, ensure_model_folder
 from infermesh.libs.tokenization import ModelTokenizer
 from infermesh.services.system.plan import plan
@@ -207,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    # The results are the output; the systems' own logs go to their state folders.
+    configure_logging("bench", level=None if "INFERMESH_LOG_LEVEL" in os.environ else "warning")
     preset = PRESETS[args.preset]
     profiles = [x for x in args.profiles.split(",") if x] or None
     run(preset, args.out / preset.name if args.out == Path(".bench") else args.out,
