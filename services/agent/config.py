@@ -24,6 +24,11 @@ class AgentConfig(BusKnobs):
     role: Literal["both", "prefill", "decode"] = knob("both", "Role in P/D disaggregation")
     labels: dict[str, str] = knob(None, "Labels for filters, k=v,k2=v2", factory=dict)
     heartbeat_s: float = knob(0.2, "PodState period (the heartbeat); at most 0.25")
+    scrape_interval_s: float = knob(
+        0.5, "Period of the engine's /metrics scrape (its load: running, waiting, KV usage). "
+        "Each scrape costs the engine CPU; the schedulers count in-flight requests themselves "
+        "from request events, so this can be slower than the heartbeat"
+    )
     scrape_timeout_s: float = knob(1.0, "Timeout of one /metrics scrape")
     engine_lost_s: float = knob(
         0.5, "The engine's port refusing connections this long means it died: its blocks "
@@ -61,6 +66,8 @@ class AgentConfig(BusKnobs):
             check_token(self.pod, "pod")
         if not 0 < self.heartbeat_s <= 0.25:
             raise ValueError("heartbeat_s must be within (0, 0.25]")
+        if self.scrape_interval_s <= 0:
+            raise ValueError("scrape_interval_s must be positive")
         if self.engine_unresponsive_s < 0:
             raise ValueError("engine_unresponsive_s must not be negative")
         if self.max_batch_events < 1 or self.snapshot_part_blocks < 1:

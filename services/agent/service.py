@@ -525,7 +525,7 @@ class AgentService:
     # ------------------------------------------------------------------ load and heartbeat
 
     async def _scrape_loop(self) -> None:
-        """Scrape the engine's load every ``heartbeat_s``; the heartbeat loop sends it on.
+        """Scrape the engine's load every ``scrape_interval_s``; heartbeats carry the last one.
 
         The heartbeat never waits on a scrape, so an engine that is slow to answer delays
         nothing but the freshness of its load figures.
@@ -542,7 +542,7 @@ class AgentService:
                 await self._scrape_failed(e)
             else:
                 self._scraped(load)
-            await asyncio.sleep(self.cfg.heartbeat_s)
+            await asyncio.sleep(self.cfg.scrape_interval_s)
 
     def _scraped(self, load: EngineLoad) -> None:
         now = time.monotonic()

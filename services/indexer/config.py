@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infermesh.libs import liveness
 from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import knob
 
@@ -18,7 +19,12 @@ class IndexerConfig(BusKnobs):
         "are evicted",
     )
     pod_timeout_s: float = knob(
-        1.0, "A pod with no heartbeat for this long is dropped from the index (with its blocks)"
+        10.0, "A pod with no heartbeat for this long is dropped from the index (with its "
+        "blocks), unless every pod is silent (then the indexer or the bus is behind)"
+    )
+    pod_late_s: float = knob(
+        1.0, "Heard from within this long: a pod whose voice proves the bus works (see "
+        "pod_timeout_s)"
     )
     kv_seq_grace_s: float = knob(
         0.5,
@@ -48,6 +54,7 @@ class IndexerConfig(BusKnobs):
             raise ValueError("max_blocks must be at least 1")
         if self.pod_timeout_s <= 0 or self.snapshot_timeout_s <= 0:
             raise ValueError("pod_timeout_s and snapshot_timeout_s must be positive")
+        liveness.check_times(self.pod_late_s, self.pod_timeout_s)
         if self.kv_seq_grace_s < 0:
             raise ValueError("kv_seq_grace_s must be >= 0")
         if self.snapshot_part_blocks < 1 or self.max_buffered_batches < 1:

@@ -64,6 +64,7 @@ class IndexerService:
         self.tracker = StreamTracker(
             self.index,
             pod_timeout_s=cfg.pod_timeout_s,
+            pod_late_s=cfg.pod_late_s,
             kv_seq_grace_s=cfg.kv_seq_grace_s,
             backoff_s=cfg.snapshot_backoff_s,
             backoff_max_s=cfg.snapshot_backoff_max_s,
@@ -214,7 +215,7 @@ class IndexerService:
     # ------------------------------------------------------------------ liveness
 
     async def _sweep_loop(self) -> None:
-        period = min(0.1, self.cfg.pod_timeout_s / 4)
+        period = min(0.1, self.cfg.pod_late_s / 4)
         while True:
             await asyncio.sleep(period)
             try:
@@ -222,7 +223,8 @@ class IndexerService:
                     t = self._snapshots.pop(pod, None)
                     if t is not None:
                         t.cancel()
-                    log.info("pod_dropped", pod=pod, reason="heartbeat timeout")
+                    log.warning("pod_dropped", pod=pod, reason="heartbeat timeout",
+                                silent_s=self.cfg.pod_timeout_s)
             except Exception:  # a bug must not stop liveness checks
                 log.exception("sweep_failed")
 

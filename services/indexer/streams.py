@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from infermesh.libs import liveness
 from infermesh.proto.messages import KVEventBatch, PodState, Snapshot
 
 from .index import IndexStats, KVIndex
@@ -25,6 +26,7 @@ class PodStream:
 
     pod: str
     last_heartbeat: float
+    heard_since: float = 0.0  # start of its unbroken run of heartbeats (liveness.since)
     pool: str = ""
     model: str = ""  # from batches, snapshots or heartbeats (keys are seeded by it)
     epoch: str | None = None  # of the last batch or snapshot applied
@@ -44,7 +46,8 @@ class StreamTracker:
         self,
         index: KVIndex,
         *,
-        pod_timeout_s: float = 1.0,
+        pod_timeout_s: float = liveness.DEFAULT_DEAD_S,
+        pod_late_s: float = liveness.DEFAULT_LATE_S,
         kv_seq_grace_s: float = 0.5,
         backoff_s: float = 0.1,
         backoff_max_s: float = 5.0,
@@ -53,6 +56,7 @@ class StreamTracker:
         self.index = index
         self.stats: IndexStats = index.stats
         self.pod_timeout_s = pod_timeout_s
+        self.pod_late_s = min(pod_late_s, pod_timeout_s)
         self.kv_seq_grace_s = kv_seq_grace_s
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
@@ -63,7 +67,7 @@ class StreamTracker:
         s = self.streams.get(pod)
         if s is not None:
             return s, False
-        s = self.streams[pod] = PodStream(pod=pod, last_heartbeat=now)
+        s = self.streams[pod] = PodStream(pod=pod, last_heartbeat=now, heard_since=now)
         self.index.pod(pod)
         return s, True
 
@@ -138,6 +142,7 @@ class StreamTracker:
         lost.
         """
         s, _ = self._stream(st.pod, now)
+        s.heard_since = liveness.since(s.last_heartbeat, s.heard_since, now, self.pod_late_s)
         s.last_heartbeat = now
         s.pool = st.pool
         if st.model and not s.model:
@@ -222,9 +227,13 @@ class StreamTracker:
     # ------------------------------------------------------------------ liveness
 
     def expire(self, now: float) -> list[str]:
-        """Drop every pod whose heartbeat stopped; return their names."""
-        limit = now - self.pod_timeout_s
-        gone = [p for p, s in self.streams.items() if s.last_heartbeat < limit]
+        """Drop every pod whose heartbeat stopped for good (:func:`liveness.dead`: silent for
+        ``pod_timeout_s`` while another pod kept speaking); return their
+        names. A late pod keeps its blocks: dropping them would cost a snapshot on its next
+        heartbeat and route its prefixes elsewhere meanwhile."""
+        gone = liveness.dead({p: (s.last_heartbeat, s.heard_since)
+                              for p, s in self.streams.items()}, now,
+                             self.pod_late_s, self.pod_timeout_s)
         for p in gone:
             del self.streams[p]
             self.index.drop_pod(p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infermesh.libs import liveness
 from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import knob
 from infermesh.proto.subjects import check_token
@@ -25,7 +26,22 @@ class IngressConfig(BusKnobs):
     max_prompt_tokens: int = knob(
         0, "Longest prompt accepted (0: the engines' max_model_len, as their heartbeats say)"
     )
-    pod_timeout_s: float = knob(1.0, "A pod without heartbeat for this long is not used")
+    pod_timeout_s: float = knob(
+        10.0, "A pod silent for this long is dropped, unless every pod is silent (then the "
+        "ingress or the bus is behind, not the pods); a ready=False heartbeat drops it at once"
+    )
+    pod_late_s: float = knob(
+        1.0, "A pod silent for this long is late: still used on its last known state, counted "
+        "in infermesh_ingress_pods_late"
+    )
+    no_pod_wait_s: float = knob(
+        3.0, "A request that finds no ready engine waits this long for one (a heartbeat) before "
+        "the 503"
+    )
+    refused_backoff_s: float = knob(
+        2.0, "An engine that refused a connection is asked only when no other engine is left, "
+        "for this long"
+    )
     instance: str = knob("", "Name of this ingress in request events (empty: host-pid)")
     # API keys, rate limits and TLS (services/ingress/auth.py, docs/ingress.md).
     api_key: str = knob("", "One API key that clients must send as `Authorization: Bearer KEY` "
@@ -42,6 +58,9 @@ class IngressConfig(BusKnobs):
 
     def __post_init__(self) -> None:
         check_token(self.pool, "pool")
+        liveness.check_times(self.pod_late_s, self.pod_timeout_s)
+        if self.no_pod_wait_s < 0 or self.refused_backoff_s < 0:
+            raise ValueError("no_pod_wait_s and refused_backoff_s must be >= 0")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if self.max_body_bytes < 1024:

@@ -33,4 +33,13 @@ class IngressMetrics:
         self.fallbacks = Counter("infermesh_ingress_fallbacks",
                                  "Requests served without a control-plane answer", ["reason"],
                                  registry=r)
+        self.pods_late = Gauge("infermesh_ingress_pods_late",
+                               "Ready pods whose heartbeat is late (still used)", registry=r)
+        self.pods_dropped = Counter("infermesh_ingress_pods_dropped",
+                                    "Pods dropped by reason (not_ready, silent)", ["reason"],
+                                    registry=r)
+        self.no_pod_waits = Counter(
+            "infermesh_ingress_no_pod_waits",
+            "Requests that found no ready engine and waited for one, by outcome", ["outcome"],
+            registry=r)
         self.in_flight = Gauge("infermesh_ingress_in_flight", "Requests being served", registry=r)

@@ -31,6 +31,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from prometheus_client import generate_latest
 
+from infermesh.libs import liveness
 from infermesh.libs.bus import (
     BUS_REGISTRY,
     BusError,
@@ -133,6 +134,7 @@ _USAGE_RE = re.compile(rb'data: (\{[^\n]*"usage":\{[^\n]*\})\s*$', re.M)
 class _Pod:
     state: PodState
     seen: float
+    since: float  # start of its unbroken run of heartbeats (liveness.since)
     in_flight: int = 0
 
 
@@ -165,6 +167,10 @@ class IngressService:
         self._rng = random.Random()
         self._tokenizer_ok = 0.0  # monotonic time of the last answer
         self._scheduler_ok = 0.0
+        self._pod_arrived = asyncio.Event()  # set by a ready heartbeat while someone waits
+        self._waiters = 0
+        self._pruned_at = 0.0
+        self._refused: dict[str, float] = {}  # pod → when it last refused a connection
         # Built here so a bad key file or certificate stops the start before any bus work.
         self.guard = ApiKeyGuard(ApiKeys.from_settings(cfg.api_key, cfg.api_keys_file,
                                                        cfg.rate_limit_rps, cfg.rate_limit_burst),
@@ -231,19 +237,66 @@ class IngressService:
         if st.pool != self.cfg.pool:
             return
         pod = self.pods.get(st.pod)
+        if not st.ready:
+            # Evidence from the agent (the engine refuses connections or stopped answering).
+            if pod is not None and pod.state.ready:
+                self.metrics.pods_dropped.labels("not_ready").inc()
+                log.info("pod_not_ready", pod=st.pod)
+        elif pod is not None and not pod.state.ready:
+            self._refused.pop(st.pod, None)  # back (a restarted engine): no longer refusing
+        now = time.monotonic()
         if pod is None:
-            self.pods[st.pod] = _Pod(st, time.monotonic())
+            self.pods[st.pod] = _Pod(st, now, now)
         else:
-            pod.state, pod.seen = st, time.monotonic()
+            pod.since = liveness.since(pod.seen, pod.since, now, self.cfg.pod_late_s)
+            pod.state, pod.seen = st, now
+        if st.ready and self._waiters:
+            self._pod_arrived.set()
+
+    def _prune(self) -> None:
+        """Forget pods silent for ``pod_timeout_s`` while others still speak (at most 4 times a
+        second: it runs on the request path)."""
+        now = time.monotonic()
+        if now - self._pruned_at < 0.25:
+            return
+        self._pruned_at = now
+        heard = {name: (p.seen, p.since) for name, p in self.pods.items()}
+        for name in liveness.dead(heard, now, self.cfg.pod_late_s, self.cfg.pod_timeout_s):
+            del self.pods[name]
+            self.metrics.pods_dropped.labels("silent").inc()
+            log.warning("pod_dropped", pod=name, reason="no heartbeat",
+                        silent_s=self.cfg.pod_timeout_s)
+        self.metrics.pods_late.set(liveness.late(
+            (p.seen for p in self.pods.values() if p.state.ready), now, self.cfg.pod_late_s))
 
     def live_pods(self) -> list[_Pod]:
-        """Pods with a fresh, ready heartbeat."""
-        cutoff = time.monotonic() - self.cfg.pod_timeout_s
-        return [p for p in self.pods.values() if p.seen >= cutoff and p.state.ready]
+        """Pods whose agent says ready. A late heartbeat is not a dead pod: it stays, on its
+        last known state, until :func:`liveness.dead` says otherwise."""
+        self._prune()
+        return [p for p in self.pods.values() if p.state.ready]
 
-    def _resolve_model(self, model: str | None) -> tuple[str, str | None]:
+    async def _wait_for_pod(self, why: str) -> bool:
+        """Wait up to ``no_pod_wait_s`` for a ready heartbeat; True when one came."""
+        if self.cfg.no_pod_wait_s <= 0:
+            return False
+        self._waiters += 1
+        try:
+            self._pod_arrived.clear()
+            await asyncio.wait_for(self._pod_arrived.wait(), self.cfg.no_pod_wait_s)
+        except TimeoutError:
+            self.metrics.no_pod_waits.labels("timed_out").inc()
+            log.warning("no_engine_after_wait", reason=why, waited_s=self.cfg.no_pod_wait_s)
+            return False
+        finally:
+            self._waiters -= 1
+        self.metrics.no_pod_waits.labels("found").inc()
+        return True
+
+    async def _resolve_model(self, model: str | None) -> tuple[str, str | None]:
         """(base model, LoRA adapter or None) for a model name; 404 when nobody serves it."""
         pods = self.live_pods()
+        if not pods and await self._wait_for_pod("no ready engine"):
+            pods = self.live_pods()
         if not pods:
             raise ClientError(503, "No engine is available for this pool right now")
         if model is None:
@@ -257,6 +310,15 @@ class IngressService:
         served = sorted({p.state.model for p in pods} | {a for p in pods for a in p.state.adapters})
         raise ClientError(404, f"The model `{model}` does not exist. Valid models: "
                           f"{', '.join(served)}.", "model")
+
+    def _refused_recently(self) -> list[str]:
+        """Pods that refused a connection within ``refused_backoff_s``."""
+        if not self._refused:
+            return []
+        now = time.monotonic()
+        for name in [n for n, t in self._refused.items() if now - t > self.cfg.refused_backoff_s]:
+            del self._refused[name]
+        return list(self._refused)
 
     # ------------------------------------------------------------------ HTTP: simple endpoints
 
@@ -323,7 +385,7 @@ class IngressService:
                                    "'application/json' is allowed")
         raw = await request.read()
         body = self._parse(raw, chat)
-        model, lora = self._resolve_model(body.model)
+        model, lora = await self._resolve_model(body.model)
         profile = request.headers.get(PROFILE_HEADER) or self.cfg.profile or None
         route = _Route(request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
                        model=model, lora=lora, num_tokens=0, block_keys=[], profile=profile,
@@ -467,15 +529,26 @@ class IngressService:
     async def _pick(self, route: _Route) -> tuple[str, str]:
         """(pod, url) from the scheduler, or from heartbeats when it does not answer."""
         assert self.nc is not None
+        exclude = route.excluded
+        refused = self._refused_recently()
+        if refused:
+            # Engines that just refused a connection are asked only if nothing else is left.
+            others = {p.state.pod for p in self.live_pods() if p.state.model == route.model}
+            others.difference_update(route.excluded, refused)
+            if others:
+                exclude = [*route.excluded, *(r for r in refused if r not in route.excluded)]
         req = ScheduleRequest(request_id=route.request_id, model=route.model,
                               num_tokens=route.num_tokens, block_keys=route.block_keys,
                               pool=self.cfg.pool, lora_name=route.lora, profile=route.profile,
-                              exclude=route.excluded)
+                              exclude=exclude)
         t0 = time.perf_counter()
+        waited = False
         try:
             # Twice: if the replica that got the request died, the queue group's next
             # member answers the second one.
-            for attempt in (1, 2):
+            attempt = 0
+            while attempt < 2:
+                attempt += 1
                 try:
                     d = await request(self.nc, self.subjects.schedule, req, ScheduleDecision,
                                       timeout=self.cfg.schedule_timeout_s)
@@ -490,6 +563,12 @@ class IngressService:
                     if e.code == "400":
                         raise ClientError(400, e.description) from None
                     if e.code == "503":
+                        # The scheduler knows no engine for it (yet): wait for a heartbeat once,
+                        # as a request that finds no pod here does, then ask again.
+                        if not waited and await self._wait_for_pod(e.description):
+                            waited = True
+                            attempt -= 1
+                            continue
                         raise ClientError(503, e.description) from None
                     self.metrics.fallbacks.labels("scheduler_error").inc()
                     log.warning("scheduler_failed", error=str(e))
@@ -509,6 +588,9 @@ class IngressService:
     def _least_loaded(self, route: _Route) -> tuple[str, str]:
         pods = [p for p in self.live_pods() if p.state.pod not in route.excluded
                 and (p.state.model == route.model)]
+        refused = set(self._refused_recently())
+        if refused and any(p.state.pod not in refused for p in pods):
+            pods = [p for p in pods if p.state.pod not in refused]
         if not pods:
             raise ClientError(503, "No engine is available for this model right now")
         best = min(p.state.running + p.state.waiting + p.in_flight for p in pods)
@@ -545,6 +627,8 @@ class IngressService:
                              "X-Request-Id": route.request_id})
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 last_error = f"engine {pod} unreachable: {type(e).__name__}"
+                if isinstance(e, aiohttp.ClientConnectorError):
+                    self._refused[pod] = time.monotonic()
                 await self._failed_attempt(route, pod, tracked, last_error)
                 continue
             if upstream.status >= 500 and attempt + 1 < self.cfg.max_attempts:

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from infermesh.libs import liveness
 from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import ConfigError, knob
 
@@ -57,7 +58,15 @@ class SchedulerConfig(BusKnobs):
         "deploy/local/scheduler.yaml)"
     )
     replica: str = knob("", "Name of this replica in logs and health (empty: host-pid)")
-    pod_timeout_s: float = knob(1.0, "A pod without a heartbeat for this long is dropped")
+    pod_timeout_s: float = knob(
+        10.0, "A pod silent for this long is dropped, unless every pod of its pool is silent "
+        "(then this replica or the bus is behind, not the pods); a ready=False heartbeat drops "
+        "it at once"
+    )
+    pod_late_s: float = knob(
+        1.0, "A pod silent for this long is late: still routed on its last known state, "
+        "counted in infermesh_scheduler_pods_late"
+    )
     inflight_timeout_s: float = knob(
         300.0, "A request in flight with no finished event for this long is forgotten"
     )
@@ -71,6 +80,7 @@ class SchedulerConfig(BusKnobs):
     def __post_init__(self) -> None:
         if self.pod_timeout_s <= 0 or self.inflight_timeout_s <= 0:
             raise ValueError("pod_timeout_s and inflight_timeout_s must be positive")
+        liveness.check_times(self.pod_late_s, self.pod_timeout_s)
         if self.warmup_s < 0:
             raise ValueError("warmup_s must be >= 0")
 

@@ -55,6 +55,11 @@ class SchedulerMetrics:
             registry=r,
         )
         self.pods = Gauge("infermesh_scheduler_pods", "Live pods known to this replica", registry=r)
+        self.pods_late = Gauge(
+            "infermesh_scheduler_pods_late",
+            "Live pods whose heartbeat is late (still routed on their last known state)",
+            registry=r,
+        )
         self.inflight = Gauge(
             "infermesh_scheduler_inflight", "Requests in flight, as this replica counts them",
             registry=r,

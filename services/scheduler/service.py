@@ -66,7 +66,7 @@ class SchedulerService:
         self.handle = Handle(self.metrics, self._index_lookup, rng)
         self.pipeline = pipeline or load_pipeline(cfg.profiles_file, self.handle)
         self.scheduler = Scheduler(self.pipeline, self.metrics)
-        self.pods = PodTable(cfg.pod_timeout_s)
+        self.pods = PodTable(cfg.pod_timeout_s, late_s=cfg.pod_late_s)
         self.inflight = InFlight(cfg.inflight_timeout_s)
         self.observers = self.pipeline.observers()
         self.decisions = 0
@@ -139,6 +139,7 @@ class SchedulerService:
         return ok, {
             "replica": self.replica,
             "pods": len(self.pods),
+            "pods_late": self.pods.late(),
             "inflight": self.inflight.counts(),
             "decisions": self.decisions,
             "profiles": sorted(self.pipeline.profiles),
@@ -146,7 +147,7 @@ class SchedulerService:
         }
 
     async def _housekeeping(self) -> None:
-        period = min(0.25, self.cfg.pod_timeout_s / 4)
+        period = min(0.25, self.cfg.pod_late_s / 4)
         while True:
             await asyncio.sleep(period)
             try:
@@ -157,12 +158,14 @@ class SchedulerService:
     def prune(self) -> None:
         """Drop silent pods and expired in-flight requests; refresh the gauges."""
         for pod in self.pods.prune():
-            log.info("pod_dropped", pod=pod, reason="no heartbeat")
+            log.warning("pod_dropped", pod=pod, reason="no heartbeat",
+                        silent_s=self.cfg.pod_timeout_s)
             self._pod_removed(pod)
         expired = self.inflight.expire()
         if expired:
             self.metrics.inflight_expired.inc(expired)
         self.metrics.pods.set(len(self.pods))
+        self.metrics.pods_late.set(self.pods.late())
         self.metrics.inflight.set(len(self.inflight))
 
     def _pod_removed(self, pod: str) -> None:

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from infermesh.libs import liveness
 from infermesh.proto.messages import PodState
 
 from .framework import Pod
@@ -22,17 +23,22 @@ class PodEntry:
 
     state: PodState
     seen: float
+    since: float  # start of its unbroken run of heartbeats (liveness.since)
 
 
 class PodTable:
     """Live pods per pool, from ``im.pod.<pool>.<pod>`` heartbeats.
 
-    A pod is dropped when a heartbeat says ``ready=False`` or when none came for ``timeout_s``;
-    arrival time is measured on this replica's clock, so engine clock skew does not matter.
+    A pod is dropped when a heartbeat says ``ready=False``, or by :func:`liveness.dead`: silent
+    for ``timeout_s`` while another pod of its pool kept speaking. A late pod
+    stays a candidate on its last known state. Arrival time is measured on this replica's
+    clock, so engine clock skew does not matter.
     """
 
-    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 late_s: float = liveness.DEFAULT_LATE_S) -> None:
         self.timeout_s = timeout_s
+        self.late_s = min(late_s, timeout_s)
         self.clock = clock
         self._pools: dict[str, dict[str, PodEntry]] = {}
 
@@ -45,23 +51,32 @@ class PodTable:
         if not state.ready:
             return pool.pop(state.pod, None) is not None
         entry = pool.get(state.pod)
+        now = self.clock()
         if entry is None:
-            pool[state.pod] = PodEntry(state, self.clock())
+            pool[state.pod] = PodEntry(state, now, now)
         else:
             entry.state = state
-            entry.seen = self.clock()
+            entry.since = liveness.since(entry.seen, entry.since, now, self.late_s)
+            entry.seen = now
         return False
 
     def prune(self) -> list[str]:
-        """Drop the pods whose heartbeat stopped; return their names."""
-        cutoff = self.clock() - self.timeout_s
+        """Drop the pods whose heartbeat stopped for good; return their names."""
+        now = self.clock()
         gone: list[str] = []
         for pool in self._pools.values():
-            stale = [name for name, e in pool.items() if e.seen < cutoff]
+            stale = liveness.dead({n: (e.seen, e.since) for n, e in pool.items()}, now,
+                                  self.late_s, self.timeout_s)
             for name in stale:
                 del pool[name]
             gone.extend(stale)
         return gone
+
+    def late(self) -> int:
+        """Pods whose last heartbeat is older than ``late_s`` (still candidates)."""
+        now = self.clock()
+        return sum(liveness.late((e.seen for e in pool.values()), now, self.late_s)
+                   for pool in self._pools.values())
 
     def get(self, pool: str, pod: str) -> PodState | None:
         """A live pod's last heartbeat."""
@@ -69,9 +84,8 @@ class PodTable:
         return entry.state if entry is not None else None
 
     def pods(self, pool: str) -> list[PodState]:
-        """Every live pod of ``pool``."""
-        cutoff = self.clock() - self.timeout_s
-        return [e.state for e in self._pools.get(pool, {}).values() if e.seen >= cutoff]
+        """Every live pod of ``pool`` (late ones included)."""
+        return [e.state for e in self._pools.get(pool, {}).values()]
 
     def candidates(
         self,
@@ -83,14 +97,13 @@ class PodTable:
     ) -> tuple[list[Pod], int]:
         """The live pods of ``pool`` serving ``model`` (any model when empty), not excluded and
         carrying every ``labels`` pair; and how many pods of the pool serve the model at all."""
-        cutoff = self.clock() - self.timeout_s
         skip = set(exclude)
         wanted = tuple(labels.items()) if labels else ()
         out: list[Pod] = []
         serving = 0
         for name, e in self._pools.get(pool, {}).items():
             st = e.state
-            if e.seen < cutoff or (model and st.model != model):
+            if model and st.model != model:
                 continue
             serving += 1
             if name in skip or (wanted and any(st.labels.get(k) != v for k, v in wanted)):

@@ -172,7 +172,7 @@ async def test_index_equals_brute_force_through_replicas_agent_loss_and_restart(
         assert {p: v for p, v in got.items() if v[0]} == brute_force(caches, probe)
 
         # A second replica started now catches up from snapshots; both answer the same.
-        idx2, port2 = await start_indexer(procs, url, "indexer-2")
+        idx2, port2 = await start_indexer(procs, url, "indexer-2", "--pod-timeout-s", "1.5")
         await wait_until(lambda: _gauge(http, port2, "infermesh_indexer_snapshots_applied_total",
                                         8, at_least=True), what="late replica's snapshots")
         await wait_until(lambda: converged(nc, caches, probes, rounds=2), timeout=20,
@@ -182,7 +182,7 @@ async def test_index_equals_brute_force_through_replicas_agent_loss_and_restart(
         idx1.stop()
         assert await converged(nc, caches, probes), "the late replica alone"
 
-        # Kill an agent: its pod is dropped after the heartbeat timeout (1 s).
+        # Kill an agent: its pod is dropped after the heartbeat timeout (1.5 s here).
         agents["sim-3"].kill()
         t0 = asyncio.get_running_loop().time()
         await wait_until(lambda: _gauge(http, port2, "infermesh_indexer_pods", 7),

@@ -92,6 +92,7 @@ class World:
         self.tasks: list[asyncio.Task[Any]] = []
         self.services: list[BusService] = []
         self.schedule_calls: list[ScheduleRequest] = []
+        self.beating = True  # False: the heartbeats stop (a starved or paused agent)
 
     async def start(self, engines: dict[str, str], *, tokenizer: bool = True,
                     scheduler: bool = True, **cfg: Any) -> IngressService:
@@ -119,7 +120,7 @@ class World:
         cfg = {"tokenize_timeout_s": 0.3, "schedule_timeout_s": 0.3, **cfg}
         self.ingress = IngressService(IngressConfig(nats_url=self.nats_url, http_port=0, **cfg))
         await self.ingress.start()
-        await wait_until(lambda: len(self.ingress.live_pods()) == len(engines), what="pods")
+        await wait_until(lambda: len(self.ingress.live_pods()) == len(self.engines), what="pods")
         self.url = f"http://127.0.0.1:{self.ingress.http_port}"
         return self.ingress
 
@@ -138,9 +139,12 @@ class World:
         await svc.start()
         self.services.append(svc)
 
+    async def add_engine(self, name: str, mode: str = "ok") -> None:
+        self.engines[name] = await FakeEngine(mode).start()
+
     async def _heartbeats(self) -> None:
         while True:
-            for name, e in self.engines.items():
+            for name, e in list(self.engines.items()) if self.beating else ():
                 st = PodState(pod=name, pool="default", model=MODEL, url=e.url, ts=time.time(),
                               epoch="e", kv_seq=0, block_size=16, max_model_len=1000,
                               adapters=["lora-x"])
@@ -274,9 +278,69 @@ async def test_bad_requests_get_openai_errors_never_500(world) -> None:
 
 
 async def test_no_engine_is_503(world) -> None:
-    await world.start({})
+    await world.start({}, no_pod_wait_s=0.2)
     status, _, body = await post(world.url, {"model": MODEL, "prompt": "x"})
     assert status == 503 and json.loads(body)["error"]["code"] == 503
+
+
+async def _metrics(url: str) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + "/metrics") as r:
+            return await r.text()
+
+
+async def test_a_request_that_finds_no_engine_waits_for_one(world) -> None:
+    await world.start({}, no_pod_wait_s=10)
+    sent = asyncio.create_task(post(world.url, {"model": MODEL, "prompt": "x"}))
+    await wait_until(lambda: world.ingress._waiters > 0, what="the request waiting for an engine")
+    await world.add_engine("a")  # its first heartbeat ends the wait
+    status, headers, _ = await sent
+    assert status == 200 and headers["x-infermesh-endpoint"] == "a"
+    assert 'infermesh_ingress_no_pod_waits_total{outcome="found"} 1.0' in await _metrics(
+        world.url)
+
+
+async def test_late_heartbeats_keep_pods_and_a_silent_pool_is_never_emptied(world) -> None:
+    """Heartbeats stop for 4x pod_timeout_s (a starved machine): every pod is silent, none is
+    dropped, requests keep being served on the pods' last known state."""
+    await world.start({"a": "ok", "b": "ok"}, pod_late_s=0.1, pod_timeout_s=0.5)
+    world.beating = False
+    t0 = time.monotonic()
+    served = 0
+    while time.monotonic() - t0 < 2.0:
+        status, headers, _ = await post(world.url, {"model": MODEL, "prompt": "x"})
+        assert status == 200 and headers["x-infermesh-endpoint"] in {"a", "b"}
+        served += 1
+    text = await _metrics(world.url)
+    assert "infermesh_ingress_pods_late 2.0" in text
+    assert 'infermesh_ingress_pods_dropped_total{reason="silent"}' not in text
+    assert served > 0 and len(world.ingress.live_pods()) == 2
+
+
+async def test_a_pod_silent_beside_speaking_ones_is_dropped(world) -> None:
+    await world.start({"a": "ok", "b": "ok"}, pod_late_s=0.2, pod_timeout_s=0.6)
+    silent = world.engines.pop("a")  # no more heartbeats for a; b keeps speaking
+    try:
+        await wait_until(lambda: [p.state.pod for p in world.ingress.live_pods()] == ["b"],
+                         what="a dropped")
+        assert 'infermesh_ingress_pods_dropped_total{reason="silent"} 1.0' in await _metrics(
+            world.url)
+    finally:
+        await silent.stop()
+
+
+async def test_an_engine_that_refused_is_skipped_by_later_requests(world) -> None:
+    await world.start({"a": "ok", "b": "ok"})
+    await world.engines["a"].stop()  # its port refuses connections; heartbeats still say ready
+    status, headers, _ = await post(world.url, {"model": MODEL, "prompt": "x"})
+    assert status == 200 and headers["x-infermesh-endpoint"] == "b"
+    retries = world.ingress.metrics.retries._value.get()
+    assert retries == 1
+    # The next request does not try a first: the scheduler is told to leave it out.
+    status, headers, _ = await post(world.url, {"model": MODEL, "prompt": "y"})
+    assert status == 200 and headers["x-infermesh-endpoint"] == "b"
+    assert world.ingress.metrics.retries._value.get() == retries
+    assert world.schedule_calls[-1].exclude == ["a"]
 
 
 async def test_a_body_that_is_not_json_by_content_type_is_refused_as_vllm_does(world) -> None:

@@ -15,7 +15,7 @@ def test_env_and_flags() -> None:
                       env={"INFERMESH_INDEXER_MAX_BLOCKS": "1000",
                            "INFERMESH_INDEXER_POD_TIMEOUT_S": "9"})
     assert (cfg.max_blocks, cfg.pod_timeout_s, cfg.http_port) == (1000, 2.5, -1)
-    assert IndexerConfig().pod_timeout_s == 1.0
+    assert (IndexerConfig().pod_timeout_s, IndexerConfig().pod_late_s) == (10.0, 1.0)
 
 
 @pytest.mark.parametrize("field,value", [("max_blocks", "0"), ("pod_timeout_s", "0"),

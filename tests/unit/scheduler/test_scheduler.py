@@ -121,9 +121,12 @@ async def test_inflight_entries_expire_and_pods_drop_out():
     await svc._on_schedule(req("r1", keys=[1, 2], profile="approx-prefix"))
     approx = svc.pipeline.plugins["approx-prefix"]
     assert svc.inflight.counts() == {"a": 1} and approx.blocks_of("a") == 2  # type: ignore
+    now[0] = 5.0
+    svc.pods.update(pod_state("b"))
     now[0] = 6.0
+    svc.pods.update(pod_state("b"))  # b speaks steadily, a has been silent for 6 s: a is dead
     svc.prune()
-    assert svc.inflight.counts() == {} and len(svc.pods) == 0
+    assert svc.inflight.counts() == {} and len(svc.pods) == 1
     assert approx.blocks_of("a") == 0  # type: ignore[attr-defined]
     assert svc.metrics.inflight_expired._value.get() == 1
 

@@ -15,19 +15,46 @@ class Clock:
         return self.now
 
 
-def test_pods_time_out_and_leave_when_not_ready():
+def test_late_pods_stay_candidates_and_only_long_silence_beside_live_pods_drops():
     clock = Clock()
-    table = PodTable(1.0, clock)
+    table = PodTable(10.0, clock, late_s=1.0)
     table.update(pod_state("a"))
     table.update(pod_state("b"))
     clock.now += 0.6
     table.update(pod_state("a"))
     clock.now += 0.6
-    # b's heartbeat is 1.2 s old: not a candidate even before prune runs.
-    assert [p.name for p in table.candidates("default", "m")[0]] == ["a"]
-    assert table.prune() == ["b"] and len(table) == 1
+    # b's heartbeat is 1.2 s old: late, still a candidate on its last known state.
+    assert [p.name for p in table.candidates("default", "m")[0]] == ["a", "b"]
+    assert table.late() == 1 and table.prune() == [] and len(table) == 2
+    # Silent for 10 s while a speaks steadily: dropped.
+    for _ in range(24):
+        clock.now += 0.5
+        table.update(pod_state("a"))
+    assert table.prune() == ["b"] and len(table) == 1 and table.late() == 0
+    # Evidence from the agent drops at once.
     assert table.update(pod_state("a", ready=False)) is True
     assert len(table) == 0 and table.update(pod_state("a", ready=False)) is False
+
+
+def test_a_silent_pool_is_never_emptied_by_silence_alone():
+    clock = Clock()
+    table = PodTable(10.0, clock, late_s=1.0)
+    table.update(pod_state("a"))
+    table.update(pod_state("b"))
+    table.update(pod_state("c", pool="p2"))
+    clock.now += 60.0  # this replica (or the bus) was cut off a minute: everyone is silent
+    assert table.prune() == [] and table.late() == 3
+    assert [p.name for p in table.candidates("default", "m")[0]] == ["a", "b"]
+    # The first pod to speak again proves nothing at once: b was silent with everyone.
+    table.update(pod_state("a"))
+    assert table.prune() == [] and len(table) == 3
+    # a speaks steadily for 10 s, b does not: b is dead. p2's silent pod stays (its pool has
+    # nobody speaking).
+    for _ in range(20):
+        clock.now += 0.5
+        table.update(pod_state("a"))
+    assert table.prune() == ["b"]
+    assert [p.name for p in table.candidates("p2", "m")[0]] == ["c"]
 
 
 def test_candidates_match_pool_model_exclude_and_labels():
