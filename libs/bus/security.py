@@ -128,8 +128,9 @@ def identities(prefix: str, pods: Iterable[tuple[str, str]]) -> list[Identity]:
             responses=1,
         )),
         Identity(SCHEDULER, Permissions(
-            publish=(s.index_lookup,),
-            subscribe=(s.pod_state_all, s.req_all, s.schedule, *_DISCOVERY,
+            # Lookups to indexers, or its own local index: KV streams and snapshot requests.
+            publish=(s.index_lookup, s.kv_snapshot_all),
+            subscribe=(s.pod_state_all, s.req_all, s.schedule, s.kv_all, *_DISCOVERY,
                        inbox_prefix(SCHEDULER) + ".>"),
             responses=1,
         )),

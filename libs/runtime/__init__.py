@@ -162,11 +162,24 @@ class ServiceMain:
             return 2
         configure_logging(self.name)
         try:
-            asyncio.run(_serve(self.name, service, args.ready_file))
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                runner.run(_serve(self.name, service, args.ready_file))
         except StartupError as e:
             print(f"{self.prog}: {e}", file=sys.stderr)
             return 2
         return 0
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop (libuv: measurably less CPU per bus message and HTTP request than
+    asyncio's own), unless ``INFERMESH_EVENT_LOOP=asyncio`` asks for the standard one."""
+    if os.environ.get("INFERMESH_EVENT_LOOP", "uvloop") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a dependency; kept optional for odd platforms
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
 def service_main(name: str, config: type[C], build: Callable[[C], Runnable], description: str,

@@ -12,6 +12,10 @@ import structlog
 _configured = False
 
 
+def _stderr_logger(*_: Any) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(service: str, level: str | None = None, json: bool | None = None) -> None:
     """Configure structlog and stdlib logging once per process.
 
@@ -36,7 +40,9 @@ def configure_logging(service: str, level: str | None = None, json: bool | None 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # sys.stderr as it is when a line is written (not when this ran): a test harness or a
+        # daemonizer may replace it, and a closed stream must not break a log call.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(service=service)

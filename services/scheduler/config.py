@@ -73,6 +73,17 @@ class SchedulerConfig(BusKnobs):
     warmup_s: float = knob(
         0.3, "Listen to heartbeats this long before answering (a fresh replica knows no pod)"
     )
+    local_index_max_pods: int = knob(
+        64, "Keep a replica of the KV index in this scheduler (it follows every pod's KV events "
+        "and asks agents for snapshots, as an indexer does) and score prefixes from it, with no "
+        "bus round trip, while the fleet has at most this many pods; larger fleets, and pods "
+        "this replica has not synced yet, are looked up in the indexer service. 0: always the "
+        "indexer service"
+    )
+    local_index_max_blocks: int = knob(
+        4_000_000, "Cap on (block key, pod) entries of the local index (as the indexer's "
+        "max_blocks)"
+    )
     seed: int = knob(0, "Seed of random picks and tie-breaks (0: unseeded)")
     http_host: str = knob("127.0.0.1", "Address of the /health and /metrics server")
     http_port: int = knob(0, "Port of the /health and /metrics server (0: a free port, -1: none)")
@@ -83,6 +94,8 @@ class SchedulerConfig(BusKnobs):
         liveness.check_times(self.pod_late_s, self.pod_timeout_s)
         if self.warmup_s < 0:
             raise ValueError("warmup_s must be >= 0")
+        if self.local_index_max_pods < 0 or self.local_index_max_blocks < 1:
+            raise ValueError("local_index_max_pods must be >= 0 and local_index_max_blocks >= 1")
 
     def replica_name(self) -> str:
         """The configured replica name, or ``<host>-<pid>``."""

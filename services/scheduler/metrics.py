@@ -42,6 +42,12 @@ class SchedulerMetrics:
             ["reason"],
             registry=r,
         )
+        self.index_where = Counter(
+            "infermesh_scheduler_index_answers",
+            "Prefix lookups answered by this replica's local index or by the indexer service",
+            ["where"],
+            registry=r,
+        )
         self.index_lookups = Counter(
             "infermesh_scheduler_index_lookups",
             "Indexer lookups by precise prefix scorers, per outcome",

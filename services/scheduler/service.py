@@ -26,6 +26,7 @@ from infermesh.libs.bus import (
     settle,
 )
 from infermesh.libs.bus import request as bus_request
+from infermesh.libs.kvindex import IndexFollower, KVIndex, StreamTracker
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
 from infermesh.proto import codec
@@ -42,6 +43,7 @@ from infermesh.proto.subjects import QUEUE_SCHEDULER, Subjects
 from .config import SchedulerConfig, load_pipeline
 from .framework import Handle, NoCandidates, Pipeline
 from .metrics import SchedulerMetrics
+from .plugins.precise_prefix_scorer import PrecisePrefixCacheScorer
 from .scheduler import Scheduler, UnknownProfile
 from .state import InFlight, PodTable
 
@@ -77,6 +79,8 @@ class SchedulerService:
         self._service: BusService | None = None
         self._ops: OpsServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self.local_index: IndexFollower | None = None
+        self._where = {w: self.metrics.index_where.labels(w) for w in ("local", "service")}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -90,6 +94,14 @@ class SchedulerService:
             await nc.subscribe(self.subjects.pod_state_all, cb=self._on_pod_state),
             await nc.subscribe(self.subjects.req_all, cb=self._on_request_event),
         ]
+        if self.cfg.local_index_max_pods > 0 and self._uses_index():
+            tracker = StreamTracker(KVIndex(self.cfg.local_index_max_blocks),
+                                    pod_timeout_s=self.cfg.pod_timeout_s,
+                                    pod_late_s=self.cfg.pod_late_s)
+            self.local_index = IndexFollower(nc, self.subjects, tracker, snapshot_timeout_s=5.0,
+                                             snapshot_part_blocks=4096,
+                                             log_name="scheduler.index")
+            await self.local_index.start()
         await settle(nc)
         self._tasks = [asyncio.create_task(self._housekeeping(), name="scheduler-housekeeping")]
         if self.cfg.http_port >= 0:
@@ -128,6 +140,9 @@ class SchedulerService:
         await release(service=self._service)
         self._service = None
         await cancel_tasks(self._tasks)
+        if self.local_index is not None:
+            await self.local_index.stop()
+            self.local_index = None
         self._tasks = []
         await release(subs=self._subs, ops=self._ops, nc=self._nc if self._own_nc else None)
         self._subs, self._ops = [], None
@@ -208,9 +223,34 @@ class SchedulerService:
 
     # ------------------------------------------------------------------ im.schedule
 
+    def _uses_index(self) -> bool:
+        """Whether some profile scores with the KV index (else a local one would be waste)."""
+        return any(isinstance(p, PrecisePrefixCacheScorer)
+                   for p in self.pipeline.plugins.values())
+
+    def _local_answers(self, pods: list[str] | None) -> bool:
+        """Whether the local index may answer for ``pods``: the fleet is small enough, and each
+        pod's stream is known and in sync (not waiting for a snapshot)."""
+        f = self.local_index
+        if f is None:
+            return False
+        streams = f.tracker.streams
+        if len(streams) > self.cfg.local_index_max_pods:
+            return False
+        for name in pods if pods is not None else list(streams):
+            s = streams.get(name)
+            if s is None or s.syncing:
+                return False
+        return True
+
     async def _index_lookup(self, msg: LookupRequest, timeout: float) -> LookupReply:
+        if self._local_answers(msg.pods):
+            assert self.local_index is not None
+            self._where["local"].inc()
+            return LookupReply(matches=self.local_index.lookup(msg.block_keys, msg.pods))
         if self._nc is None:
             raise RuntimeError("not connected")
+        self._where["service"].inc()
         return await bus_request(
             self._nc, self.subjects.index_lookup, msg, LookupReply, timeout=timeout
         )

@@ -25,6 +25,7 @@ import pytest
 
 from infermesh.libs import kvblock
 from infermesh.libs.bus import BusService, NatsServer, connect, request
+from infermesh.libs.kvindex import KVIndex
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     BlockStored,
@@ -33,7 +34,6 @@ from infermesh.proto.messages import (
     LookupRequest,
 )
 from infermesh.services.indexer.config import IndexerConfig
-from infermesh.services.indexer.index import KVIndex
 from infermesh.services.indexer.service import IndexerService
 
 pytestmark = pytest.mark.bench

@@ -87,6 +87,13 @@ async def test_shared_prefix_goes_to_the_engine_that_holds_it(stack_factory, mod
         assert hits == {first_pod: 12}, hits
         assert max(cached) >= (n_prefix // BS - 1) * BS
         assert sorted(cached)[len(cached) // 2] >= (n_prefix // BS - 1) * BS
+        # Those decisions came from the scheduler's own replica of the index (no bus hop).
+        sched = next(p for p in stack.system.plan.processes if p.kind == "scheduler")
+        async with http.get(sched.health_url.replace("/health", "/metrics")) as r:
+            text = await r.text()
+        local = [ln for ln in text.splitlines()
+                 if ln.startswith('infermesh_scheduler_index_answers_total{where="local"}')]
+        assert local and float(local[0].split()[-1]) >= 12, local
         # The random profile scatters the same traffic over the engines.
         spread = Counter()
         for i in range(24):

@@ -115,7 +115,9 @@ class Replicas:
         port = free_port_range(1)
         p = Process(name, [sys.executable, "-m", "infermesh.services.scheduler", "--nats-url",
                   self.nats_url, "--replica", name, "--http-port", str(port),
-                  "--warmup-s", "0.15", *extra], log=self.tmp / f"{name}.log").start()
+                  "--warmup-s", "0.15",
+                  # Lookups go to the (stub) indexer service: no local index replica.
+                  "--local-index-max-pods", "0", *extra], log=self.tmp / f"{name}.log").start()
         self.procs[name] = p
         self.ports[name] = port
         return p

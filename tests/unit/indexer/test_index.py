@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 from infermesh.libs import kvblock
+from infermesh.libs.kvindex import KVIndex
 from infermesh.proto.messages import (
     AllBlocksCleared,
     BlockRemoved,
@@ -15,7 +16,6 @@ from infermesh.proto.messages import (
     SnapshotBlock,
 )
 from infermesh.proto.vllm_kv import VllmEventDecoder, VllmEventEncoder
-from infermesh.services.indexer.index import KVIndex
 from infermesh.services.sim.block_hash import BlockHasher, to_wire
 from infermesh.services.sim.cache import PrefixCache
 

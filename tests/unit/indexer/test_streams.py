@@ -4,6 +4,7 @@ batches apply after it, heartbeats reveal lost tails, stale pods are dropped, ba
 from __future__ import annotations
 
 from infermesh.libs import kvblock
+from infermesh.libs.kvindex import KVIndex, StreamTracker
 from infermesh.proto.messages import (
     AllBlocksCleared,
     BlockStored,
@@ -13,8 +14,6 @@ from infermesh.proto.messages import (
     Snapshot,
     SnapshotBlock,
 )
-from infermesh.services.indexer.index import KVIndex
-from infermesh.services.indexer.streams import StreamTracker
 
 M = "infermesh/tiny-llama"
 BS = 4
