@@ -11,22 +11,38 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from infermesh.libs.telemetry import get_logger
-from infermesh.libs.tokenization import IncrementalDetokenizer, TokenizationError
+from infermesh.libs.tokenization import (
+    ChatTemplateError,
+    IncrementalDetokenizer,
+    TokenizationError,
+)
 
+from .encoding import to_json
 from .engine import SimEngine, SimRequest
-from .errors import RequestError, error_body, model_not_found, stream_error_event
+from .errors import (
+    RequestError,
+    error_body,
+    invalid_request,
+    model_not_found,
+    stream_error_event,
+)
 from .messages import materialize
 from .metrics import EngineMetrics
+from .render import generation_defaults, render_body
 from .requests import (
+    MAX_N_SEQUENCES,
     ChatCompletionRequest,
     ChatCompletionToolsParam,
+    CompletionRequest,
     GenerationRequest,
     TokenizeChatRequest,
 )
@@ -40,6 +56,16 @@ from .responses import (
     system_fingerprint,
     tokenize_response,
     version_response,
+)
+from .server_info import (
+    EngineFacts,
+    KvEventsFacts,
+    ModelFacts,
+    config_format,
+    kv_event_sources,
+    server_info,
+    sglang_model_info,
+    sglang_server_info,
 )
 from .streaming import ChatStream, CompletionStream
 from .validation import decode_request, resolve_max_tokens
@@ -62,11 +88,42 @@ _ERROR_TYPES = {
     504: "GatewayTimeoutError",
 }
 
+#: vLLM's answer on its render routes without ``--enable-scale-out``.
+SCALE_OUT_DISABLED = ("Scale-out endpoints are disabled. Restart vllm serve with "
+                      "--enable-scale-out to enable them.")
+EMPTY_CONVERSATION = ("Cannot apply chat template to an empty conversation. "
+                      "Provide at least one message.")
+#: What the tokenization library puts before a template's own error (vLLM shows it bare).
+_TEMPLATE_ERROR_PREFIX = "chat template error: "
+
 T = TypeVar("T")
 
 
 def _error_response(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _json_response(value: Any) -> web.Response:
+    return web.Response(body=to_json(value), content_type="application/json")
+
+
+def _is_text_prompt(prompt: Any) -> bool:
+    """A completion prompt given as text (one string, or a list of one), not token ids."""
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return isinstance(prompt, str)
+
+
+def _refuse_beam_search(req: GenerationRequest) -> None:
+    if req.use_beam_search:
+        raise RequestError(400, "Beam search is not supported by the render endpoint")
+
+
+def _refuse_prompt_embeds(req: CompletionRequest) -> None:
+    """vLLM without ``--enable-prompt-embeds`` refuses ``prompt_embeds``, prompt or not."""
+    if req.prompt_embeds is not None:
+        raise invalid_request("You must set `--enable-prompt-embeds` to input `prompt_embeds`.",
+                              "prompt_embeds")
 
 
 def _tool_dicts(tools: list[ChatCompletionToolsParam] | None) -> list[dict[str, Any]] | None:
@@ -92,6 +149,26 @@ class EngineApp:
         self.injected = Counter("infermesh_sim_injected_failures", "Injected errors",
                                 ["code"], registry=self.stats)
         self.fingerprint = system_fingerprint(self.served, str(engine.index))
+        model_dir = Path(server.model_dir)
+        #: the model's default sampling parameters (generation_config.json), for /render
+        self.sampling_defaults = generation_defaults(model_dir)
+        self.facts = self._facts(model_dir)
+
+    def _facts(self, model_dir: Path) -> EngineFacts:
+        """What /server_info and the SGLang-named endpoints report about this engine."""
+        pub = self.engine.publisher
+        kv = None if pub is None else KvEventsFacts(
+            endpoint=pub.endpoint, replay_endpoint=pub.replay_endpoint,
+            buffer_steps=pub.buffer_steps, hwm=pub.hwm, topic=pub.topic)
+        cfg = self.cfg
+        return EngineFacts(
+            model_dir=str(model_dir), served_model_name=self.served,
+            max_model_len=cfg.max_model_len, block_size=cfg.block_size,
+            num_gpu_blocks=cfg.num_gpu_blocks, num_cpu_blocks=cfg.num_cpu_blocks,
+            hash_algo=cfg.hash_algo, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed,
+            max_loras=cfg.max_loras, lora_names=tuple(self.loras),
+            instance_id=f"{time.time_ns()}", model=ModelFacts.from_folder(model_dir),
+            kv_events=kv)
 
     def app(self) -> web.Application:
         """The aiohttp application."""
@@ -107,6 +184,15 @@ class EngineApp:
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/chat/completions", self.chat)
         r.add_post("/reset_prefix_cache", self.reset_prefix_cache)
+        r.add_get("/server_info", self.server_info)
+        r.add_get("/kv_event_sources", self.kv_event_sources)
+        r.add_post("/v1/completions/render", self.completions_render)
+        r.add_post("/v1/chat/completions/render", self.chat_render)
+        if self.cfg.sglang_info:
+            # SGLang's names (vLLM 0.32 answers 404): what peer routers probe workers for.
+            r.add_get("/get_server_info", self.sglang_server_info)
+            r.add_get("/model_info", self.sglang_model_info)
+            r.add_get("/get_model_info", self.sglang_model_info)
         r.add_get("/sim/cache", self.sim_cache)
         r.add_get("/sim/metrics", self.sim_metrics)
         return app
@@ -120,7 +206,10 @@ class EngineApp:
             return _error_response(e.status, e.body())
         except TokenizationError as e:
             self.rejected.labels("invalid").inc()
-            return _error_response(400, error_body(str(e), "BadRequestError", 400))
+            message = str(e)
+            if isinstance(e, ChatTemplateError):
+                message = message.removeprefix(_TEMPLATE_ERROR_PREFIX)
+            return _error_response(400, error_body(message, "BadRequestError", 400))
         except web.HTTPRequestEntityTooLarge as e:
             self.rejected.labels("too_large").inc()
             return _error_response(413, error_body(e.text or "body too large",
@@ -189,6 +278,26 @@ class EngineApp:
             log.warning("reset_prefix_cache_refused", engine=self.engine.index)
         return web.Response(status=200)
 
+    async def server_info(self, request: web.Request) -> web.Response:
+        """``GET /server_info[?config_format=text|json]``: vLLM's config, env and system
+        (vLLM serves it with ``VLLM_SERVER_DEV_MODE=1``, as infermesh runs it)."""
+        fmt = config_format(request.query.get("config_format"))
+        return _json_response(server_info(self.facts, fmt))
+
+    async def kv_event_sources(self, _: web.Request) -> web.Response:
+        """``GET /kv_event_sources``: this engine's KV-event publisher, as rank 0."""
+        return _json_response(kv_event_sources(self.facts))
+
+    async def sglang_server_info(self, _: web.Request) -> web.Response:
+        """``GET /get_server_info``: SGLang's name (not served by vLLM 0.32) for peer
+        routers: model, block size, parallelism."""
+        return _json_response(sglang_server_info(self.facts))
+
+    async def sglang_model_info(self, _: web.Request) -> web.Response:
+        """``GET /model_info``, ``GET /get_model_info``: SGLang's names (not served by
+        vLLM 0.32) for peer routers: model path, type, architectures."""
+        return _json_response(sglang_model_info(self.facts))
+
     async def tokenize(self, request: web.Request) -> web.Response:
         """``POST /tokenize``: a prompt or chat messages to token ids."""
         raw = await request.read()
@@ -238,8 +347,24 @@ class EngineApp:
     async def _encode_chat(self, big: bool, messages: list[Any], *, add_special_tokens: bool,
                            **template: Any) -> list[int]:
         """The prompt ids of chat ``messages`` (rendered with ``template`` options)."""
+        if not messages:
+            raise RequestError(400, EMPTY_CONVERSATION)
         text = await self._call(big, self.tok.render_chat, materialize(messages), **template)
         return await self._encode(big, text, add_special_tokens)
+
+    async def _chat_ids(self, big: bool, req: ChatCompletionRequest) -> list[int]:
+        """The prompt ids of a chat completion request."""
+        return await self._encode_chat(
+            big, req.messages, add_special_tokens=req.add_special_tokens,
+            add_generation_prompt=req.add_generation_prompt, tools=_tool_dicts(req.tools),
+            chat_template_kwargs=req.chat_template_kwargs,
+            continue_final_message=req.continue_final_message, documents=req.documents,
+            chat_template=req.chat_template)
+
+    def _checked_len(self, ids: list[int], text: bool) -> int:
+        """The prompt length vLLM checks: a text prompt is tokenized with truncation to
+        ``max_model_len + 1`` tokens, so longer ones count as that ("at least")."""
+        return min(len(ids), self.cfg.max_model_len + 1) if text else len(ids)
 
     # ------------------------------------------------------------------ generation
 
@@ -282,12 +407,11 @@ class EngineApp:
                              max_model_len=self.cfg.max_model_len,
                              check_model=self._check_model)
         lora = self._check_model(req.model)
-        if req.prompt is None:  # prompt_embeds only (vLLM without --enable-prompt-embeds)
-            raise RequestError(
-                400, "You must set `--enable-prompt-embeds` to input `prompt_embeds`.")
+        _refuse_prompt_embeds(req)
         big = len(raw) >= OFFLOAD_MIN_BYTES
         ids = await self._prompt_ids(big, req.prompt, req.add_special_tokens)
-        return await self._generate(request, req, ids, lora, big)
+        return await self._generate(request, req, ids, lora, big,
+                                    text_prompt=_is_text_prompt(req.prompt))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``."""
@@ -297,22 +421,80 @@ class EngineApp:
                              check_model=self._check_model)
         lora = self._check_model(req.model)
         big = len(raw) >= OFFLOAD_MIN_BYTES
-        ids = await self._encode_chat(
-            big, req.messages, add_special_tokens=req.add_special_tokens,
-            add_generation_prompt=req.add_generation_prompt, tools=_tool_dicts(req.tools),
-            chat_template_kwargs=req.chat_template_kwargs,
-            continue_final_message=req.continue_final_message, documents=req.documents,
-            chat_template=req.chat_template)
+        ids = await self._chat_ids(big, req)
         if req.max_tokens is None and req.max_completion_tokens is None:
             # vLLM would fill the context; a random model never stops, so cap it.
             req.max_completion_tokens = self.cfg.chat_default_max_tokens
         return await self._generate(request, req, ids, lora, big)
 
+    # ------------------------------------------------------------------ render (scale-out)
+
+    def _check_scale_out(self) -> None:
+        if not self.cfg.enable_scale_out:
+            raise RequestError(403, SCALE_OUT_DISABLED, "PermissionDeniedError")
+
+    async def completions_render(self, request: web.Request) -> web.Response:
+        """``POST /v1/completions/render``: the engine input of each prompt (a list of
+        vLLM's ``GenerateRequest``), checked as ``/v1/completions`` checks it."""
+        self._check_scale_out()
+        raw = await request.read()
+        req = decode_request(raw, "completion", content_type=request.content_type,
+                             max_model_len=self.cfg.max_model_len, max_n=MAX_N_SEQUENCES,
+                             check_model=self._check_model)
+        _refuse_beam_search(req)
+        _refuse_prompt_embeds(req)
+        prompts, lens = await self._render_prompts(len(raw) >= OFFLOAD_MIN_BYTES, req)
+        rid = response_id("completion", req, request.headers.get("X-Request-Id"))
+        return web.Response(body=render_body(rid, prompts, req, self.cfg.max_model_len,
+                                             self.sampling_defaults, lens),
+                            content_type="application/json")
+
+    async def chat_render(self, request: web.Request) -> web.Response:
+        """``POST /v1/chat/completions/render``: the engine input of a chat request (one
+        ``GenerateRequest``), checked as ``/v1/chat/completions`` checks it."""
+        self._check_scale_out()
+        raw = await request.read()
+        req = decode_request(raw, "chat", content_type=request.content_type,
+                             max_model_len=self.cfg.max_model_len, max_n=MAX_N_SEQUENCES,
+                             check_model=self._check_model)
+        _refuse_beam_search(req)
+        ids = await self._chat_ids(len(raw) >= OFFLOAD_MIN_BYTES, req)
+        rid = response_id("chat", req, request.headers.get("X-Request-Id"))
+        return web.Response(body=render_body(rid, [ids], req, self.cfg.max_model_len,
+                                             self.sampling_defaults,
+                                             [self._checked_len(ids, True)]),
+                            content_type="application/json")
+
+    async def _render_prompts(self, big: bool,
+                              req: CompletionRequest) -> tuple[list[list[int]], list[int]]:
+        """Every prompt of a completion request as ids, with the lengths vLLM checks.
+
+        Unlike generation, a batch of prompts is served; token ids are taken as given
+        (vLLM's render does not check them against the vocabulary).
+        """
+        prompt = req.prompt
+        if isinstance(prompt, str) or (prompt and all(type(t) is int for t in prompt)):
+            items: list[Any] = [prompt]
+        else:
+            items = list(prompt or [])
+        if not items:
+            raise RequestError(400, "You must pass at least one prompt")
+        prompts: list[list[int]] = []
+        lens: list[int] = []
+        for item in items:
+            text = isinstance(item, str)
+            ids = await self._encode(big, item, req.add_special_tokens) if text else list(item)
+            prompts.append(ids)
+            lens.append(self._checked_len(ids, text))
+        return prompts, lens
+
     async def _generate(self, request: web.Request, req: GenerationRequest, ids: list[int],
-                        lora: str | None, big: bool) -> web.StreamResponse:
+                        lora: str | None, big: bool, *,
+                        text_prompt: bool = True) -> web.StreamResponse:
         """Run one checked request on the engine; stream it or answer with one body."""
         chat = isinstance(req, ChatCompletionRequest)
-        max_tokens = resolve_max_tokens(req, len(ids), self.cfg.max_model_len)
+        max_tokens = resolve_max_tokens(req, self._checked_len(ids, text_prompt),
+                                        self.cfg.max_model_len)
         failed = self._inject_failure()
         if failed is not None:
             return failed

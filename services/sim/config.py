@@ -64,6 +64,14 @@ class SimConfig:
         True, "Report usage.prompt_tokens_details.cached_tokens (vLLM's flag of that name)"
     )
     max_body_bytes: int = knob(64 * 1024 * 1024, "Largest HTTP request body accepted")
+    enable_scale_out: bool = knob(
+        True, "Serve /v1/completions/render and /v1/chat/completions/render, as vLLM's "
+        "--enable-scale-out (off: 403, as a stock vLLM server)"
+    )
+    sglang_info: bool = knob(
+        True, "Also serve SGLang's /get_server_info, /model_info and /get_model_info, which "
+        "peer routers probe (off: 404, as vLLM)"
+    )
 
     def __post_init__(self) -> None:
         if self.engines < 1:

@@ -56,6 +56,10 @@ class ZmqKVPublisher:
             self._replay.bind(replay_endpoint)
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         self._topic = topic.encode()
+        #: the settings vLLM reports for its publisher (``GET /kv_event_sources``)
+        self.topic = topic
+        self.buffer_steps = buffer_steps
+        self.hwm = hwm
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = 0
         self._task: asyncio.Task[None] | None = None

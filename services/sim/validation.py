@@ -38,7 +38,13 @@ from .requests import (
     TokenizeRequest,
 )
 
-__all__ = ["RequestKind", "check_prompt_length", "decode_request", "resolve_max_tokens"]
+__all__ = [
+    "RequestKind",
+    "check_prompt_length",
+    "decode_request",
+    "resolve_max_tokens",
+    "structured_outputs",
+]
 
 RequestKind = Literal["completion", "chat", "tokenize", "detokenize"]
 
@@ -233,12 +239,15 @@ def _check_generation(request: GenerationRequest, max_model_len: int | None, max
     _check_sampling(request, asked, max_n)
 
 
-def _check_structured_outputs(req: GenerationRequest) -> None:
-    """vLLM folds ``response_format`` into ``structured_outputs`` before it builds
-    ``SamplingParams``; the result must hold exactly one kind of constraint."""
+def structured_outputs(req: GenerationRequest) -> StructuredOutputsParams | None:
+    """The request's output constraint as vLLM hands it to ``SamplingParams``.
+
+    vLLM folds ``response_format`` into ``structured_outputs``; the result must hold
+    exactly one kind of constraint (a :class:`RequestError` otherwise).
+    """
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
-        return
+        return req.structured_outputs
     overrides: dict[str, Any]
     if fmt.type == "json_object":
         overrides = {"json_object": True}
@@ -247,14 +256,13 @@ def _check_structured_outputs(req: GenerationRequest) -> None:
     else:
         overrides = {"structural_tag": fmt.model_dump_json(by_alias=True)}
     if req.structured_outputs is None:
-        StructuredOutputsParams(**overrides)
-    else:
-        dataclasses.replace(req.structured_outputs, **overrides)
+        return StructuredOutputsParams(**overrides)
+    return dataclasses.replace(req.structured_outputs, **overrides)
 
 
 def _check_sampling(req: GenerationRequest, max_tokens: int | None, max_n: int) -> None:
     """vLLM's SamplingParams checks on the values the client sent, in vLLM's order."""
-    _check_structured_outputs(req)
+    structured_outputs(req)
     n = 1 if req.n is None else req.n
     if n < 1:
         raise invalid_request(f"n must be at least 1, got {n}.")
@@ -334,19 +342,26 @@ def _check_extra_args(req: GenerationRequest) -> None:
 
 
 def check_prompt_length(prompt_tokens: int, max_model_len: int) -> None:
-    """Refuse a prompt longer than the context, with vLLM's message (400, ``input_tokens``)."""
+    """Refuse a prompt longer than the context, with vLLM's message (400, ``input_tokens``).
+
+    vLLM tokenizes a text prompt with truncation to ``max_model_len + 1`` tokens, so a
+    count of exactly that many reads "at least"; callers cap a text prompt's count there.
+    """
     if prompt_tokens > max_model_len:
+        qualifier = "at least " if prompt_tokens == max_model_len + 1 else ""
         raise invalid_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"prompt contains {prompt_tokens} input tokens, which exceeds this limit even "
-            "without any output tokens. Please reduce the length of the input prompt.",
+            f"prompt contains {qualifier}{prompt_tokens} input tokens, which exceeds this "
+            "limit even without any output tokens. Please reduce the length of the input prompt.",
             "input_tokens",
             prompt_tokens,
         )
 
 
-def resolve_max_tokens(request: GenerationRequest, prompt_tokens: int, max_model_len: int) -> int:
-    """The output budget vLLM grants: the request's limit, capped by the room left in context.
+def resolve_max_tokens(request: GenerationRequest, prompt_tokens: int, max_model_len: int, *,
+                       default_max_tokens: int | None = None) -> int:
+    """The output budget vLLM grants: the request's limit (else the model's
+    ``default_max_tokens``), capped by the room left in context.
 
     Raises :class:`RequestError` when the prompt leaves no room (vLLM's
     ``max_tokens must be at least 1`` once the cap reaches zero).
@@ -356,6 +371,8 @@ def resolve_max_tokens(request: GenerationRequest, prompt_tokens: int, max_model
     if isinstance(request, CompletionRequest) and request.echo and asked == 0:
         return 1
     room = max_model_len - prompt_tokens
+    if asked is None:
+        asked = default_max_tokens
     budget = room if asked is None else min(room, asked)
     if budget < 1:
         raise invalid_request(f"max_tokens must be at least 1, got {budget}.", "max_tokens", budget)

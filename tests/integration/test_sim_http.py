@@ -485,3 +485,49 @@ async def test_stop_string_ends_a_non_streamed_request_early(procs) -> None:
         line = next(x for x in text.splitlines()
                     if x.startswith("vllm:request_success_total") and 'finished_reason="stop"' in x)
         assert float(line.split()[-1]) == 1.0
+
+
+# ---------------------------------------------------------------------- what peer routers call
+
+
+async def test_peer_router_endpoints(procs, model_dir) -> None:
+    """What sglang-router and vllm-router call on a worker: the render endpoints (one
+    engine input per prompt), /tokenize, /server_info, /kv_event_sources (the engine's own
+    ZMQ endpoints) and SGLang's info names; a bad render body is vLLM's 400 JSON."""
+    _, info = procs.sim("--time-scale", "0", "--block-size", "32")
+    eng = info["engines"][0]
+    base = eng["http"]
+    tok = ModelTokenizer.from_folder(model_dir)
+    prompts = [long_text(11, 30), long_text(12, 30)]
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    async with aiohttp.ClientSession() as http:
+        status, items = await post(http, f"{base}/v1/completions/render",
+                                   {"model": MODEL, "prompt": prompts, "max_tokens": 4})
+        assert status == 200 and [i["token_ids"] for i in items] == [tok.encode(p) for p in prompts]
+        assert all(i["features"] is None and i["model"] == MODEL for i in items)
+        status, item = await post(http, f"{base}/v1/chat/completions/render",
+                                  {"model": MODEL, "messages": messages})
+        assert status == 200 and item["token_ids"] == tok.encode_chat(messages)
+        assert item["request_id"].startswith("chatcmpl-")
+        status, err = await post(http, f"{base}/v1/completions/render", {"model": MODEL})
+        assert status == 400 and err["error"]["type"] == "BadRequestError"
+        assert err["error"]["param"] == "prompt" and err["error"]["code"] == 400
+        status, err = await post(http, f"{base}/v1/chat/completions/render",
+                                 {"model": "no-such-model", "messages": messages})
+        assert status == 404 and err["error"]["type"] == "NotFoundError"
+        status, body = await post(http, f"{base}/tokenize", {"prompt": prompts[0]})
+        assert status == 200 and list(body) == ["count", "max_model_len", "tokens", "token_strs"]
+
+        async with http.get(f"{base}/server_info", params={"config_format": "json"}) as r:
+            config = (await r.json())["vllm_config"]
+        assert config["model_config"]["model"] == str(model_dir)
+        assert config["cache_config"]["block_size"] == 32
+        async with http.get(f"{base}/kv_event_sources") as r:
+            sources = await r.json()
+        assert sources["0"]["endpoint"] == eng["kv"] and sources["0"]["topic"] == eng["topic"]
+        assert sources["0"]["replay_endpoint"] == eng["replay"]
+        async with http.get(f"{base}/get_server_info") as r:
+            sg = await r.json()
+        assert sg["model_id"] == MODEL and sg["kv_block_size"] == 32
+        async with http.get(f"{base}/model_info") as r:
+            assert (await r.json())["architectures"] == ["LlamaForCausalLM"]
