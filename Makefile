@@ -11,7 +11,7 @@ ARGS ?=
 NATS_CLUSTER ?=
 VLLM_VENV := .venv-vllm
 
-.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd lint venv clean schema
+.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-peers lint venv clean schema
 
 venv: $(STAMP)
 
@@ -53,6 +53,21 @@ bench: $(STAMP)
 
 bench-llmd: $(STAMP)
 	$(BIN)/infermesh bench --preset llmd-kvcache-wins --out .bench/llmd-kvcache-wins $(ARGS)
+
+# Peer routers (sglang-router, vllm-router) next to our profiles, 3 repeats each
+# (docs/bench.md): quick with every peer policy (≈ 13 min on 2 cores), then llmd-kvcache-wins
+# with the peers' cache_aware policy only (≈ 40-60 min; every policy would take 1.5-2.5 h).
+PEERS_STAMP := $(VENV)/.installed-peers
+
+$(PEERS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[peers]'
+	@touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(BIN)/infermesh bench --preset quick --peers sglang-router,vllm-router --repeat 3 \
+		--out .bench/peers-quick $(ARGS)
+	$(BIN)/infermesh bench --preset llmd-kvcache-wins --peers sglang-router,vllm-router \
+		--peer-policies cache_aware --repeat 3 --out .bench/peers-llmd $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,8 +6,17 @@ the simulated fleet, and the profiles to compare. For every profile a fresh loca
 (time-scaled) moments, and every request is measured. Latencies are reported in modelled seconds:
 a simulator at ``time_scale`` 0.25 runs four times faster than the GPU it models.
 
+With ``--peers sglang-router,vllm-router`` each policy of those routers (``--peer-policies`` for
+a subset) runs as one more row, in front of a fresh fleet of the same simulated engines, with
+the same requests at the same moments. ``--repeat N`` runs the whole set N times (fresh systems
+each time) and reports the median and the spread. Every row also reports the CPU seconds per
+1,000 requests of its control plane (our services and nats-server, or the peer router) and of
+its engines.
+
 With ``--url`` the same requests go to any OpenAI endpoint instead (a bare vLLM, another router);
-the profile then only travels as the ``x-infermesh-profile`` header.
+the profile then only travels as the ``x-infermesh-profile`` header. The preset's time scale
+still sets the arrival moments and converts latencies to modelled seconds: give
+``--time-scale 1`` for a real engine, or the scale of the simulators behind the endpoint.
 """
 
 from __future__ import annotations
@@ -16,9 +25,14 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +47,11 @@ from infermesh.services.system.run import LocalSystem
 from infermesh.services.system.spec import SystemSpec
 
 from . import metrics as M
+from . import peers as P
+from . import repeats as R
 from . import workload as W
 from .client import send
+from .cpu import CpuMeter, self_cpu_s
 
 ALL_PROFILES = ["random", "round-robin", "load", "approx-prefix", "precise-prefix", "default"]
 
@@ -143,53 +160,291 @@ def peak_stage_output_tok_s(results: list[M.RequestResult], wall_stages: list[W.
     return tokens / (t1 - t0) * time_scale if t1 > t0 else 0.0
 
 
-def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: str | None = None,
-        model: str = DEFAULT_MODEL_NAME, seed: int = 0) -> dict[str, Any]:
-    """Run ``preset`` for each profile; write results.json and plots into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: one of our profiles, or one policy of a peer router."""
+
+    name: str
+    peer: P.PeerPlan | None = None
+    policy: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "peer" if self.peer is not None else "profile"
+
+    @property
+    def folder(self) -> str:
+        """Its log folder's name (no ``:``)."""
+        return self.name.replace(":", "-")
+
+
+@dataclass
+class RowRun:
+    """One repeat of one row."""
+
+    summary: dict[str, Any]
+    per_rate: list[dict[str, Any]]
+    results: list[M.RequestResult]
+    wall_s: float  # start of its system to its stop
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every row gets: the same requests at the same (wall-clock) moments."""
+
+    requests: list[W.BenchRequest]
+    wall_stages: list[W.Stage]
+    time_scale: float
+    model: str
+
+
+def _spread_from_counts(counts: dict[str, int]) -> dict[str, Any]:
+    """``load_spread`` from per-engine request counts (population CV)."""
+    values = list(counts.values())
+    cv = None
+    if values and sum(values) > 0:
+        avg = sum(values) / len(values)
+        cv = math.sqrt(sum((v - avg) ** 2 for v in values) / len(values)) / avg
+    return {"per_endpoint": dict(sorted(counts.items())), "cv": cv}
+
+
+def _measure(target: str, work: Workload, *, profile: str, header_profile: bool,
+             meter: CpuMeter | None) -> tuple[list[M.RequestResult], float, dict[str, float]]:
+    """Send every request to ``target``; the results, the wall duration and the CPU seconds
+    (per meter group, and ``client``: this process) over the measured window."""
+    client0 = self_cpu_s()
+    if meter is not None:
+        meter.start()
+    results, duration = asyncio.run(run_requests(
+        target, work.requests, profile=profile, model=work.model, stages=work.wall_stages,
+        header_profile=header_profile))
+    cpu: dict[str, float] = meter.stop() if meter is not None else {}
+    cpu["client"] = self_cpu_s() - client0
+    return results, duration, cpu
+
+
+def _summarize(results: list[M.RequestResult], duration: float, work: Workload,
+               cpu: dict[str, float], endpoints: Sequence[str] | None) -> dict[str, Any]:
+    s = M.summarize(results, duration_s=duration, time_scale=work.time_scale,
+                    endpoints=endpoints)
+    s["peak_output_tok_s"] = peak_stage_output_tok_s(results, work.wall_stages,
+                                                     work.time_scale)
+    n = len(results)
+    for group in ("control_plane", "engines", "client"):
+        value = cpu.get(group)
+        s[f"{group}_cpu_s"] = value
+        s[f"{group}_cpu_s_per_1k"] = value / n * 1000 if value is not None and n else None
+    return s
+
+
+def run_profile(spec: SystemSpec, profile: str, work: Workload, state_dir: Path, *,
+                url: str | None = None) -> RowRun:
+    """One of our profiles on a fresh local system (or against ``url``)."""
+    t0 = time.monotonic()
+    system = None if url else local_system(spec, state_dir).start()
+    try:
+        meter = None
+        if system is not None:
+            procs = system.plan.processes
+            meter = CpuMeter({
+                "control_plane": [system.proc(p.name).pid for p in procs if p.kind != "sim"],
+                "engines": [system.proc(p.name).pid for p in procs if p.kind == "sim"]})
+        results, duration, cpu = _measure(url or (system.url if system else ""), work,
+                                          profile=profile, header_profile=True, meter=meter)
+    finally:
+        if system is not None:
+            system.stop()
+            system.remove_secrets()
+    summary = _summarize(results, duration, work, cpu,
+                         list(system.plan.pods) if system is not None else None)
+    return RowRun(summary=summary, per_rate=M.by_offered_rate(results, work.time_scale),
+                  results=results, wall_s=time.monotonic() - t0)
+
+
+def run_peer(spec: SystemSpec, peer: P.PeerPlan, policy: str, work: Workload,
+             state_dir: Path) -> RowRun:
+    """One peer router policy in front of a fresh fleet of the preset's simulated engines."""
+    t0 = time.monotonic()
+    fleet = P.SimFleet(spec, state_dir)
+    router: P.PeerRouter | None = None
+    try:
+        fleet.start()
+        router = P.PeerRouter(peer.peer, peer.executable, policy, fleet, model=work.model,
+                              log_dir=fleet.plan.logs_dir).start()
+        meter = CpuMeter({"control_plane": [router.pid],
+                          "engines": [p.pid for p in fleet.procs()]})
+        results, duration, cpu = _measure(router.url, work, profile=f"{peer.peer.name}:{policy}",
+                                          header_profile=False, meter=meter)
+        counts = fleet.request_counts()
+        note = router.note()
+    finally:
+        if router is not None:
+            router.stop()
+        fleet.stop()
+    summary = _summarize(results, duration, work, cpu, None)
+    # The routers do not say which engine served: count at the engines instead.
+    summary["load_spread"] = _spread_from_counts(counts)
+    return RowRun(summary=summary, per_rate=M.by_offered_rate(results, work.time_scale),
+                  results=results, wall_s=time.monotonic() - t0, note=note)
+
+
+def resolve_time_scale(preset: Preset, override: float | None) -> float:
+    """The time scale of a run: ``override`` (``--time-scale``) or the preset's, whatever the
+    target (a local system, a peer, or ``--url``)."""
+    scale = preset.system.time_scale if override is None else override
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"time scale must be finite and > 0, got {scale}")
+    return scale
+
+
+def build_workload(preset: Preset, seed: int, time_scale: float, model: str) -> Workload:
+    """The preset's seeded requests with their Poisson arrival moments, in wall seconds."""
     tok = ModelTokenizer.from_folder(ensure_model_folder())
-    scale = 1.0 if url else preset.system.time_scale
     base = preset.workload(tok, seed)
-    wall_stages = W.scale_time(preset.stages, scale)
+    wall_stages = W.scale_time(preset.stages, time_scale)
     times = W.poisson_arrivals(wall_stages, seed)
     # More arrivals than prompts: cycle through the workload, as inference-perf does.
     requests = W.assign_arrivals(W.cycle_to(base, len(times)), times)
-    summaries: dict[str, dict[str, Any]] = {}
-    per_rate: dict[str, Any] = {}
-    raw: dict[str, list[dict[str, Any]]] = {}
-    for profile in profiles or preset.profiles:
-        print(f"[bench] {preset.name}: profile {profile}: {len(requests)} requests", flush=True)
-        system = None if url else local_system(preset.system, out / "logs" / profile).start()
-        try:
-            target = url or (system.url if system else "")
-            results, duration = asyncio.run(run_requests(
-                target, requests, profile=profile, model=model, stages=wall_stages))
-        finally:
-            if system is not None:
-                system.stop()
-                system.remove_secrets()
-        summaries[profile] = M.summarize(results, duration_s=duration, time_scale=scale)
-        summaries[profile]["peak_output_tok_s"] = peak_stage_output_tok_s(
-            results, wall_stages, scale)
-        per_rate[profile] = M.by_offered_rate(results, time_scale=scale)
-        raw[profile] = [r.__dict__ for r in results]
-        s = summaries[profile]
-        print(f"[bench]   ttft p90 {s['ttft_p90_s']:.3f}s, {s['output_tok_s']:.0f} tok/s "
-              f"(peak stage {s['peak_output_tok_s']:.0f}), hit rate {s['cache_hit_rate']:.2f}, "
-              f"errors {s['errors']}", flush=True)
-    doc = {
+    return Workload(requests=requests, wall_stages=wall_stages, time_scale=time_scale,
+                    model=model)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: str | None = None,
+        model: str = DEFAULT_MODEL_NAME, seed: int = 0, peers: Sequence[str] = (),
+        peer_policies: Sequence[str] | None = None, repeat: int = 1,
+        time_scale: float | None = None) -> dict[str, Any]:
+    """Run ``preset`` for each profile (``profiles``: the preset's when None; ``[]``: none) and
+    each peer policy, ``repeat`` times; write results.json, requests.json and plots into
+    ``out``. Raises :class:`peers.PeerError` when a requested peer is not installed."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
+    if peers and url:
+        raise ValueError("peers run in front of their own fleet; they cannot go with a url")
+    scale = resolve_time_scale(preset, time_scale)
+    spec = dataclasses.replace(preset.system, time_scale=scale)
+    plans = P.resolve(list(peers), list(peer_policies) if peer_policies else None,
+                      spec.engines) if peers else []
+    rows = [Row(p) for p in (preset.profiles if profiles is None else profiles)]
+    for pp in plans:
+        for policy, why in pp.skipped.items():
+            print(f"[bench] skipping {pp.peer.name}:{policy}: {why}", flush=True)
+        rows += [Row(f"{pp.peer.name}:{policy}", pp, policy) for policy in pp.policies]
+    if not rows:
+        raise ValueError("nothing to run: no profile and no peer policy")
+    out.mkdir(parents=True, exist_ok=True)
+    work = build_workload(preset, seed, scale, model)
+    started = time.monotonic()
+    runs: list[dict[str, RowRun]] = []
+    for k in range(repeat):
+        rep: dict[str, RowRun] = {}
+        logs = out / "logs" if repeat == 1 else out / "logs" / f"repeat-{k + 1}"
+        for row in rows:
+            tag = f" (repeat {k + 1}/{repeat})" if repeat > 1 else ""
+            print(f"[bench] {preset.name}: {row.name}{tag}: {len(work.requests)} requests",
+                  flush=True)
+            if row.peer is None:
+                r = run_profile(spec, row.name, work, logs / row.folder, url=url)
+            else:
+                r = run_peer(spec, row.peer, row.policy, work, logs / row.folder)
+            rep[row.name] = r
+            s = r.summary
+            print(f"[bench]   ttft p90 {_fmt(s['ttft_p90_s'], '.3f')}s, "
+                  f"{s['output_tok_s']:.0f} tok/s (peak stage {s['peak_output_tok_s']:.0f}), "
+                  f"hit rate {_fmt(s['cache_hit_rate'], '.2f')}, errors {s['errors']}, "
+                  f"CPU s/1k requests: control plane "
+                  f"{_fmt(s['control_plane_cpu_s_per_1k'], '.1f')}, engines "
+                  f"{_fmt(s['engines_cpu_s_per_1k'], '.1f')}; {r.wall_s:.0f} s", flush=True)
+            if r.note:
+                print(f"[bench]   note: {r.note}", flush=True)
+        runs.append(rep)
+    names = [row.name for row in rows]
+    by_row = {n: [rep[n].summary for rep in runs] for n in names}
+    notes = {n: sorted({note for rep in runs if (note := rep[n].note) is not None})
+             for n in names}
+    summaries = {n: R.median_summary(by_row[n]) for n in names}
+    per_rate = {n: R.median_per_rate([rep[n].per_rate for rep in runs]) for n in names}
+    kept_notes = {n: v for n, v in notes.items() if v}
+    doc: dict[str, Any] = {
         "preset": preset.name, "description": preset.description, "seed": seed,
-        "time_scale": scale, "url": url, "requests": len(requests),
+        "time_scale": scale, "url": url, "requests": len(work.requests),
         "stages": [{"rate_qps": s.rate_qps, "duration_s": s.duration_s} for s in preset.stages],
-        "engines": preset.system.engines if not url else None,
-        "profiles": summaries, "per_rate": per_rate,
+        "engines": spec.engines if not url else None,
+        "repeat": repeat,
+        "rows": names,
+        "kinds": {row.name: row.kind for row in rows},
+        # Every row (profiles and peer policies): the median over the repeats.
+        "profiles": summaries,
+        "per_rate": per_rate,
+        "spread": {n: R.spread(by_row[n]) for n in names},
+        "repeats": [{"profiles": {n: rep[n].summary for n in names},
+                     "per_rate": {n: rep[n].per_rate for n in names},
+                     "wall_s": {n: rep[n].wall_s for n in names}} for rep in runs],
+        "peers": {pp.peer.name: {"package": pp.peer.package, "version": pp.version,
+                                 "executable": str(pp.executable), "policies": pp.policies,
+                                 "skipped": pp.skipped} for pp in plans},
+        "notes": kept_notes,
+        "elapsed_s": time.monotonic() - started,
     }
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+    raw = {n: [{**r.__dict__, "repeat": k + 1} for k, rep in enumerate(runs)
+               for r in rep[n].results] for n in names}
     (out / "requests.json").write_text(json.dumps(raw, default=str))
     plots = M.write_plots(summaries, per_rate, out)
-    print(M.format_table(summaries))
-    print(f"[bench] wrote {out / 'results.json'} and {', '.join(str(p) for p in plots)}")
+    print(R.format_table(by_row))
+    for n, v in kept_notes.items():
+        for note in v:
+            print(f"note: {n}: {note}")
+    for pp in plans:
+        for policy, why in pp.skipped.items():
+            print(f"skipped: {pp.peer.name}:{policy}: {why}")
+    print(f"[bench] {len(rows)} rows x {repeat} in {doc['elapsed_s']:.0f} s; wrote "
+          f"{out / 'results.json'} and {', '.join(str(p) for p in plots)}")
     return doc
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _names(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+        bad = [x for x in items if x not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(bad)} (known: {', '.join(known)})")
+        if not items:
+            raise argparse.ArgumentTypeError(f"no {what} given")
+        return items
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +453,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--out", type=Path, default=Path(".bench"), help="output folder")
-    p.add_argument("--profiles", default="", help="comma-separated profiles (default: preset's)")
+    p.add_argument("--profiles", default="", help="comma-separated profiles (default: the "
+                   "preset's; 'none': only the peers)")
+    p.add_argument("--peers", type=_names(sorted(P.PEERS), "peer"), default=[],
+                   help="comma-separated peer routers to run too, each policy as a row, in "
+                   f"front of the same simulated fleet ({', '.join(P.PEERS)}; "
+                   f"{P.INSTALL_HINT})")
+    p.add_argument("--peer-policies", type=_names(P.ALL_PEER_POLICIES, "peer policy"),
+                   default=None, help="comma-separated peer policies to run (default: each "
+                   f"peer's: {', '.join(P.ALL_PEER_POLICIES)}); one a peer lacks is skipped")
+    p.add_argument("--repeat", type=_positive_int, default=1,
+                   help="run the whole set (profiles and peers) N times, fresh systems each "
+                   "time; the table gives the median and [min-max]")
+    p.add_argument("--time-scale", type=_positive_float, default=None,
+                   help="simulator time scale: arrival moments are scaled by it and latencies "
+                   "divided by it, for local systems, peers and --url alike (default: the "
+                   "preset's; 1 for a real engine behind --url)")
     p.add_argument("--url", default="", help="an OpenAI endpoint to measure instead of a local "
                    "system (profiles then only travel as a header)")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME)
@@ -206,13 +476,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line (errors exit 2 with argparse's usage line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.peers and args.url:
+        parser.error("--peers starts its own fleet of simulated engines; it cannot go with "
+                     "--url")
+    if args.peer_policies and not args.peers:
+        parser.error("--peer-policies needs --peers")
+    if args.profiles.strip() == "none":
+        args.profile_list = []
+        if not args.peers:
+            parser.error("--profiles none leaves nothing to run without --peers")
+    else:
+        args.profile_list = [x for x in args.profiles.split(",") if x] or None
+    return args
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every system, fleet and router started gets stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # The results are the output; the systems' own logs go to their state folders.
     configure_logging("bench", level=None if "INFERMESH_LOG_LEVEL" in os.environ else "warning")
     preset = PRESETS[args.preset]
-    profiles = [x for x in args.profiles.split(",") if x] or None
-    run(preset, args.out / preset.name if args.out == Path(".bench") else args.out,
-        profiles=profiles, url=args.url or None, model=args.model, seed=args.seed)
+    out = args.out / preset.name if args.out == Path(".bench") else args.out
+    try:
+        with _sigterm_as_interrupt():
+            run(preset, out, profiles=args.profile_list, url=args.url or None,
+                model=args.model, seed=args.seed, peers=args.peers,
+                peer_policies=args.peer_policies, repeat=args.repeat,
+                time_scale=args.time_scale)
+    except P.PeerError as e:
+        print(f"infermesh bench: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("[bench] interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
     return 0
