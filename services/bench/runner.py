@@ -53,7 +53,7 @@ from . import workload as W
 from .client import send
 from .cpu import CpuMeter, self_cpu_s
 
-ALL_PROFILES = ["random", "round-robin", "load", "approx-prefix", "precise-prefix", "default"]
+ALL_PROFILES = ["random", "round-robin", "load", "approx-prefix", "llm-d", "default"]
 
 
 @dataclass
@@ -108,7 +108,7 @@ PRESETS: dict[str, Preset] = {
         # Qwen3-32B, whose prefill costs several times an 8B's per token on its GPUs.
         system=SystemSpec(engines=8, num_gpu_blocks=9630, time_scale=2.0,
                           engine_args="--prefill-tokens-per-s 20000"),
-        profiles=["random", "approx-prefix", "precise-prefix", "default"],
+        profiles=["random", "approx-prefix", "llm-d", "default"],
     ),
 }
 

@@ -346,16 +346,27 @@ plugins:
 default_profile: default
 
 profiles:
-  # Precise prefix-cache routing, kept off busy or full engines.
+  # Precise prefix-cache routing, kept off engines with many requests in flight. The in-flight
+  # count comes from request events (every replica's decisions as they happen); the engines'
+  # own queue and KV usage arrive with heartbeats, up to a scrape period late, and pulled
+  # requests off the engine holding their prefix (docs/bench.md: chosen by measurement).
   - name: default
+    plugins:
+      - ref: serving-roles
+      - {ref: precise-prefix, weight: 3}
+      - {ref: load, weight: 1}
+      - ref: max-score
+
+  # Baselines and variants, for benchmarks.
+  # llm-d's precise prefix-cache profile (prefix 3, queue 2, KV utilization 2): the default
+  # before infermesh measured its own.
+  - name: llm-d
     plugins:
       - ref: serving-roles
       - {ref: precise-prefix, weight: 3}
       - {ref: queue, weight: 2}
       - {ref: kv-utilization, weight: 2}
       - ref: max-score
-
-  # Baselines and variants, for benchmarks.
   - name: precise-prefix
     plugins:
       - ref: serving-roles

@@ -40,10 +40,12 @@ def test_default_pipeline_has_the_benchmark_profiles(handle):
     p = load_pipeline(None, handle)
     assert p.default_profile == "default"
     assert {"default", "random", "round-robin", "load", "approx-prefix",
-            "precise-prefix"} <= set(p.profiles)
+            "precise-prefix", "llm-d"} <= set(p.profiles)
     d = p.profiles["default"]
     assert [type(f) for f in d.filters] == [RoleFilter]
     assert [(s.type_name, w) for s, w in d.scorers] == [
+        ("precise-prefix-cache-scorer", 3.0), ("load-aware-scorer", 1.0)]
+    assert [(s.type_name, w) for s, w in p.profiles["llm-d"].scorers] == [
         ("precise-prefix-cache-scorer", 3.0), ("queue-scorer", 2.0),
         ("kv-cache-utilization-scorer", 2.0)]
     assert isinstance(d.picker, MaxScorePicker)

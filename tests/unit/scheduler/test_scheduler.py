@@ -38,9 +38,12 @@ async def test_profile_selection_by_name_default_and_unknown():
     d = await s.schedule(req(keys=[1, 2, 3, 4]), pods)
     assert d.profile == "default" and d.pod == "b" and d.url == "http://b:8000"
     assert d.cached_blocks == 3
-    assert set(d.scores) == {"precise-prefix", "queue", "kv-utilization", "total"}
+    assert set(d.scores) == {"precise-prefix", "load", "total"}
     assert d.scores["precise-prefix"] == {"a": 0.0, "b": 0.75, "c": 0.0}
-    assert d.scores["total"]["b"] == pytest.approx(3 * 0.75 + 2 + 2)
+    assert d.scores["total"]["b"] == pytest.approx(3 * 0.75 + 1)
+    m = await s.schedule(req(keys=[1, 2, 3, 4], profile="llm-d"), pods)
+    assert set(m.scores) == {"precise-prefix", "queue", "kv-utilization", "total"}
+    assert m.scores["total"]["b"] == pytest.approx(3 * 0.75 + 2 + 2)
     rr = await s.schedule(req(keys=[1, 2, 3, 4], profile="round-robin"), pods)
     assert rr.profile == "round-robin" and rr.scores == {} and rr.cached_blocks == 0
     with pytest.raises(UnknownProfile):
@@ -57,7 +60,7 @@ async def test_plugin_timings_are_recorded_per_plugin():
     s = make_scheduler()
     await s.schedule(req(keys=[1]), [pod("a"), pod("b")])
     text = generate_latest(s.metrics.registry).decode()
-    for plugin in ("precise-prefix", "queue", "kv-utilization", "serving-roles", "max-score"):
+    for plugin in ("precise-prefix", "load", "serving-roles", "max-score"):
         assert f'infermesh_scheduler_plugin_seconds_count{{plugin="{plugin}"' in text
     assert 'infermesh_scheduler_decision_seconds_count{profile="default"} 1.0' in text
 
