@@ -235,6 +235,9 @@ def _summarize(results: list[M.RequestResult], duration: float, work: Workload,
     s["peak_output_tok_s"] = peak_stage_output_tok_s(results, work.wall_stages,
                                                      work.time_scale)
     n = len(results)
+    by_kind = {g[5:]: v for g, v in cpu.items() if g.startswith("kind:")}
+    if by_kind:
+        s["cpu_s_per_1k_by_kind"] = {k: v / n * 1000 if n else None for k, v in by_kind.items()}
     for group in ("control_plane", "engines", "client"):
         value = cpu.get(group)
         s[f"{group}_cpu_s"] = value
@@ -251,9 +254,14 @@ def run_profile(spec: SystemSpec, profile: str, work: Workload, state_dir: Path,
         meter = None
         if system is not None:
             procs = system.plan.processes
-            meter = CpuMeter({
+            groups: dict[str, list[int | None]] = {
                 "control_plane": [system.proc(p.name).pid for p in procs if p.kind != "sim"],
-                "engines": [system.proc(p.name).pid for p in procs if p.kind == "sim"]})
+                "engines": [system.proc(p.name).pid for p in procs if p.kind == "sim"]}
+            # Where the control plane's CPU goes, per kind of process (cpu_by_kind).
+            for p in procs:
+                if p.kind != "sim":
+                    groups.setdefault(f"kind:{p.kind}", []).append(system.proc(p.name).pid)
+            meter = CpuMeter(groups)
         results, duration, cpu = _measure(url or (system.url if system else ""), work,
                                           profile=profile, header_profile=True, meter=meter)
     finally:
