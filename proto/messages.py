@@ -181,11 +181,21 @@ class TokenizeRequest(Message, kw_only=True):
 
 
 class TokenizeReply(Message, kw_only=True):
-    """Prompt length and one block key per full block."""
+    """Prompt length and one block key per full block.
+
+    ``partial``: the prompt's end was never seen by the tokenizer (so no engine can hold its
+    blocks), and the reply went out before tokenizing it: ``block_keys`` cover only the first
+    ``known_tokens`` tokens (exact), and ``num_tokens`` is an estimate. The true count is more
+    than ``known_tokens`` and at most ``max_num_tokens``. Never partial when ``token_ids`` were
+    asked for.
+    """
 
     num_tokens: int
     block_keys: list[int]
     token_ids: list[int] | None = None
+    partial: bool = False
+    known_tokens: int | None = None  # set when partial: tokens counted exactly
+    max_num_tokens: int | None = None  # set when partial: an upper bound of the token count
 
 
 class PodMatch(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -227,10 +237,18 @@ class ScheduleRequest(Message, kw_only=True):
     profile: str | None = None
     exclude: list[str] = []
     labels: dict[str, str] = {}
+    tokens_partial: bool = False  # num_tokens is the tokenizer's estimate (TokenizeReply.partial)
+    # Publish the `routed` request event (with the keys) for the caller, which does not hold
+    # the keys (a RouteRequest's ingress): it then does not publish that event itself.
+    announce: bool = False
 
 
 class ScheduleDecision(Message, kw_only=True):
-    """The chosen pod, and each plugin's score per pod, for debugging."""
+    """The chosen pod, and each plugin's score per pod, for debugging.
+
+    ``num_tokens`` and ``tokens_partial`` echo the request's, for a caller that sent a
+    RouteRequest and never saw the tokenizer's reply.
+    """
 
     request_id: str
     pod: str
@@ -238,6 +256,20 @@ class ScheduleDecision(Message, kw_only=True):
     profile: str
     scores: dict[str, dict[str, float]] = {}
     cached_blocks: int = 0
+    num_tokens: int | None = None
+    tokens_partial: bool = False
+
+
+class RouteRequest(Message, kw_only=True):
+    """``im.route``: tokenize, then schedule, in one bus trip for the caller.
+
+    The tokenizer that takes it fills ``schedule``'s ``num_tokens`` and ``block_keys`` (and
+    ``tokens_partial``) from ``tokenize`` and publishes it on ``im.schedule`` with the caller's
+    reply subject; the answer is the scheduler's ScheduleDecision (or either service's error).
+    """
+
+    tokenize: TokenizeRequest
+    schedule: ScheduleRequest
 
 
 class RequestEvent(Message, kw_only=True):

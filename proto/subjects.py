@@ -44,6 +44,13 @@ class Subjects:
         return f"{self.prefix}.tokenize"
 
     @property
+    def route(self) -> str:
+        """Request/reply: RouteRequest → ScheduleDecision. A tokenizer replica takes it (queue
+        group ``tokenizer``), tokenizes, and forwards the ScheduleRequest to ``schedule`` with
+        the caller's reply subject: the scheduler's decision comes straight back."""
+        return f"{self.prefix}.route"
+
+    @property
     def schedule(self) -> str:
         """Request/reply: ScheduleRequest → ScheduleDecision (queue group ``scheduler``)."""
         return f"{self.prefix}.schedule"

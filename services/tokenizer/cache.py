@@ -6,8 +6,9 @@ Three caches, each bounded in bytes (the prompt cache in entries too):
 * the **prompt cache** maps a whole text (a prompt, or a rendered chat) to its ids, plus the block
   keys already computed for it, so a repeated prompt costs a dictionary lookup;
 * the **chunk cache** maps chunks of a text, cut at boundaries where the tokenizer cannot merge
-  across (:mod:`.chunking`), to their ids; a text is tokenized chunk by chunk and only the
-  chunks never seen before reach the HF tokenizer, so a shared system prompt or document is
+  across (:mod:`.chunking`), to their ids (and the chunk's text, which plans then share, so that
+  later lookups by that text compare by identity); a text is tokenized chunk by chunk and only
+  the chunks never seen before reach the HF tokenizer, so a shared system prompt or document is
   tokenized once. A chunk's ids do not depend on what precedes it (that is what a safe boundary
   means), so chunks are keyed by their text alone;
 * the **key chain** remembers, per chunk *and the exact chain of chunks before it*, the block keys
@@ -20,7 +21,9 @@ Three caches, each bounded in bytes (the prompt cache in entries too):
 Tokenizing is split into :meth:`CachingTokenizer.plan` (cache lookups), :meth:`~.run` (the HF
 tokenizer on the missing chunks; touches no cache, so it may run in a worker thread) and
 :meth:`~.finish` (stores and assembles), so the service can keep its event loop free while a long
-cold prompt is tokenized.
+cold prompt is tokenized. Before ``run`` is done, :meth:`~.known_prefix` gives the token count
+and block keys of the chunks tokenized so far from the start: exactly the first ids and keys of a
+full tokenization, which is all the routing needs when the rest was never seen.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Generic, TypeVar
 from infermesh.libs.kvblock import block_extra, prompt_keys
 from infermesh.libs.kvblock import key as block_key
 from infermesh.libs.telemetry import get_logger
-from infermesh.libs.tokenization import ModelTokenizer
+from infermesh.libs.tokenization import ModelTokenizer, TokenizationError
 
 from .chunking import TextChunker, chunking_unsafe_reason
 
@@ -52,6 +55,10 @@ _ENTRY_OVERHEAD = 200
 _MAX_KEY_VARIANTS = 4
 #: Texts with at least this many characters to tokenize go to the HF tokenizer's parallel batch.
 PARALLEL_MIN_CHARS = 16384
+#: Characters per token assumed before a model has tokenized enough text to measure its own.
+DEFAULT_CHARS_PER_TOKEN = 4.0
+# Tokens a model must have tokenized before its measured characters per token are used.
+_MIN_MEASURED_TOKENS = 1000
 # Roots of key chains remembered (one per model, block size, LoRA, salt and special tokens).
 _MAX_CHAIN_ROOTS = 4096
 
@@ -149,8 +156,24 @@ class EncodePlan:
 
     @property
     def missing_chars(self) -> int:
-        """Characters the HF tokenizer still has to go through."""
+        """Characters of the chunks the caches did not have."""
         return sum(len(self.chunks[i]) for i in self.missing)
+
+    @property
+    def pending(self) -> list[int]:
+        """Indexes of the missing chunks not tokenized yet."""
+        return [i for i in self.missing if self.parts[i] is None]
+
+    @property
+    def pending_chars(self) -> int:
+        """Characters the HF tokenizer still has to go through."""
+        return sum(len(self.chunks[i]) for i in self.pending)
+
+    @property
+    def known(self) -> int:
+        """How many leading chunks have their ids (those before the first pending one)."""
+        pending = self.pending
+        return pending[0] if pending else len(self.chunks)
 
 
 @dataclass(eq=False, slots=True)
@@ -190,7 +213,7 @@ class CachingTokenizer:
         tok: ModelTokenizer,
         *,
         prompt_cache: ByteLRU[tuple[str, bool, str], PromptEntry],
-        chunk_cache: ByteLRU[tuple[str, str], array[int]],
+        chunk_cache: ByteLRU[tuple[str, str], tuple[array[int], str]],
         key_cache: ByteLRU[tuple[int, str], ChainNode] | None = None,
         chunk_chars: int = 2048,
     ) -> None:
@@ -204,6 +227,7 @@ class CachingTokenizer:
         self.chunking_off_reason = chunking_unsafe_reason(json.loads(tok.backend.to_str()))
         self.affixes = _special_affixes(tok) if self.chunking_off_reason is None else None
         self.encoded_chars = 0  # characters that went through the HF tokenizer
+        self.encoded_tokens = 0  # the ids they gave
         if self.chunking_off_reason is not None:
             log.info("chunk_cache_off", model=name, reason=self.chunking_off_reason)
 
@@ -226,32 +250,44 @@ class CachingTokenizer:
             plan.parts = [None]
             plan.missing = [0]
             return plan
-        plan.chunks = self.chunker.split(text) if text else []
+        chunks = plan.chunks = self.chunker.split(text) if text else []
         get = self.chunk_cache.get
         name = self.name
-        for i, chunk in enumerate(plan.chunks):
-            ids = get((name, chunk))
-            plan.parts.append(ids)
-            if ids is None:
+        for i, chunk in enumerate(chunks):
+            hit = get((name, chunk))
+            if hit is None:
+                plan.parts.append(None)
                 plan.missing.append(i)
+            else:
+                # The cached copy of the chunk's text: the key chain's keys hold that same
+                # object, so its lookups compare by identity rather than by content.
+                plan.parts.append(hit[0])
+                chunks[i] = hit[1]
         return plan
 
-    def run(self, plan: EncodePlan) -> None:
-        """Tokenize the plan's missing chunks (thread-safe: touches no cache).
+    def run(self, plan: EncodePlan, *, first: bool = False, parallel: bool = True) -> None:
+        """Tokenize the plan's pending chunks, or only the first of them (thread-safe: touches
+        no cache); long texts on every core unless not ``parallel``.
 
         Raises :class:`~infermesh.libs.tokenization.TokenizationError` for text the tokenizer
         refuses.
         """
-        if not plan.missing:
+        todo = plan.pending[:1] if first else plan.pending
+        if not todo:
             return
-        texts = [plan.chunks[i] for i in plan.missing]
+        texts = [plan.chunks[i] for i in todo]
         special = plan.whole and plan.add_special_tokens
-        if plan.missing_chars >= PARALLEL_MIN_CHARS:
-            # Chunks in parallel on the Rust side, and without the GIL (a plain encode holds it).
-            encoded = self.tok.encode_batch(texts, add_special_tokens=special)
-        else:  # a few small chunks: the thread pool's hand-offs would cost more than they save
-            encoded = [self.tok.encode(t, add_special_tokens=special) for t in texts]
-        for i, ids in zip(plan.missing, encoded, strict=True):
+        # The HF tokenizer's batch encode without offsets: the ids of ModelTokenizer.encode in
+        # 60-70% of its time, and without the GIL.
+        fast = self.tok.backend.encode_batch_fast
+        try:
+            if parallel and sum(map(len, texts)) >= PARALLEL_MIN_CHARS:  # on the Rust side
+                encoded = [e.ids for e in fast(texts, add_special_tokens=special)]
+            else:  # a few small chunks: the thread pool's hand-offs would cost more than they save
+                encoded = [fast([t], add_special_tokens=special)[0].ids for t in texts]
+        except TypeError as exc:  # e.g. a lone surrogate that is not valid UTF-8
+            raise TokenizationError(f"text cannot be tokenized: {exc}") from exc
+        for i, ids in zip(todo, encoded, strict=True):
             plan.parts[i] = array("I", ids)
 
     def finish(self, plan: EncodePlan) -> PromptEntry:
@@ -259,6 +295,7 @@ class CachingTokenizer:
         if plan.entry is not None:
             return plan.entry
         self.encoded_chars += plan.missing_chars
+        self.encoded_tokens += sum(len(plan.parts[i] or ()) for i in plan.missing)
         ids = array("I")
         if plan.add_special_tokens and not plan.whole:
             assert self.affixes is not None
@@ -270,7 +307,7 @@ class CachingTokenizer:
                 raise RuntimeError("finish() before run()")
             if i in missing and not plan.whole:
                 self.chunk_cache.put(
-                    (name, chunk), part,
+                    (name, chunk), (part, chunk),
                     sys.getsizeof(chunk) + _array_bytes(part) + _ENTRY_OVERHEAD,
                 )
             ids.extend(part)
@@ -319,6 +356,64 @@ class CachingTokenizer:
         self.prompt_cache.resize(entry.cache_key, entry, entry.nbytes())
         return keys
 
+    @property
+    def chars_per_token(self) -> float:
+        """Characters per token of the text this model has tokenized (a default until enough)."""
+        if self.encoded_tokens < _MIN_MEASURED_TOKENS:
+            return DEFAULT_CHARS_PER_TOKEN
+        return self.encoded_chars / self.encoded_tokens
+
+    def known_prefix(
+        self,
+        plan: EncodePlan,
+        model: str,
+        block_size: int,
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> tuple[int, array[int]]:
+        """(token count, block keys) of the known prefix of a plan not run to the end: the
+        special-token prefix and the chunks before the first pending one.
+
+        Each chunk ends at a safe boundary, so its ids do not depend on the text after it: the
+        count and keys are exactly the first ids' and the first blocks' of a full tokenization.
+        A block that would reach into the first pending chunk gets no key. Keys come from the key
+        chain where the same chunks were chained before, the rest are hashed; nothing is stored
+        (:meth:`block_keys` chains them once the plan is finished).
+
+        Text seen before may run into the first *missing* chunk (an earlier text ended inside
+        it, or went on differently right after its end), never past it: a text sharing the
+        characters up to one past a chunk's end is cut there too, so it would have brought that
+        chunk. Hence ``run(plan, first=True)`` before this call covers all that may be cached.
+        """
+        if plan.whole:
+            return 0, array("Q")
+        variant: Variant = (model, block_size, lora_name, cache_salt)
+        known = plan.known
+        head = self.affixes[0] if plan.add_special_tokens and self.affixes else []
+        parts = plan.parts[:known]
+        n_tokens = len(head) + sum(len(p) for p in parts if p is not None)
+        n_blocks = n_tokens // block_size
+        keys = array("Q", prompt_keys(model, head, block_size, lora_name=lora_name,
+                                      cache_salt=cache_salt))
+        if self.key_cache.max_bytes > 0 and len(keys) < n_blocks:
+            parent = self._root(variant, plan.add_special_tokens)
+            for chunk in plan.chunks[:known]:
+                node = self.key_cache.get((parent, chunk))
+                if node is None:
+                    break
+                keys.extend(node.keys)
+                parent = node.id
+        if len(keys) < n_blocks:
+            ids = array("I", head)
+            for part in parts:
+                assert part is not None
+                ids.extend(part)
+                if len(ids) >= n_blocks * block_size:
+                    break
+            keys = _extend_keys(keys, ids, n_blocks, variant)
+        return n_tokens, keys
+
     def _root(self, variant: Variant, special: bool) -> int:
         root = self._roots.get((variant, special))
         if root is None:
@@ -346,16 +441,7 @@ class CachingTokenizer:
             keys.extend(node.keys)
             parent, end = node.id, node.end
             found += 1
-        n_blocks = len(ids) // bs
-        if not keys:
-            keys = array("Q", prompt_keys(model, ids, bs, lora_name=lora_name,
-                                          cache_salt=cache_salt))
-        else:  # continue the chain after the last reused block
-            last = keys[-1]
-            for j in range(len(keys), n_blocks):
-                last = block_key(last, ids[j * bs : (j + 1) * bs],
-                                 block_extra(j, lora_name=lora_name, cache_salt=cache_salt))
-                keys.append(last)
+        keys = _extend_keys(keys, ids, len(ids) // bs, variant)
         for chunk, part in zip(plan.chunks[found:], plan.parts[found:], strict=True):
             assert part is not None
             new_end = end + len(part)
@@ -364,6 +450,21 @@ class CachingTokenizer:
                                sys.getsizeof(chunk) + _array_bytes(node.keys) + _ENTRY_OVERHEAD)
             parent, end = node.id, new_end
         return keys
+
+
+def _extend_keys(keys: array[int], ids: array[int], n_blocks: int,
+                 variant: Variant) -> array[int]:
+    """``keys`` (the first blocks' keys of ``ids``) continued to ``n_blocks`` blocks."""
+    model, bs, lora_name, cache_salt = variant
+    if not keys:
+        return array("Q", prompt_keys(model, ids[: n_blocks * bs], bs, lora_name=lora_name,
+                                      cache_salt=cache_salt))
+    last = keys[-1]  # continue the chain after the last known block
+    for j in range(len(keys), n_blocks):
+        last = block_key(last, ids[j * bs : (j + 1) * bs],
+                         block_extra(j, lora_name=lora_name, cache_salt=cache_salt))
+        keys.append(last)
+    return keys
 
 
 # Node ids of key chains: unique for the life of the process, so a dropped node's id never

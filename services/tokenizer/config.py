@@ -38,6 +38,19 @@ class TokenizerConfig(BusKnobs):
         "Texts with more characters left to tokenize than this are tokenized in a worker "
         "thread, so the event loop keeps answering cached requests",
     )
+    early_reply_chars: int = knob(
+        2048,
+        "A text (or rendered chat) with more never-seen characters than this after its first "
+        "chunk missing from the chunk cache is answered at once with the block keys up to the "
+        "end of that chunk (text never seen cannot match a cached block), its token count "
+        "estimated and the reply marked partial; the rest is tokenized in the background for "
+        "the caches. 0: off",
+    )
+    early_reply_jobs: int = knob(
+        2,
+        "Background tokenizations (after early replies) at most at once; past that, texts "
+        "are tokenized before the reply",
+    )
     trust_request_chat_template: bool = knob(
         True,
         "Accept a request's own chat_template (vLLM wants --trust-request-chat-template for it; "
@@ -54,6 +67,8 @@ class TokenizerConfig(BusKnobs):
             raise ValueError("prompt_cache_entries must not be negative")
         if self.chunk_chars < 1:
             raise ValueError("chunk_chars must be positive")
+        if self.early_reply_chars < 0 or self.early_reply_jobs < 0:
+            raise ValueError("early_reply_chars and early_reply_jobs must not be negative")
 
     def model_folders(self) -> dict[str, Path | None]:
         """Served model name → folder (None: the tiny model, built on first use)."""

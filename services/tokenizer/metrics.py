@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
@@ -74,4 +74,19 @@ class TokenizerMetrics:
         )
         self.tokens = Counter(
             "infermesh_tokenizer_tokens", "Prompt tokens answered", ["model"], registry=r
+        )
+        self.partial = Counter(
+            "infermesh_tokenizer_partial_replies",
+            "Replies with the block keys of the known prefix only (the rest never seen), "
+            "by model", ["model"], registry=r,
+        )
+        self.background = Counter(
+            "infermesh_tokenizer_background_jobs",
+            "Tokenizations after an early reply, by outcome: started, joined (the same text "
+            "already in the background), inlined (too many running: tokenized before the "
+            "reply), failed", ["outcome"], registry=r,
+        )
+        self.background_running = Gauge(
+            "infermesh_tokenizer_background_running", "Background tokenizations now running",
+            registry=r,
         )

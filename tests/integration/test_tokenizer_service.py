@@ -187,11 +187,22 @@ async def test_chat_ids_equal_the_simulators_tokenize(bus: Client, replica: Proc
                 assert r.num_tokens == body["count"]
 
 
-async def test_health_and_metrics(bus: Client, local: TokenizerService) -> None:
+async def test_health_and_metrics(bus: Client, local: TokenizerService, model_dir: Path) -> None:
     await wait_replicas(bus, 1)
     text = "\n".join(itertools.islice(corpus(23), 30))
-    for _ in range(3):
-        await request(bus, SUBJECT, tokenize(prompt=text), TokenizeReply, timeout=5)
+    tok = ModelTokenizer.from_folder(model_dir)
+    ids = tok.encode(text)
+    for i in range(3):
+        r = await request(bus, SUBJECT, tokenize(prompt=text), TokenizeReply, timeout=5)
+        if i == 0:  # never seen, long: answered with its first chunk's keys, the rest later
+            assert r.partial and r.known_tokens is not None and r.known_tokens < len(ids)
+            assert r.block_keys == prompt_keys(MODEL, ids[: r.known_tokens], 16)
+            assert abs(r.num_tokens - len(ids)) < len(ids) // 4
+            assert r.max_num_tokens is not None and r.max_num_tokens >= len(ids)
+            await local.drain()  # tokenized in the background: the next ones are cached
+        else:
+            assert not r.partial and r.num_tokens == len(ids)
+            assert r.block_keys == prompt_keys(MODEL, ids, 16)
     with pytest.raises(RemoteError):
         await request(bus, SUBJECT, tokenize(prompt=[-5]), TokenizeReply, timeout=5)
     base = f"http://127.0.0.1:{local.http_port}"
@@ -209,6 +220,9 @@ async def test_health_and_metrics(bus: Client, local: TokenizerService) -> None:
         'infermesh_tokenizer_cache_hits_total{cache="prompt"} 2.0',
         'infermesh_tokenizer_cache_misses_total{cache="prompt"} 1.0',
         'infermesh_tokenizer_seconds_count{kind="text"} 3.0',
+        f'infermesh_tokenizer_partial_replies_total{{model="{MODEL}"}} 1.0',
+        'infermesh_tokenizer_background_jobs_total{outcome="started"} 1.0',
+        "infermesh_tokenizer_background_running 0.0",
         'infermesh_bus_requests_total{endpoint="tokenize",outcome="ok",'
         'service="infermesh-tokenizer"} 3.0',
     ):

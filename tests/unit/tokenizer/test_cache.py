@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from array import array
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,13 @@ from tokenizers import Tokenizer
 from infermesh.libs.kvblock import prompt_keys
 from infermesh.libs.tinymodel.corpus import corpus
 from infermesh.libs.tokenization import ModelTokenizer, TokenizationError
-from infermesh.services.tokenizer.cache import PARALLEL_MIN_CHARS, ByteLRU, CachingTokenizer
+from infermesh.services.tokenizer.cache import (
+    DEFAULT_CHARS_PER_TOKEN,
+    PARALLEL_MIN_CHARS,
+    ByteLRU,
+    CachingTokenizer,
+    EncodePlan,
+)
 
 from .test_chunking import FIXTURE_OK, texts
 
@@ -265,3 +272,151 @@ def test_run_maps_untokenizable_text_to_tokenization_error(tok: ModelTokenizer) 
         plan = ct.plan(text, True)
         with pytest.raises(TokenizationError):
             ct.run(plan)
+
+
+# ------------------------------------------------------------------ the known prefix of a plan
+
+
+def check_known_prefix(ct: CachingTokenizer, tok: ModelTokenizer, text: str, special: bool,
+                       bs: int, lora: str | None = None, salt: str | None = None,
+                       first: bool = True) -> int:
+    """known_prefix() of a plan of ``text`` (its first missing chunk tokenized, or not)
+    against a full tokenization; its key count."""
+    plan = ct.plan(text, special)
+    if first:
+        ct.run(plan, first=True)
+        assert len(plan.pending) == max(0, len(plan.missing) - 1)
+    n, keys = ct.known_prefix(plan, "m", bs, lora_name=lora, cache_salt=salt)
+    ids = tok.encode(text, special)
+    full = prompt_keys("m", ids, bs, lora_name=lora, cache_salt=salt)
+    head = ct.affixes[0] if special and ct.affixes else []
+    known = array("I", head)
+    for part in plan.parts[: plan.known]:
+        assert part is not None
+        known.extend(part)
+    assert plan.known == len(plan.chunks) or plan.parts[plan.known] is None
+    assert plan.missing[:1] == [] or (plan.known > plan.missing[0]) == first
+    assert known.tolist() == ids[: len(known)] and n == len(known)  # the first ids, exactly
+    assert len(keys) == n // bs  # every block inside the known prefix, and only those
+    assert keys.tolist() == full[: len(keys)]
+    return len(keys)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(seen=st.lists(texts, max_size=2), parts=st.lists(texts, min_size=1, max_size=5),
+       special=st.booleans(), chunk_chars=st.integers(1, 12), bs=st.integers(1, 4),
+       lora=st.sampled_from([None, "a"]), salt=st.sampled_from([None, "s"]),
+       key_bytes=st.sampled_from([0, 600, 1 << 20]), keyed=st.booleans(),
+       evicting=st.booleans(), first=st.booleans(), data=st.data())
+def test_known_prefix_equals_full_tokenization(
+    tok: ModelTokenizer, seen: list[str], parts: list[str], special: bool, chunk_chars: int,
+    bs: int, lora: str | None, salt: str | None, key_bytes: int, keyed: bool, evicting: bool,
+    first: bool, data: st.DataObject,
+) -> None:
+    """Whatever the caches saw before (prefixes of the text, other texts, keyed or not, through
+    small evicting caches or not), the known prefix's count and keys are a full tokenization's;
+    and with the first missing chunk tokenized, they cover every block of a seen text's ids."""
+    size = 3000 if evicting else 1 << 24
+    ct = caching(tok, chunk_chars=chunk_chars, prompt_bytes=size, chunk_bytes=size,
+                 key_bytes=key_bytes)
+    text = "".join(parts)
+    cuts = data.draw(st.lists(st.integers(0, len(text)), min_size=1, max_size=3))
+    ends = data.draw(st.lists(st.sampled_from(["", "x", " ", "\n", " y", "\nz"]),
+                              min_size=len(cuts), max_size=len(cuts)))
+    earlier = [*seen, *(text[:c] + e for c, e in zip(cuts, ends, strict=True))]
+    for t in earlier:
+        plan = ct.plan(t, special)
+        ct.run(plan)
+        ct.finish(plan)
+        if keyed:
+            ct.block_keys(plan, "m", bs, lora_name=lora, cache_salt=salt)
+    ct.prompt_cache.clear()  # a whole-text hit would have no chunks to look at
+    count = check_known_prefix(ct, tok, text, special, bs, lora, salt, first)
+    if first and not evicting:  # no block an engine may hold (from a seen text) is left out
+        ids = tok.encode(text, special)
+        assert count >= max(common_prefix(ids, tok.encode(t, special)) for t in earlier) // bs
+
+
+def test_known_prefix_over_random_texts_and_cuts(tok: ModelTokenizer) -> None:
+    """Corpus texts (prose, code, JSON, many scripts) seen up to a random cut, or with another
+    ending, then asked with a new tail: every known prefix is a full tokenization's."""
+    rng = random.Random(5)
+    docs = list(itertools.islice(corpus(10), 400))
+    with_keys = 0
+    for _ in range(150):
+        text = "\n\n".join(rng.sample(docs, rng.randint(1, 6)))
+        ct = caching(tok, chunk_chars=rng.choice([8, 64, 200, 1000]),
+                     key_bytes=rng.choice([0, 1 << 20]))
+        special, bs = rng.random() < 0.5, rng.choice([1, 4, 16, 64])
+        lora, salt = rng.choice([None, "l"]), rng.choice([None, "s"])
+        for _seen in range(rng.randint(0, 2)):
+            cut = rng.randint(0, len(text))
+            earlier = text[:cut] + rng.choice(["", " and more", "\n" + rng.choice(docs)])
+            if rng.random() < 0.7:  # keyed (the key chain holds its chunks) or not
+                keys_of(ct, earlier, special, bs, lora, salt)
+            else:
+                ct.encode(earlier, special)
+        first = rng.random() < 0.8
+        with_keys += check_known_prefix(ct, tok, text, special, bs, lora, salt, first) > 0
+    assert with_keys > 50
+
+
+def test_known_prefix_of_long_texts(tok: ModelTokenizer) -> None:
+    ct = caching(tok, chunk_chars=256)
+    doc = long_text(7, 120)
+    new = "\n\n".join(itertools.islice(corpus(8), 30))
+    # Nothing seen: no chunk is known, so no block (BOS alone fills no block of 16) ...
+    assert check_known_prefix(ct, tok, doc, True, 16, first=False) == 0
+    assert check_known_prefix(ct, tok, doc, False, 16, first=False) == 0
+    assert check_known_prefix(ct, tok, doc, True, 1, first=False) == 1  # but one of BOS alone
+    plan = ct.plan(doc, True)
+    assert plan.known == 0 and ct.known_prefix(plan, "m", 16) == (1, array("Q"))
+    # ... or only the first chunk's, once it is tokenized.
+    first = len(tok.encode(ct.chunker.split(doc)[0], add_special_tokens=False))
+    assert check_known_prefix(ct, tok, doc, True, 16) == (first + 1) // 16
+    # The document seen (and keyed), then a new question after it: its keys cover the
+    # document but for the chunk that ran into the question, from the chain or hashed.
+    keys_of(ct, doc, True, 16, "lora")
+    for lora in ("lora", None):
+        hits = ct.key_cache.hits
+        count = check_known_prefix(ct, tok, doc + "\n\nQuestion:\n" + new, True, 16, lora)
+        assert count >= (len(tok.encode(doc)) - 2 * 256) // 16
+        assert (ct.key_cache.hits > hits) == (lora == "lora")
+    # A new document first: whatever follows it, nothing but its first chunk is known.
+    other = long_text(11, 40)
+    assert check_known_prefix(ct, tok, other + doc, True, 16, first=False) == 0
+    first = len(tok.encode(ct.chunker.split(other)[0], add_special_tokens=False))
+    assert check_known_prefix(ct, tok, other + doc, True, 16) == (first + 1) // 16
+    # A text without chunking (whole) has no known prefix.
+    plan = EncodePlan("x", True, whole=True, chunks=["x"], parts=[None], missing=[0])
+    assert ct.known_prefix(plan, "m", 1) == (0, array("Q"))
+
+
+def test_chars_per_token_is_measured(tok: ModelTokenizer) -> None:
+    ct = caching(tok)
+    assert ct.chars_per_token == DEFAULT_CHARS_PER_TOKEN
+    text = long_text(9, 100)
+    ids = ct.encode(text, False)
+    assert ct.encoded_tokens == len(ids) and ct.chars_per_token == len(text) / len(ids)
+    ct.encode(text, False)  # from the prompt cache: nothing new measured
+    assert ct.encoded_tokens == len(ids)
+
+
+def test_plans_share_the_cached_text_of_their_chunks(tok: ModelTokenizer) -> None:
+    """A chunk found in the cache is the cached string itself (later lookups compare by
+    identity), and what a plan gives equals a full tokenization as before."""
+    ct = caching(tok, chunk_chars=256)
+    doc = long_text(12, 40)
+    keys_of(ct, doc, True, 16)
+    ct.prompt_cache.clear()
+    a, b = ct.plan(doc, True), ct.plan(doc + "\n\nMore?", True)
+    assert len(a.chunks) > 3 and not a.missing
+    assert all(x is y for x, y in zip(a.chunks[:-1], b.chunks, strict=False))
+    assert "".join(b.chunks) == doc + "\n\nMore?"
+    assert keys_of(ct, doc + "\n\nMore?", True, 16) == prompt_keys(
+        "m", tok.encode(doc + "\n\nMore?"), 16)

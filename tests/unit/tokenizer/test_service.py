@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from nats.micro.request import ServiceError
 from prometheus_client import generate_latest
@@ -94,9 +95,9 @@ async def test_offloaded_tokenization_is_the_same(model_dir: Path, tok: ModelTok
     ct = s.tokenizers[MODEL]
     threads: list[str] = []
 
-    def run(plan: Any) -> None:
+    def run(plan: Any, **kw: Any) -> None:
         threads.append(threading.current_thread().name)
-        CachingTokenizer.run(ct, plan)
+        CachingTokenizer.run(ct, plan, **kw)
 
     ct.run = run  # type: ignore[method-assign]
     try:
@@ -260,3 +261,250 @@ def test_a_bad_model_folder_fails_loudly(tmp_path: Path) -> None:
     from infermesh.services.tokenizer.__main__ import main
 
     assert main(["--models", f"x={tmp_path}", "--http-port", "-1"]) == 2
+
+
+# ---------------------------------------------------------------------------- early replies
+
+
+def early_service(model_dir: Path, **kw: Any) -> TokenizerService:
+    kw = {"models": [f"{MODEL}={model_dir}"], "chunk_chars": 256, "offload_chars": 1_000_000,
+          "early_reply_chars": 1000, **kw}
+    s = TokenizerService(TokenizerConfig(**kw))
+    s.load_models()
+    return s
+
+
+def doc_text(seed: int, docs: int) -> str:
+    return "\n\n".join(itertools.islice(corpus(seed), docs))
+
+
+def metric(svc: TokenizerService, line: str) -> float:
+    """The value of one exported sample (0 when absent)."""
+    for sample in generate_latest(svc.metrics.registry).decode().splitlines():
+        if sample.startswith(line + " "):
+            return float(sample.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def assert_full(r: TokenizeReply, ids: list[int], bs: int = 16, **kw: Any) -> None:
+    assert not r.partial and r.known_tokens is None and r.max_num_tokens is None
+    assert r.num_tokens == len(ids) and r.block_keys == prompt_keys(MODEL, ids, bs, **kw)
+
+
+def assert_partial(r: TokenizeReply, ids: list[int], bs: int = 16, **kw: Any) -> None:
+    """A partial reply: the keys of the first blocks, exactly; the count estimated, and
+    bounded."""
+    assert r.partial and r.known_tokens is not None and r.token_ids is None
+    assert r.max_num_tokens is not None
+    assert r.known_tokens < len(ids) <= r.max_num_tokens
+    assert r.known_tokens < r.num_tokens <= r.max_num_tokens
+    assert len(r.block_keys) == r.known_tokens // bs
+    assert r.block_keys == prompt_keys(MODEL, ids, bs, **kw)[: len(r.block_keys)]
+    assert abs(r.num_tokens - len(ids)) < 0.25 * len(ids), (r.num_tokens, len(ids))
+
+
+async def test_a_long_unseen_tail_is_answered_early(model_dir: Path, tok: ModelTokenizer) -> None:
+    s = early_service(model_dir)
+    try:
+        doc = doc_text(31, 60)
+        # Never seen at all: the keys of the first chunk's blocks (tokenized now: seen text may
+        # run into the first chunk the caches lack), none after.
+        r = await ask(s, prompt=doc, return_token_ids=False)
+        assert_partial(r, tok.encode(doc))
+        first = s.tokenizers[MODEL].chunker.split(doc)[0]
+        assert r.known_tokens == 1 + len(tok.encode(first, add_special_tokens=False))
+        await s.drain()
+        # The document seen, a long new part after it: the document's keys, at once (from the
+        # key chain of the same variant, or hashed).
+        for seed, kw in ((32, {"lora_name": "ad", "cache_salt": "s"}), (42, {})):
+            text = doc + "\n\nQuestion:\n" + doc_text(seed, 30)
+            ids = tok.encode(text)
+            r = await ask(s, prompt=text, return_token_ids=False, **kw)
+            assert_partial(r, ids, **kw)
+            assert r.known_tokens >= len(tok.encode(doc)) - 1  # up to the document's end
+            await s.drain()
+        # Tokenized in the background since: the full answer, from the prompt cache or (for
+        # a replica whose prompt cache dropped it) the chunk cache, and from the key chain.
+        r = await ask(s, prompt=text, return_token_ids=False, lora_name="ad", cache_salt="s")
+        assert_full(r, ids, lora_name="ad", cache_salt="s")
+        s.prompt_cache.clear()
+        hits = s.key_cache.hits
+        r = await ask(s, prompt=text, return_token_ids=False)
+        assert_full(r, ids)
+        assert s.key_cache.hits > hits
+        # A new long text after a seen one whose own tail was seen before, too: full.
+        s.prompt_cache.clear()
+        assert_full(await ask(s, prompt=text[: len(text) // 2], return_token_ids=False),
+                    tok.encode(text[: len(text) // 2]))
+        for line, value in ((f'infermesh_tokenizer_partial_replies_total{{model="{MODEL}"}}', 3),
+                            ('infermesh_tokenizer_background_jobs_total{outcome="started"}', 3),
+                            ("infermesh_tokenizer_background_running", 0)):
+            assert metric(s, line) == value, line
+    finally:
+        await s.stop()
+
+
+async def test_an_earlier_prompt_ending_inside_a_chunk_still_matches(
+        model_dir: Path, tok: ModelTokenizer) -> None:
+    """A conversation's next turn, or a shared prefix shorter than a chunk then a long new part:
+    the chunk that holds the earlier prompt's end is new, yet its blocks may be cached."""
+    s = early_service(model_dir, chunk_chars=2048, early_reply_chars=2048)
+    try:
+        earlier = doc_text(43, 6)[:1800]  # one chunk
+        assert_full(await ask(s, prompt=earlier, return_token_ids=False), tok.encode(earlier))
+        for seed in (44, 45):
+            text = earlier + doc_text(seed, 30)
+            ids, seen = tok.encode(text), tok.encode(earlier)
+            common = next((i for i, (a, b) in enumerate(zip(ids, seen, strict=False)) if a != b),
+                          len(seen))
+            r = await ask(s, prompt=text, return_token_ids=False)
+            assert_partial(r, ids)
+            assert len(r.block_keys) >= common // 16  # every block the engine may hold
+        await s.drain()
+    finally:
+        await s.stop()
+
+
+async def test_when_the_answer_is_always_full(model_dir: Path, tok: ModelTokenizer) -> None:
+    doc, new = doc_text(33, 40), doc_text(34, 20)
+    s = early_service(model_dir)
+    try:
+        # Token ids asked for: never partial.
+        for text in (doc, doc + new):
+            assert (await ask(s, prompt=text)).token_ids == tok.encode(text)
+            assert_full(await ask(s, prompt=text, return_token_ids=True), tok.encode(text))
+        # A short new tail (up to early_reply_chars): tokenized before the reply.
+        for tail in ("\n\nQuestion: why?", "x" * 400, "\n\n" + new[:400]):
+            r = await ask(s, prompt=doc + tail, return_token_ids=False)
+            assert_full(r, tok.encode(doc + tail))
+        # Every chunk seen before (a replica whose prompt cache dropped the text): full.
+        s.prompt_cache.clear()
+        assert_full(await ask(s, prompt=doc + new, return_token_ids=False), tok.encode(doc + new))
+        # Token ids as the prompt: nothing to tokenize.
+        assert_full(await ask(s, prompt=list(range(100)), return_token_ids=False),
+                    list(range(100)))
+        assert metric(s, f'infermesh_tokenizer_partial_replies_total{{model="{MODEL}"}}') == 0
+    finally:
+        await s.stop()
+    # Off (early_reply_chars 0), or without a chunk cache (nothing is known to be unseen).
+    for kw in ({"early_reply_chars": 0}, {"chunk_cache_mb": 0}, {"early_reply_jobs": 0}):
+        s = early_service(model_dir, **kw)
+        try:
+            text = doc_text(35, 30)
+            assert_full(await ask(s, prompt=text, return_token_ids=False), tok.encode(text))
+        finally:
+            await s.stop()
+
+
+async def test_background_jobs_are_bounded_and_shared(model_dir: Path,
+                                                      tok: ModelTokenizer) -> None:
+    s = early_service(model_dir, early_reply_jobs=1)
+    try:
+        a, b = doc_text(36, 40), doc_text(37, 40)
+        ids_a = tok.encode(a)
+        assert_partial(await ask(s, prompt=a, return_token_ids=False), ids_a)  # started
+        assert_partial(await ask(s, prompt=a, return_token_ids=False), ids_a)  # joined
+        # The background is full: b is tokenized before its reply.
+        assert_full(await ask(s, prompt=b, return_token_ids=False), tok.encode(b))
+        # Ids of a text being tokenized in the background: waits for it rather than redo it.
+        encoded = s.tokenizers[MODEL].encoded_chars
+        r = await ask(s, prompt=a)
+        assert r.token_ids == ids_a and not r.partial
+        assert s.tokenizers[MODEL].encoded_chars == encoded + len(a)
+        for outcome, n in (("started", 1), ("joined", 1), ("inlined", 1), ("failed", 0)):
+            line = f'infermesh_tokenizer_background_jobs_total{{outcome="{outcome}"}}'
+            assert metric(s, line) == n, outcome
+        assert metric(s, f'infermesh_tokenizer_partial_replies_total{{model="{MODEL}"}}') == 2
+        # A stop cancels what still runs.
+        assert_partial(await ask(s, prompt=b + a, return_token_ids=False), tok.encode(b + a))
+    finally:
+        await s.stop()
+    assert not s._jobs
+
+
+async def test_the_count_of_a_partial_reply_is_bounded(model_dir: Path,
+                                                       tok: ModelTokenizer) -> None:
+    """Whatever the text (scripts, emoji, digits, special tokens, runs without boundaries),
+    known_tokens < the true count <= max_num_tokens, and the estimate lies between."""
+    s = early_service(model_dir, chunk_chars=64, early_reply_chars=64)
+    try:
+        tails = ["日本語のテキスト、句読点。" * 40, "🙂👍🏽 " * 100, "1234567890 " * 60,
+                 "<|eot_id|>x " * 80, "a" * 3000, "\n\n  \t " * 200, doc_text(46, 10)]
+        for i, tail in enumerate(tails):
+            for special in (True, False):
+                text = doc_text(47 + 2 * i + special, 3) + tail
+                r = await ask(s, prompt=text, add_special_tokens=special, return_token_ids=False)
+                ids = tok.encode(text, add_special_tokens=special)
+                assert r.partial and r.known_tokens is not None and r.max_num_tokens is not None
+                assert r.known_tokens < len(ids) <= r.max_num_tokens, (i, special)
+                assert r.known_tokens < r.num_tokens <= r.max_num_tokens
+                assert r.block_keys == prompt_keys(MODEL, ids, 16)[: r.known_tokens // 16]
+                await s.drain()
+    finally:
+        await s.stop()
+
+
+async def test_a_chat_is_answered_early(model_dir: Path, tok: ModelTokenizer) -> None:
+    s = early_service(model_dir)
+    try:
+        system = {"role": "system", "content": doc_text(38, 40)}
+        first = [system, {"role": "user", "content": "Hi"}]
+        r = await ask(s, messages=first)
+        assert r.token_ids == tok.encode(tok.render_chat(first), add_special_tokens=False)
+        chat = [system, {"role": "user", "content": doc_text(39, 20)}]
+        ids = tok.encode(tok.render_chat(chat), add_special_tokens=False)
+        r = await ask(s, messages=chat, return_token_ids=False)
+        assert_partial(r, ids)
+        assert r.known_tokens > len(tok.encode(system["content"])) - 256
+        await s.drain()
+        assert_full(await ask(s, messages=chat, return_token_ids=False), ids)
+    finally:
+        await s.stop()
+
+
+async def test_a_failing_background_tokenization_is_counted(model_dir: Path,
+                                                            tok: ModelTokenizer) -> None:
+    s = early_service(model_dir)
+    try:
+        # (A lone surrogate cannot come over the bus: msgpack strings are UTF-8.)
+        text = doc_text(40, 30) + " \ud800 " + doc_text(41, 5)
+        r = await ask(s, prompt=text, return_token_ids=False)
+        assert r.partial
+        await s.drain()
+        assert metric(s, 'infermesh_tokenizer_background_jobs_total{outcome="failed"}') == 1
+        await refused(s, "400", prompt=text)  # asked again in full: the 400 as before
+        assert (await ask(s, prompt="fine", return_token_ids=False)).num_tokens > 0
+    finally:
+        await s.stop()
+
+
+def test_partial_replies_and_old_peers_understand_each_other() -> None:
+    class OldReply(msgspec.Struct, kw_only=True):
+        v: int = 1
+        num_tokens: int
+        block_keys: list[int]
+        token_ids: list[int] | None = None
+
+    old = msgspec.msgpack.encode(OldReply(num_tokens=3, block_keys=[7]))
+    r = msgspec.msgpack.decode(old, type=TokenizeReply)
+    assert (r.num_tokens, r.block_keys, r.partial, r.known_tokens, r.max_num_tokens) == (
+        3, [7], False, None, None)
+    new = msgspec.msgpack.encode(TokenizeReply(num_tokens=40, block_keys=[1], partial=True,
+                                               known_tokens=20, max_num_tokens=90))
+    assert msgspec.msgpack.decode(new, type=OldReply).num_tokens == 40
+    r = msgspec.msgpack.decode(new, type=TokenizeReply)
+    assert (r.partial, r.known_tokens, r.max_num_tokens) == (True, 20, 90)
+
+
+def test_early_reply_config(model_dir: Path) -> None:
+    from infermesh.libs.config import load_config
+    from infermesh.services.tokenizer.__main__ import main
+
+    for bad in ({"early_reply_chars": -1}, {"early_reply_jobs": -1}):
+        with pytest.raises(ValueError):
+            TokenizerConfig(**bad)
+    args = main.parser().parse_args(["--early-reply-chars", "0"])
+    cfg = load_config(TokenizerConfig, args, env_prefix="INFERMESH_TOKENIZER",
+                      env={"INFERMESH_TOKENIZER_EARLY_REPLY_JOBS": "5"})
+    assert cfg.early_reply_chars == 0 and cfg.early_reply_jobs == 5
+    assert TokenizerConfig().early_reply_chars > 0
