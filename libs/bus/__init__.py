@@ -29,7 +29,7 @@ from .security import (
     write_bus_auth,
 )
 from .server import NatsCluster, NatsServer, nats_server_binary
-from .service import BusService, reply_error
+from .service import BusService, Forward, reply_error
 
 __all__ = [
     "BUS_REGISTRY",
@@ -58,6 +58,7 @@ __all__ = [
     "nats_server_binary",
     "release",
     "reply_error",
+    "Forward",
     "request",
     "request_parts",
     "settle",

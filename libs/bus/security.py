@@ -116,7 +116,9 @@ def identities(prefix: str, pods: Iterable[tuple[str, str]]) -> list[Identity]:
         )))
     out += [
         Identity(TOKENIZER, Permissions(
-            subscribe=(s.tokenize, *_DISCOVERY, inbox_prefix(TOKENIZER) + ".>"),
+            # Routes are passed on to the schedulers with the caller's reply subject.
+            publish=(s.schedule,),
+            subscribe=(s.tokenize, s.route, *_DISCOVERY, inbox_prefix(TOKENIZER) + ".>"),
             responses=1,
         )),
         Identity(INDEXER, Permissions(
@@ -129,14 +131,14 @@ def identities(prefix: str, pods: Iterable[tuple[str, str]]) -> list[Identity]:
         )),
         Identity(SCHEDULER, Permissions(
             # Lookups to indexers, or its own local index: KV streams and snapshot requests.
-            publish=(s.index_lookup, s.kv_snapshot_all),
+            publish=(s.index_lookup, s.kv_snapshot_all, s.req_all),
             subscribe=(s.pod_state_all, s.req_all, s.schedule, s.kv_all, *_DISCOVERY,
                        inbox_prefix(SCHEDULER) + ".>"),
             responses=1,
         )),
         Identity(INGRESS, Permissions(
             # Requests to the tokenizer and scheduler, request events, scale demand; no KV.
-            publish=(s.tokenize, s.schedule, s.req_all, f"{prefix}.scale.*"),
+            publish=(s.tokenize, s.route, s.schedule, s.req_all, f"{prefix}.scale.*"),
             subscribe=(s.pod_state_all, inbox_prefix(INGRESS) + ".>"),
         )),
         Identity(OBSERVER, Permissions(

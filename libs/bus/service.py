@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -32,6 +33,16 @@ Handler = Callable[[Any], Awaitable[msgspec.Struct]]
 def reply_error(code: int, description: str) -> ServiceError:
     """An error a handler raises to answer the caller with ``code`` (HTTP-like) and a message."""
     return ServiceError(str(code), description)
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """What a handler returns to pass the request on instead of answering it: ``message`` is
+    published on ``subject`` with the caller's reply subject, so the next service answers the
+    caller directly (one bus trip less than the caller asking each service in turn)."""
+
+    subject: str
+    message: Any
 
 
 class BusService:
@@ -101,6 +112,11 @@ class BusService:
                     counter.labels(svc, name, "error").inc()
                     log.exception("handler_failed", endpoint=name)
                     await req.respond_error("500", f"{type(e).__name__}: {e}")
+                    return
+                if isinstance(reply, Forward):
+                    await self.nc.publish(reply.subject, codec.encode(reply.message),
+                                          reply=req._msg.reply, headers=req.headers)
+                    counter.labels(svc, name, "forwarded").inc()
                     return
                 await req.respond(codec.encode(reply))
                 counter.labels(svc, name, "ok").inc()

@@ -21,6 +21,10 @@ class IngressConfig(BusKnobs):
     tokenize_timeout_s: float = knob(2.0, "How long to wait for the tokenizer service")
     schedule_timeout_s: float = knob(1.0, "How long to wait for the scheduler")
     connect_timeout_s: float = knob(5.0, "Timeout to connect to an engine")
+    chained_routing: bool = knob(
+        True, "Tokenize and schedule in one bus trip (im.route: the tokenizer passes the "
+        "request on to a scheduler, which answers here); off: ask each in turn"
+    )
     max_attempts: int = knob(3, "Engines tried per request when one fails before answering")
     max_body_bytes: int = knob(32 * 1024 * 1024, "Largest request body accepted (413 above)")
     max_prompt_tokens: int = knob(

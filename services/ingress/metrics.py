@@ -28,6 +28,13 @@ class IngressMetrics:
         self.ttft = Histogram("infermesh_ingress_ttft_seconds", "Time to first byte of the answer",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                                        30.0, 60.0), registry=r)
+        self.route = Histogram("infermesh_ingress_route_seconds",
+                               "Tokenize-and-schedule round trip (im.route)",
+                               buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05,
+                                        0.1, 0.25, 1.0), registry=r)
+        self.route_trips = Counter("infermesh_ingress_route_trips",
+                                   "im.route trips by outcome (ok, or the fallback to two trips)",
+                                   ["outcome"], registry=r)
         self.retries = Counter("infermesh_ingress_retries", "Requests retried on another pod",
                                registry=r)
         self.fallbacks = Counter("infermesh_ingress_fallbacks",

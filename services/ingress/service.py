@@ -47,6 +47,7 @@ from infermesh.proto import codec
 from infermesh.proto.messages import (
     PodState,
     RequestEvent,
+    RouteRequest,
     ScheduleDecision,
     ScheduleRequest,
     TokenizeReply,
@@ -149,6 +150,8 @@ class _Route:
     received: float
     excluded: list[str] = field(default_factory=list)
     routing_s: float = 0.0
+    first: tuple[str, str] | None = None  # (pod, url) decided along the route, before _proxy
+    partial: bool = False  # num_tokens is the tokenizer's estimate (TokenizeReply.partial)
 
 
 class IngressService:
@@ -390,7 +393,8 @@ class IngressService:
         route = _Route(request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
                        model=model, lora=lora, num_tokens=0, block_keys=[], profile=profile,
                        received=received)
-        await self._tokenize(route, body, chat)
+        if not (self.cfg.chained_routing and await self._route(route, body, chat)):
+            await self._tokenize(route, body, chat)
         self.metrics.in_flight.inc()
         try:
             resp = await self._proxy(request, route, raw, bool(body.stream))
@@ -434,14 +438,13 @@ class IngressService:
         lens = [p.state.max_model_len for p in self.live_pods() if p.state.max_model_len]
         return min(lens) if lens else 0
 
-    async def _tokenize(self, route: _Route, body: _Body, chat: bool) -> None:
-        assert self.nc is not None
+    def _tokenize_request(self, route: _Route, body: _Body, chat: bool) -> TokenizeRequest:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not all(type(t) is int for t in prompt):
             prompt = prompt[0]  # a batch goes to one engine: route by its first prompt
         if isinstance(prompt, list) and not all(type(t) is int for t in prompt):
             raise ClientError(400, "`prompt` lists must hold token ids (ints)", "prompt")
-        req = TokenizeRequest(
+        return TokenizeRequest(
             model=route.model, block_size=self._block_size(),
             prompt=None if chat else prompt, messages=body.messages if chat else None,
             add_special_tokens=body.add_special_tokens,
@@ -451,6 +454,73 @@ class IngressService:
             tools=body.tools, documents=body.documents, lora_name=route.lora,
             cache_salt=body.cache_salt,
         )
+
+    async def _route(self, route: _Route, body: _Body, chat: bool) -> bool:
+        """Tokenize and schedule in one bus trip (``im.route``: the tokenizer passes the
+        ScheduleRequest on, the scheduler answers here); False when the request must take the
+        two separate trips instead (too large for one message, a service away or slow, no
+        engine known to the scheduler yet: those paths handle each case)."""
+        assert self.nc is not None
+        if route.excluded:
+            return False
+        tok = self._tokenize_request(route, body, chat)
+        sched = ScheduleRequest(request_id=route.request_id, model=route.model, num_tokens=0,
+                                pool=self.cfg.pool, lora_name=route.lora, profile=route.profile,
+                                exclude=self._refused_now(route), announce=True)
+        data = codec.encode(RouteRequest(tokenize=tok, schedule=sched))
+        if not fits(self.nc, data):
+            return False
+        t0 = time.perf_counter()
+        try:
+            d = await request(self.nc, self.subjects.route, data, ScheduleDecision,
+                              timeout=self.cfg.tokenize_timeout_s + self.cfg.schedule_timeout_s)
+        except RemoteError as e:
+            status = int(e.code) if e.code.isdigit() else 500
+            if 400 <= status < 500:
+                raise ClientError(status, e.description) from None
+            self.metrics.route_trips.labels(f"fallback_{status}").inc()
+            return False
+        except BusError as e:
+            self.metrics.route_trips.labels("fallback_unavailable").inc()
+            log.info("route_unavailable_taking_two_trips", error=str(e))
+            return False
+        finally:
+            self.metrics.route.observe(time.perf_counter() - t0)
+        self.metrics.route_trips.labels("ok").inc()
+        self._scheduler_ok = self._tokenizer_ok = time.monotonic()
+        route.num_tokens = d.num_tokens or 0
+        route.first = (d.pod, d.url)
+        await self._check_length(tok, route.num_tokens, d.tokens_partial)
+        return True
+
+    async def _check_length(self, tok: TokenizeRequest, num_tokens: int, partial: bool) -> None:
+        """vLLM's 400 for a prompt over the context length. A partial count (the tokenizer
+        answered before tokenizing a never-seen tail) is an estimate: the engine checks its
+        own max_model_len on the exact count, so only a stricter ``max_prompt_tokens`` (which
+        no engine enforces) makes the ingress ask for the exact count."""
+        limit = self._max_len()
+        if not limit:
+            return
+        if partial:
+            if not self.cfg.max_prompt_tokens:
+                return
+            assert self.nc is not None
+            exact = msgspec.structs.replace(tok, return_token_ids=True)  # never partial
+            try:
+                num_tokens = (await request(self.nc, self.subjects.tokenize, exact,
+                                            TokenizeReply,
+                                            timeout=self.cfg.tokenize_timeout_s)).num_tokens
+            except BusError as e:
+                log.warning("exact_count_failed", error=str(e))
+                return
+        if num_tokens > limit:
+            raise ClientError(400, f"This model's maximum context length is {limit} tokens. "
+                              f"However, your prompt contains {num_tokens} input tokens. "
+                              "Please reduce the length of the input prompt.", "input_tokens")
+
+    async def _tokenize(self, route: _Route, body: _Body, chat: bool) -> None:
+        assert self.nc is not None
+        req = self._tokenize_request(route, body, chat)
         data = codec.encode(req)
         if not fits(self.nc, data):
             # One bus message cannot carry this prompt: route it by load alone, as when the
@@ -481,11 +551,8 @@ class IngressService:
         finally:
             self.metrics.tokenize.observe(time.perf_counter() - t0)
         route.num_tokens, route.block_keys = reply.num_tokens, reply.block_keys
-        limit = self._max_len()
-        if limit and reply.num_tokens > limit:
-            raise ClientError(400, f"This model's maximum context length is {limit} tokens. "
-                              f"However, your prompt contains {reply.num_tokens} input tokens. "
-                              "Please reduce the length of the input prompt.", "input_tokens")
+        route.partial = reply.partial
+        await self._check_length(req, reply.num_tokens, reply.partial)
 
     def _too_large_for_bus(self, route: _Route, size: int) -> None:
         """Count and log a prompt that goes without tokenizing: one bus message cannot hold it."""
@@ -526,19 +593,25 @@ class IngressService:
         """
         return time.monotonic() - t < 2.0
 
-    async def _pick(self, route: _Route) -> tuple[str, str]:
-        """(pod, url) from the scheduler, or from heartbeats when it does not answer."""
-        assert self.nc is not None
+    def _refused_now(self, route: _Route) -> list[str]:
+        """The pods to leave out of a decision: the request's own failed ones, and engines that
+        just refused a connection while others are left."""
         exclude = route.excluded
         refused = self._refused_recently()
         if refused:
-            # Engines that just refused a connection are asked only if nothing else is left.
             others = {p.state.pod for p in self.live_pods() if p.state.model == route.model}
             others.difference_update(route.excluded, refused)
             if others:
                 exclude = [*route.excluded, *(r for r in refused if r not in route.excluded)]
+        return exclude
+
+    async def _pick(self, route: _Route) -> tuple[str, str]:
+        """(pod, url) from the scheduler, or from heartbeats when it does not answer."""
+        assert self.nc is not None
+        exclude = self._refused_now(route)
         req = ScheduleRequest(request_id=route.request_id, model=route.model,
                               num_tokens=route.num_tokens, block_keys=route.block_keys,
+                              tokens_partial=route.partial,
                               pool=self.cfg.pool, lora_name=route.lora, profile=route.profile,
                               exclude=exclude)
         t0 = time.perf_counter()
@@ -611,9 +684,12 @@ class IngressService:
         assert self.http is not None
         last_error = "no engine answered"
         for attempt in range(self.cfg.max_attempts):
-            pod, url = await self._pick(route)
-            await self._event(route, "routed", pod, num_tokens=route.num_tokens,
-                              block_keys=route.block_keys)
+            if attempt == 0 and route.first is not None:
+                pod, url = route.first  # the scheduler announced it (routed, with the keys)
+            else:
+                pod, url = await self._pick(route)
+                await self._event(route, "routed", pod, num_tokens=route.num_tokens,
+                                  block_keys=route.block_keys)
             tracked = self.pods.get(pod)
             if tracked is not None:
                 tracked.in_flight += 1

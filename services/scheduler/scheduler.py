@@ -73,4 +73,6 @@ class Scheduler:
             profile=result.profile,
             scores=scores,
             cached_blocks=cached,
+            num_tokens=request.num_tokens,
+            tokens_partial=request.tokens_partial,
         )

@@ -290,19 +290,25 @@ class SchedulerService:
             raise self._reject(503, "no_engine", f"{e} (model {req.model!r})") from None
         # Count it now, so the next decision (here) sees it before the ingress's routed event;
         # that event, for the same request id, is not counted twice.
-        self.apply_event(
-            RequestEvent(
-                kind="routed",
-                request_id=req.request_id,
-                pod=decision.pod,
-                pool=req.pool,
-                model=req.model,
-                ts=time.time(),
-                replica=self.replica,
-                num_tokens=req.num_tokens,
-                block_keys=req.block_keys,
-            )
+        routed = RequestEvent(
+            kind="routed",
+            request_id=req.request_id,
+            pod=decision.pod,
+            pool=req.pool,
+            model=req.model,
+            ts=time.time(),
+            replica=self.replica,
+            num_tokens=req.num_tokens,
+            block_keys=req.block_keys,
         )
+        self.apply_event(routed)
+        if req.announce and self._nc is not None:
+            # The caller holds no keys (it sent a RouteRequest): the other replicas learn the
+            # decision, keys included, from here.
+            try:
+                await self._nc.publish(self.subjects.req(req.pool), codec.encode(routed))
+            except Exception as e:  # noqa: BLE001 - events are best effort, the answer is not
+                log.debug("routed_event_failed", error=repr(e))
         self.decisions += 1
         self.metrics.decisions.labels(profile, decision.pod).inc()
         return decision

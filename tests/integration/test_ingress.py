@@ -10,14 +10,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 
-from infermesh.libs.bus import BusService, NatsServer, connect
+from infermesh.libs.bus import BusService, Forward, NatsServer, connect
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     PodState,
     RequestEvent,
+    RouteRequest,
     ScheduleDecision,
     ScheduleRequest,
     TokenizeReply,
@@ -93,9 +95,12 @@ class World:
         self.services: list[BusService] = []
         self.schedule_calls: list[ScheduleRequest] = []
         self.beating = True  # False: the heartbeats stop (a starved or paused agent)
+        self.routes = 0  # im.route requests the stub tokenizer passed on
+        self.exact_asks = 0  # tokenize requests asking for the exact count (token ids)
 
     async def start(self, engines: dict[str, str], *, tokenizer: bool = True,
-                    scheduler: bool = True, **cfg: Any) -> IngressService:
+                    scheduler: bool = True, route_endpoint: bool = True,
+                    **cfg: Any) -> IngressService:
         self.nc = await connect(self.nats_url, "world")
         for name, mode in engines.items():
             self.engines[name] = await FakeEngine(mode).start()
@@ -110,9 +115,28 @@ class World:
 
             async def tokenize(req: TokenizeRequest) -> TokenizeReply:
                 n = len(req.prompt) if isinstance(req.prompt, (str, list)) else 10
+                if isinstance(req.prompt, str) and req.prompt.startswith("PARTIAL"):
+                    # An early reply: the tail was never seen, the count is an estimate.
+                    self.exact_asks += bool(req.return_token_ids)
+                    if not req.return_token_ids:
+                        return TokenizeReply(num_tokens=5000, block_keys=[1], partial=True,
+                                             known_tokens=16, max_num_tokens=9000)
+                    return TokenizeReply(num_tokens=n, block_keys=[1, 2], token_ids=[0] * n)
                 return TokenizeReply(num_tokens=n, block_keys=[1, 2, 3])
 
             svc.endpoint("tokenize", "im.tokenize", TokenizeRequest, tokenize, "tokenizer")
+
+            async def route(req: RouteRequest) -> Forward:
+                # As the tokenizer does: tokenize, then pass the ScheduleRequest on.
+                self.routes += 1
+                t = await tokenize(req.tokenize)
+                sched = msgspec.structs.replace(req.schedule, num_tokens=t.num_tokens,
+                                                block_keys=t.block_keys,
+                                                tokens_partial=t.partial)
+                return Forward("im.schedule", sched)
+
+            if route_endpoint:
+                svc.endpoint("route", "im.route", RouteRequest, route, "tokenizer")
             await svc.start()
             self.services.append(svc)
         if scheduler:
@@ -132,8 +156,14 @@ class World:
             # Always the first pod by name that is not excluded: "a" before "b".
             self.schedule_calls.append(req)
             pod = sorted(p for p in self.engines if p not in req.exclude)[0]
+            if req.announce:  # as the scheduler does for a RouteRequest's ingress
+                await self.nc.publish(f"im.req.{req.pool}", codec.encode(RequestEvent(
+                    kind="routed", request_id=req.request_id, pod=pod, pool=req.pool,
+                    model=req.model, ts=time.time(), block_keys=req.block_keys)))
             return ScheduleDecision(request_id=req.request_id, pod=pod,
-                                    url=self.engines[pod].url, profile="stub")
+                                    url=self.engines[pod].url, profile="stub",
+                                    num_tokens=req.num_tokens,
+                                    tokens_partial=req.tokens_partial)
 
         svc.endpoint("schedule", "im.schedule", ScheduleRequest, schedule, "scheduler")
         await svc.start()
@@ -388,3 +418,49 @@ async def test_a_prompt_too_large_for_one_bus_message_is_routed_by_load(
     assert 'infermesh_ingress_fallbacks_total{reason="too_large_for_bus"} 2.0' in text
     assert "tokenizer_unavailable" not in text  # the tokenizer was not blamed
     assert stack.ingress is not None and stack.ingress.alive()
+
+
+async def test_one_trip_routes_through_the_tokenizer_to_the_scheduler(world) -> None:
+    await world.start({"a": "ok", "b": "ok"})
+    status, headers, _ = await post(world.url, {"model": MODEL, "prompt": "x" * 30})
+    assert status == 200 and headers["x-infermesh-endpoint"] == "a"
+    # One im.route trip: the scheduler got the tokenizer's keys without the ingress asking it.
+    assert world.routes == 1 and len(world.schedule_calls) == 1
+    call = world.schedule_calls[0]
+    assert call.block_keys == [1, 2, 3] and call.num_tokens == 30 and call.announce
+    text = await _metrics(world.url)
+    assert 'infermesh_ingress_route_trips_total{outcome="ok"} 1.0' in text
+    # The ingress left the `routed` event to the scheduler (which holds the keys).
+    await wait_until(lambda: any(e.kind == "finished" for e in world.events), what="events")
+    assert [e.block_keys for e in world.events if e.kind == "routed"] == [[1, 2, 3]]
+
+
+async def test_without_a_route_endpoint_the_ingress_asks_each_service_in_turn(world) -> None:
+    await world.start({"a": "ok"}, route_endpoint=False)
+    status, headers, _ = await post(world.url, {"model": MODEL, "prompt": "x" * 30})
+    assert status == 200 and headers["x-infermesh-endpoint"] == "a"
+    assert world.routes == 0 and world.schedule_calls[0].block_keys == [1, 2, 3]
+    assert not world.schedule_calls[0].announce
+    assert 'infermesh_ingress_route_trips_total{outcome="fallback_unavailable"} 1.0' in (
+        await _metrics(world.url))
+    await wait_until(lambda: any(e.kind == "routed" for e in world.events), what="routed event")
+
+
+@pytest.mark.parametrize("chained", [True, False])
+async def test_a_partial_count_is_left_to_the_engine_unless_max_prompt_tokens(
+        world, chained: bool) -> None:
+    # The estimate (5000) is over the engines' max_model_len (1000): the engine checks the
+    # exact count itself, so the ingress does not refuse on an estimate.
+    await world.start({"a": "ok"}, chained_routing=chained)
+    status, _, body = await post(world.url, {"model": MODEL, "prompt": "PARTIAL" + "x" * 50})
+    assert status == 200 and world.exact_asks == 0, body
+    assert world.schedule_calls[-1].tokens_partial
+
+
+async def test_max_prompt_tokens_asks_for_the_exact_count_of_a_partial_reply(world) -> None:
+    await world.start({"a": "ok"}, max_prompt_tokens=100)
+    status, _, _ = await post(world.url, {"model": MODEL, "prompt": "PARTIAL" + "x" * 50})
+    assert status == 200 and world.exact_asks == 1  # 57 tokens: fits
+    status, _, body = await post(world.url, {"model": MODEL, "prompt": "PARTIAL" + "x" * 200})
+    assert status == 400 and world.exact_asks == 2
+    assert "207 input tokens" in json.loads(body)["error"]["message"]

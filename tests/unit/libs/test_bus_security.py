@@ -152,8 +152,8 @@ def test_server_config_text() -> None:
     assert 'user: "agent-sim-0", password: "pw-agent-sim-0"' in text
     assert 'publish: {allow: ["im.kv.default.sim-0", "im.pod.default.sim-0"]}' in text
     assert f'allow_responses: {{max: {AGENT_MAX_RESPONSES}, expires: "1m"}}' in text
-    # The observer publishes nothing but pings; the tokenizer nothing at all.
-    assert 'publish: {deny: [">"]}' in text
+    # The observer publishes nothing but pings; the tokenizer only routes passed on to schedulers.
+    assert 'publish: {allow: ["im.schedule"]}' in text
     assert "tls" not in text
     tls = ServerTLS("/c.pem", "/k.pem", ca_file="/ca.pem", verify=True)
     t2 = server_config(None, tls=tls)
