@@ -34,6 +34,25 @@ def _int(v: str | None) -> int:
         return 0
 
 
+#: The metrics the heartbeat reads. A vLLM /metrics page is mostly histogram buckets (hundreds
+#: of lines); only these lines go to the Prometheus parser, which costs ~25 µs a line in Python.
+WANTED = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:cache_config_info",
+    "vllm:lora_requests_info",
+)
+
+
+def wanted_lines(text: str) -> str:
+    """The sample lines of the metrics the heartbeat reads (no comments, no other metric)."""
+    return "\n".join(ln for ln in text.splitlines() if ln.startswith(WANTED))
+
+
 def parse_metrics(text: str, model: str = "") -> EngineLoad:
     """Pick the load figures out of a vLLM /metrics page.
 
@@ -42,7 +61,7 @@ def parse_metrics(text: str, model: str = "") -> EngineLoad:
     """
     ld = EngineLoad(ready=True)
     latest_lora_ts = -1.0
-    for fam in text_string_to_metric_families(text):
+    for fam in text_string_to_metric_families(wanted_lines(text)):
         name = fam.name
         if not name.startswith("vllm:"):
             continue
