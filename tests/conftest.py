@@ -17,6 +17,21 @@ from infermesh.services.system.plan import ENGINE_ENV, command
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """Each test starts with the logging set-up the previous one found: a test that runs a
+    command in-process (``infermesh bench`` sets the level to warning) must not silence the
+    log lines later tests assert on."""
+    import structlog
+
+    from infermesh.libs.telemetry import logging as tlog
+
+    saved, configured = structlog.get_config(), tlog._configured
+    yield
+    structlog.configure(**saved)
+    tlog._configured = configured
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The deterministic tiny model folder (built once, reused)."""

@@ -215,9 +215,11 @@ async def test_rate_limit_is_per_key_and_recovers(world: World) -> None:
             assert headers["x-ratelimit-limit-requests"] == "3"
             assert headers["x-infermesh-endpoint"] in world.stack.pods
         mid = await _metrics(http, world.url)
-        # Refused before any tokenize or schedule work: one tokenizer call per served request.
-        tok = "infermesh_ingress_tokenize_seconds_count", ""
-        assert mid[tok] - before[tok] == len(ok) + n
+        # Refused before any tokenize or schedule work: one tokenizer call (a route, or a
+        # tokenize when a route falls back) per served request.
+        tok = "infermesh_ingress_route_trips_total", "outcome=ok"
+        two = "infermesh_ingress_tokenize_seconds_count", ""
+        assert (mid.get(tok, 0) - before.get(tok, 0)) + (mid[two] - before[two]) == len(ok) + n
         rl = "infermesh_ingress_rate_limited_total", "key=limited"
         assert mid[rl] - before[rl] == len(refused)
         assert mid[("infermesh_ingress_rate_limited_total", "key=alice")] == 0

@@ -209,10 +209,11 @@ async def test_precise_prefix_routing_and_load_shifts_choices(nc, replicas):
         d = await schedule(nc, profile="precise-prefix")
         assert d.pod == "pod-b" and d.profile == "precise-prefix"
 
-        # A short match on a busy, nearly full engine loses to idle ones.
+        # llm-d's profile: a short match on a busy, nearly full engine loses to idle ones.
         indexer.matches = {"pod-b": 2}
         pods.set("pod-b", waiting=40, kv_usage=0.95)
-        d = await until_decided(nc, lambda d: d.pod != "pod-b", "load to move the request")
+        d = await until_decided(nc, lambda d: d.pod != "pod-b", "load to move the request",
+                                profile="llm-d")
         assert d.scores["queue"]["pod-b"] == 0.0 and d.scores["kv-utilization"]["pod-b"] < 0.1
 
         # With no prefix anywhere: the shortest queue wins, then the emptiest KV cache.
@@ -220,10 +221,12 @@ async def test_precise_prefix_routing_and_load_shifts_choices(nc, replicas):
         pods.set("pod-b", waiting=0, kv_usage=0.5)
         pods.set("pod-a", waiting=9, kv_usage=0.5)
         pods.set("pod-c", waiting=9, kv_usage=0.5)
-        await until_decided(nc, lambda d: d.pod == "pod-b", "queue to pick pod-b")
+        await until_decided(nc, lambda d: d.pod == "pod-b", "queue to pick pod-b",
+                            profile="llm-d")
         pods.set("pod-b", waiting=9)
         pods.set("pod-c", kv_usage=0.05)
-        await until_decided(nc, lambda d: d.pod == "pod-c", "kv utilization to pick pod-c")
+        await until_decided(nc, lambda d: d.pod == "pod-c", "kv utilization to pick pod-c",
+                            profile="llm-d")
 
         # The random baseline scatters whatever the cache holds.
         indexer.matches = {"pod-b": 8}
