@@ -20,8 +20,11 @@ Layout, chosen for the lookup path (one prompt walks up to thousands of keys):
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from bisect import bisect_right
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from itertools import accumulate, repeat
+from operator import and_
 from typing import Any
 
 from infermesh.libs import kvblock
@@ -34,6 +37,11 @@ from infermesh.proto.messages import (
     PodMatch,
     SnapshotBlock,
 )
+
+
+def _neg_bits(mask: int) -> int:
+    """Sort key of a shrinking run of pod masks (bisection finds where one loses a pod)."""
+    return -mask.bit_count()
 
 
 class IndexStats:
@@ -496,6 +504,55 @@ class KVIndex:
 
     # ------------------------------------------------------------------ lookups
 
+    def _walk(self, keys: Sequence[int], want: int
+              ) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
+        """The prefix walk of :meth:`lookup`: ``(ends, marks)``, where ``ends`` lists (pods that
+        stopped matching, blocks they matched) and ``marks`` (block, pods holding it off-GPU,
+        key) for blocks some still-matching pod holds off the GPU.
+
+        The dictionary reads and the running AND of the pod masks run in C (``map``,
+        ``accumulate``), a slice at a time until no pod is left; the masks only shrink, so each
+        change (at most one per pod) is found by bisection on the popcount.
+        """
+        ends: list[tuple[int, int]] = []
+        marks: list[tuple[int, int, int]] = []
+        if not want or not keys:
+            return ends, marks
+        get = self._held.get
+        active = want
+        i = 0  # blocks matched so far
+        if active < 0:  # every pod: those holding the first block
+            active = get(keys[0], 0)
+            i = 1 if active else 0
+        n = len(keys)
+        step = 256
+        while i < n and active:
+            part = keys[i : i + step]
+            acc = list(accumulate(map(get, part, repeat(0, len(part))), and_, initial=active))
+            # acc[t]: the pods holding every block so far, after the part's first t blocks.
+            j, last = 0, len(acc) - 1
+            while acc[j] != acc[last]:
+                # Where the next pods drop out: the first mask after j with fewer bits.
+                k = bisect_right(acc, -acc[j].bit_count(), j + 1, last + 1, key=_neg_bits)
+                if i + k - 1:  # those pods matched the i + k - 1 blocks before
+                    ends.append((acc[j] & ~acc[k], i + k - 1))
+                j = k
+            active = acc[last]
+            i += len(part)
+            step *= 2
+        if active and i:
+            ends.append((active, i))
+        if any(self._tiers[1:]):  # some block is held off the GPU somewhere
+            on_gpu = self._tiers[0].get
+            holders = want
+            for b in range(max((m for _, m in ends), default=0)):
+                k = keys[b]
+                holders &= get(k, 0)
+                off_gpu = holders & ~on_gpu(k, 0)
+                if off_gpu:
+                    marks.append((b, off_gpu, k))
+        return ends, marks
+
     def lookup(self, keys: Sequence[int], pods: Sequence[str] | None = None) -> list[PodMatch]:
         """Each pod's longest run of held blocks from the prompt's start, with the best tiers.
 
@@ -512,28 +569,7 @@ class KVIndex:
                     want |= p.bit
         else:
             want = -1  # every pod: narrowed to the first block's holders
-        get = self._held.get
-        on_gpu = self._tiers[0].get
-        active = want
-        ends: list[tuple[int, int]] = []  # (pods, blocks they matched)
-        marks: list[tuple[int, int, int]] = []  # (block, pods holding it off-GPU, key)
-        i = 0
-        if want:
-            for k in keys:
-                m = get(k)
-                held = m & active if m is not None else 0
-                if held != active:
-                    if i:
-                        ends.append((active & ~held, i))
-                    active = held
-                    if not active:
-                        break
-                off_gpu = active & ~on_gpu(k, 0)
-                if off_gpu:
-                    marks.append((i, off_gpu, k))
-                i += 1
-            if active and i:
-                ends.append((active, i))
+        ends, marks = self._walk(keys, want)
         lengths: dict[int, int] = {}
         for mask, n in ends:
             while mask:
@@ -557,11 +593,11 @@ class KVIndex:
                             row = tiers[slot] = [gpu] * lengths[slot]
                         row[i] = name
                         break
-        if lengths:
-            # Matched keys are in use: keep them, parents freshest (touched last).
-            touch = self._held.move_to_end
-            for k in reversed(keys[: max(lengths.values())]):
-                touch(k)
+        if lengths and len(self._held) * 2 > self.max_blocks:
+            # Matched keys are in use: keep them, parents freshest (touched last). Only once
+            # the index is half full (touching a 100k-token prompt's keys costs more than the
+            # walk): below that, no eviction is near and insertion order is close enough.
+            deque(map(self._held.move_to_end, reversed(keys[: max(lengths.values())])), maxlen=0)
         slots = self._slots
         if pods is not None:
             out = []

@@ -305,3 +305,53 @@ def test_random_engine_traffic_matches_brute_force() -> None:
         matched += bool(want)
     assert matched > 100 and seen_tiers == {"GPU", "CPU"}  # the comparison is not vacuous
     assert idx.stats.events["AllBlocksCleared"] > 5 and idx.stats.blocks_removed > 1000
+
+
+def _reference_lookup(idx: KVIndex, keys: list[int], pods: list[str] | None) -> dict[str, tuple]:
+    """The lookup as a plain walk, one block at a time: each asked pod's longest run of held
+    blocks from the start, and which blocks of it are held off the GPU (by tier)."""
+    names = pods if pods is not None else list(idx.pods)
+    out = {}
+    for name in names:
+        blocks = idx.pod_blocks(name) if name in idx.pods else {}
+        held = {k: tiers for k, tiers in blocks.values()}
+        n = 0
+        while n < len(keys) and keys[n] in held:
+            n += 1
+        if n or pods is not None:
+            tiers = [held[k] for k in keys[:n]]
+            out[name] = (n, None if all("GPU" in t for t in tiers) else [t[0] for t in tiers])
+    return out
+
+
+def test_the_walk_matches_a_block_by_block_walk_on_random_indexes() -> None:
+    """Random pods holding random prefixes with holes, some blocks on the CPU only, prompts of
+    up to 2,000 blocks (the walk reads them a slice at a time): every pod's match is the plain
+    walk's, with and without the pods named."""
+    rng = random.Random(7)
+    for trial in range(60):
+        idx = KVIndex()
+        n = rng.choice([5, 300, 700, 2000])
+        hashes, toks = chain(n, base=1000 + trial * 10_000)
+        names = [f"p{i}" for i in range(rng.randint(1, 9))]
+        for name in names:
+            upto = rng.randint(0, n)
+            if not upto:
+                continue
+            idx.apply(name, M, [stored(hashes[:upto], toks[: upto * BS])])
+            if rng.random() < 0.5:  # a hole somewhere
+                idx.apply(name, M, [BlockRemoved(block_hashes=[rng.choice(hashes[:upto])])])
+            if rng.random() < 0.3:  # some blocks offloaded to the CPU, then dropped from GPU
+                off = hashes[: rng.randint(1, upto)]
+                idx.apply(name, M, [BlockStored(block_hashes=off, tier="CPU")])
+                drop = rng.sample(off, k=max(1, len(off) // 3))
+                idx.apply(name, M, [BlockRemoved(block_hashes=drop, tier="GPU")])
+        keys = kvblock.prompt_keys(M, toks, BS)
+        for pods in (None, names, names[::-1][:2]):
+            want = _reference_lookup(idx, keys, pods)
+            got = {m.pod: (m.blocks, [t for t in m.tiers] or None) for m in
+                   idx.lookup(keys, pods)}
+            if pods is None:
+                assert got == {p: v for p, v in want.items() if v[0]}, trial
+            else:
+                assert got == want, trial
