@@ -40,9 +40,10 @@ from typing import Generic, TypeVar
 from infermesh.libs.kvblock import block_extra, prompt_keys
 from infermesh.libs.kvblock import key as block_key
 from infermesh.libs.telemetry import get_logger
-from infermesh.libs.tokenization import ModelTokenizer, TokenizationError
 
 from .chunking import TextChunker, chunking_unsafe_reason
+from .errors import TokenizationError
+from .tokenizer import ModelTokenizer
 
 log = get_logger("tokenizer.cache")
 

@@ -1,4 +1,5 @@
-"""The tokenizer's Prometheus metrics: its own counters, and its caches' (read at scrape time)."""
+"""Tokenizing metrics (the tokenizer service's, and an ingress that tokenizes itself): counters,
+and the caches' (read at scrape time)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from .service import TokenizerService
+    from .prompts import PromptTokenizer
 
 
 class CacheCollector:
     """Exports the caches' counters and sizes at scrape time (nothing on the request path)."""
 
-    def __init__(self, service: TokenizerService) -> None:
+    def __init__(self, service: PromptTokenizer) -> None:
         self._svc = service
 
     def collect(self) -> Iterator[Metric]:

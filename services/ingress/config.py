@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from infermesh.libs import liveness
 from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import knob
+from infermesh.libs.tokenization.knobs import TokenizingKnobs
 from infermesh.proto.subjects import check_token
 
 
 @dataclass
-class IngressConfig(BusKnobs):
-    """Every knob of `infermesh ingress`."""
+class IngressConfig(BusKnobs, TokenizingKnobs):
+    """Every knob of `infermesh ingress` (``models`` and the cache knobs: the prompts it
+    tokenizes itself, see ``tokenize_here``)."""
 
     http_host: str = knob("127.0.0.1", "Address the OpenAI API (and /health, /metrics) listens on")
     http_port: int = knob(8000, "Port of the OpenAI API (0: a free port)")
@@ -21,6 +23,10 @@ class IngressConfig(BusKnobs):
     tokenize_timeout_s: float = knob(2.0, "How long to wait for the tokenizer service")
     schedule_timeout_s: float = knob(1.0, "How long to wait for the scheduler")
     connect_timeout_s: float = knob(5.0, "Timeout to connect to an engine")
+    tokenize_here: bool = knob(
+        True, "Tokenize the prompts of the models in `models` in this process, then ask a "
+        "scheduler (one bus trip); other models, or off: the tokenizer service tokenizes"
+    )
     chained_routing: bool = knob(
         True, "Tokenize and schedule in one bus trip (im.route: the tokenizer passes the "
         "request on to a scheduler, which answers here); off: ask each in turn"
@@ -62,6 +68,7 @@ class IngressConfig(BusKnobs):
 
     def __post_init__(self) -> None:
         check_token(self.pool, "pool")
+        self.check_tokenizing()
         liveness.check_times(self.pod_late_s, self.pod_timeout_s)
         if self.no_pod_wait_s < 0 or self.refused_backoff_s < 0:
             raise ValueError("no_pod_wait_s and refused_backoff_s must be >= 0")

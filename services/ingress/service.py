@@ -43,6 +43,7 @@ from infermesh.libs.bus import (
     request,
 )
 from infermesh.libs.telemetry import get_logger
+from infermesh.libs.tokenization.prompts import PromptError, PromptTokenizer
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     PodState,
@@ -152,6 +153,7 @@ class _Route:
     routing_s: float = 0.0
     first: tuple[str, str] | None = None  # (pod, url) decided along the route, before _proxy
     partial: bool = False  # num_tokens is the tokenizer's estimate (TokenizeReply.partial)
+    announced: bool = False  # a scheduler published the routed event of ``first``
 
 
 class IngressService:
@@ -179,6 +181,8 @@ class IngressService:
                                                        cfg.rate_limit_rps, cfg.rate_limit_burst),
                                  self.metrics.registry)
         self.ssl = server_ssl_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file)
+        # The models whose prompts this process tokenizes itself (tokenize_here).
+        self.tokenizer = PromptTokenizer(cfg) if cfg.tokenize_here else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -188,7 +192,9 @@ class IngressService:
         return "https" if self.ssl is not None else "http"
 
     async def start(self) -> None:
-        """Connect to the bus, follow heartbeats, serve HTTP."""
+        """Load the local tokenizers, connect to the bus, follow heartbeats, serve HTTP."""
+        if self.tokenizer is not None:
+            self.tokenizer.load_models()
         self.nc = await connect(self.cfg.nats_url, f"ingress-{self.instance}",
                                 security=self.cfg.bus_security())
         await self.nc.subscribe(self.subjects.pod_state_all, cb=self._on_pod_state)
@@ -225,6 +231,8 @@ class IngressService:
             await self._runner.cleanup()
         if self.http is not None:
             await self.http.close()
+        if self.tokenizer is not None:
+            await self.tokenizer.close()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
@@ -353,7 +361,8 @@ class IngressService:
         return web.json_response(body, status=200 if ok else 503)
 
     async def get_metrics(self, _: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry)
+        local = generate_latest(self.tokenizer.metrics.registry) if self.tokenizer else b""
+        return web.Response(body=generate_latest(self.metrics.registry) + local
                             + generate_latest(BUS_REGISTRY),
                             content_type="text/plain", charset="utf-8")
 
@@ -393,7 +402,12 @@ class IngressService:
         route = _Route(request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
                        model=model, lora=lora, num_tokens=0, block_keys=[], profile=profile,
                        received=received)
-        if not (self.cfg.chained_routing and await self._route(route, body, chat)):
+        if self.tokenizer is not None and model in self.tokenizer.tokenizers:
+            # One bus trip: tokenized here, then a scheduler decides (and announces it).
+            await self._tokenize_here(route, body, chat)
+            pod, url, route.announced = await self._pick(route, announce=True)
+            route.first = (pod, url)
+        elif not (self.cfg.chained_routing and await self._route(route, body, chat)):
             await self._tokenize(route, body, chat)
         self.metrics.in_flight.inc()
         try:
@@ -490,6 +504,7 @@ class IngressService:
         self._scheduler_ok = self._tokenizer_ok = time.monotonic()
         route.num_tokens = d.num_tokens or 0
         route.first = (d.pod, d.url)
+        route.announced = True
         await self._check_length(tok, route.num_tokens, d.tokens_partial)
         return True
 
@@ -507,16 +522,42 @@ class IngressService:
             assert self.nc is not None
             exact = msgspec.structs.replace(tok, return_token_ids=True)  # never partial
             try:
-                num_tokens = (await request(self.nc, self.subjects.tokenize, exact,
-                                            TokenizeReply,
-                                            timeout=self.cfg.tokenize_timeout_s)).num_tokens
-            except BusError as e:
+                if self.tokenizer is not None and tok.model in self.tokenizer.tokenizers:
+                    num_tokens = (await self.tokenizer.answer(exact)).num_tokens
+                else:
+                    num_tokens = (await request(self.nc, self.subjects.tokenize, exact,
+                                                TokenizeReply,
+                                                timeout=self.cfg.tokenize_timeout_s)).num_tokens
+            except (BusError, PromptError) as e:
                 log.warning("exact_count_failed", error=str(e))
                 return
         if num_tokens > limit:
             raise ClientError(400, f"This model's maximum context length is {limit} tokens. "
                               f"However, your prompt contains {num_tokens} input tokens. "
                               "Please reduce the length of the input prompt.", "input_tokens")
+
+    async def _tokenize_here(self, route: _Route, body: _Body, chat: bool) -> None:
+        """Token count and block keys from this process's own tokenizer (tokenize_here)."""
+        assert self.tokenizer is not None
+        req = self._tokenize_request(route, body, chat)
+        t0 = time.perf_counter()
+        try:
+            reply = await self.tokenizer.answer(req)
+        except PromptError as e:
+            if 400 <= e.status < 500:
+                raise ClientError(e.status, e.message) from None
+            self.metrics.fallbacks.labels("tokenizer_error").inc()
+            log.warning("tokenizer_failed", error=e.message)
+            return
+        except Exception as e:  # noqa: BLE001 - route by load rather than fail the request
+            self.metrics.fallbacks.labels("tokenizer_error").inc()
+            log.warning("tokenizer_failed", error=repr(e))
+            return
+        finally:
+            self.metrics.tokenize.observe(time.perf_counter() - t0)
+        route.num_tokens, route.block_keys = reply.num_tokens, reply.block_keys
+        route.partial = reply.partial
+        await self._check_length(req, reply.num_tokens, reply.partial)
 
     async def _tokenize(self, route: _Route, body: _Body, chat: bool) -> None:
         assert self.nc is not None
@@ -605,15 +646,16 @@ class IngressService:
                 exclude = [*route.excluded, *(r for r in refused if r not in route.excluded)]
         return exclude
 
-    async def _pick(self, route: _Route) -> tuple[str, str]:
-        """(pod, url) from the scheduler, or from heartbeats when it does not answer."""
+    async def _pick(self, route: _Route, announce: bool = False) -> tuple[str, str, bool]:
+        """(pod, url, announced) from the scheduler, or from heartbeats when it does not answer
+        (``announced``: the scheduler published the routed event, as asked by ``announce``)."""
         assert self.nc is not None
         exclude = self._refused_now(route)
         req = ScheduleRequest(request_id=route.request_id, model=route.model,
                               num_tokens=route.num_tokens, block_keys=route.block_keys,
                               tokens_partial=route.partial,
                               pool=self.cfg.pool, lora_name=route.lora, profile=route.profile,
-                              exclude=exclude)
+                              exclude=exclude, announce=announce)
         t0 = time.perf_counter()
         waited = False
         try:
@@ -626,7 +668,7 @@ class IngressService:
                     d = await request(self.nc, self.subjects.schedule, req, ScheduleDecision,
                                       timeout=self.cfg.schedule_timeout_s)
                     self._scheduler_ok = time.monotonic()
-                    return d.pod, d.url
+                    return d.pod, d.url, announce
                 except PayloadTooLarge as e:  # block keys of a prompt near the bus's limit
                     self.metrics.fallbacks.labels("too_large_for_bus").inc()
                     log.warning("schedule_request_too_large_routing_by_load", error=str(e),
@@ -656,7 +698,7 @@ class IngressService:
                         await asyncio.sleep(0.1)
         finally:
             self.metrics.schedule.observe(time.perf_counter() - t0)
-        return self._least_loaded(route)
+        return (*self._least_loaded(route), False)
 
     def _least_loaded(self, route: _Route) -> tuple[str, str]:
         pods = [p for p in self.live_pods() if p.state.pod not in route.excluded
@@ -684,10 +726,13 @@ class IngressService:
         assert self.http is not None
         last_error = "no engine answered"
         for attempt in range(self.cfg.max_attempts):
+            announced = False
             if attempt == 0 and route.first is not None:
-                pod, url = route.first  # the scheduler announced it (routed, with the keys)
+                pod, url = route.first  # decided along the route
+                announced = route.announced  # by the scheduler (routed, with the keys)
             else:
-                pod, url = await self._pick(route)
+                pod, url, announced = await self._pick(route)
+            if not announced:
                 await self._event(route, "routed", pod, num_tokens=route.num_tokens,
                                   block_keys=route.block_keys)
             tracked = self.pods.get(pod)

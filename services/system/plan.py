@@ -425,6 +425,8 @@ class _Builder:
         for j, port in enumerate(self.lay.ingress):
             values: dict[str, Any] = {**self.bus(), "pool": s.pool, "http_host": self.host,
                                       "http_port": port}
+            if s.model or s.served_model_name:  # the prompts it tokenizes itself
+                values["models"] = [f"{self.served_model()}={self.model_dir}"]
             if s.api_keys_file:
                 values["api_keys_file"] = str(Path(s.api_keys_file).resolve())
             if s.ingress_tls_cert:

@@ -15,6 +15,9 @@ import pytest
 from aiohttp import web
 
 from infermesh.libs.bus import BusService, Forward, NatsServer, connect
+from infermesh.libs.kvblock import prompt_keys
+from infermesh.libs.tinymodel import ensure_model_folder
+from infermesh.libs.tokenization import ModelTokenizer
 from infermesh.proto import codec
 from infermesh.proto.messages import (
     PodState,
@@ -97,6 +100,7 @@ class World:
         self.beating = True  # False: the heartbeats stop (a starved or paused agent)
         self.routes = 0  # im.route requests the stub tokenizer passed on
         self.exact_asks = 0  # tokenize requests asking for the exact count (token ids)
+        self.tokenize_asks = 0  # im.tokenize requests the stub tokenizer answered
 
     async def start(self, engines: dict[str, str], *, tokenizer: bool = True,
                     scheduler: bool = True, route_endpoint: bool = True,
@@ -114,6 +118,7 @@ class World:
             svc = BusService(self.nc, "stub-tokenizer")
 
             async def tokenize(req: TokenizeRequest) -> TokenizeReply:
+                self.tokenize_asks += 1
                 n = len(req.prompt) if isinstance(req.prompt, (str, list)) else 10
                 if isinstance(req.prompt, str) and req.prompt.startswith("PARTIAL"):
                     # An early reply: the tail was never seen, the count is an estimate.
@@ -395,12 +400,17 @@ def default_nats() -> Iterator[NatsServer]:
     srv.stop()
 
 
+@pytest.mark.parametrize("tokenize_here", [False, True], ids=["tokenizer-service", "in-ingress"])
 async def test_a_prompt_too_large_for_one_bus_message_is_routed_by_load(
-    default_nats: NatsServer, procs: ProcessManager  # this order: processes stop first
+    default_nats: NatsServer, procs: ProcessManager,  # this order: processes stop first
+    tokenize_here: bool,
 ) -> None:
+    """Through the tokenizer service the prompt cannot travel: routed by load. Tokenized in the
+    ingress, only its block keys travel (they fit): routed by the scheduler, no fallback."""
     # Room in the engine for a ~1M-token prompt, so it answers 200 rather than its own 400.
     stack = start_stack(procs, default_nats, engines=2,
-                        settings={"sim": {"max_model_len": 2_000_000, "num_gpu_blocks": 200_000}})
+                        settings={"sim": {"max_model_len": 2_000_000, "num_gpu_blocks": 200_000},
+                                  "ingress": {"tokenize_here": tokenize_here}})
     prompt = "The quick brown fox jumps over the lazy dog. " * 46_000  # 2 MB, over 1 MiB
     async with aiohttp.ClientSession() as http:
         for path, body in [
@@ -415,7 +425,12 @@ async def test_a_prompt_too_large_for_one_bus_message_is_routed_by_load(
             assert answer["usage"]["prompt_tokens"] > 500_000  # the engine saw all of it
         async with http.get(stack.ingress_url + "/metrics") as r:
             text = await r.text()
-    assert 'infermesh_ingress_fallbacks_total{reason="too_large_for_bus"} 2.0' in text
+    if tokenize_here:
+        assert "too_large_for_bus" not in text
+        assert 'infermesh_tokenizer_requests_total{kind="text"' in text
+        assert 'infermesh_tokenizer_requests_total{kind="chat"' in text
+    else:
+        assert 'infermesh_ingress_fallbacks_total{reason="too_large_for_bus"} 2.0' in text
     assert "tokenizer_unavailable" not in text  # the tokenizer was not blamed
     assert stack.ingress is not None and stack.ingress.alive()
 
@@ -433,6 +448,43 @@ async def test_one_trip_routes_through_the_tokenizer_to_the_scheduler(world) -> 
     # The ingress left the `routed` event to the scheduler (which holds the keys).
     await wait_until(lambda: any(e.kind == "finished" for e in world.events), what="events")
     assert [e.block_keys for e in world.events if e.kind == "routed"] == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize("here", [True, False], ids=["tokenize-here", "tokenize-here-off"])
+async def test_a_model_whose_tokenizer_the_ingress_has_takes_one_trip_to_the_scheduler(
+        world, here: bool) -> None:
+    folder = ensure_model_folder()
+    await world.start({"a": "ok", "b": "ok"}, models=[f"{MODEL}={folder}"], tokenize_here=here)
+    prompt = "The quick brown fox jumps over the lazy dog. " * 12
+    status, headers, _ = await post(world.url, {"model": MODEL, "prompt": prompt})
+    assert status == 200 and headers["x-infermesh-endpoint"] == "a"
+    text = await _metrics(world.url)
+    (call,) = world.schedule_calls
+    if not here:  # the tokenizer service's keys, one im.route trip
+        assert world.routes == 1 and call.block_keys == [1, 2, 3]
+        assert "infermesh_tokenizer_requests_total" not in text
+        return
+    # Tokenized in the ingress: no tokenizer asked, the scheduler got the real keys.
+    assert world.routes == 0 and world.tokenize_asks == 0
+    ids = ModelTokenizer.from_folder(folder).encode(prompt)
+    assert call.num_tokens == len(ids) and not call.tokens_partial and call.announce
+    assert call.block_keys == prompt_keys(MODEL, ids, 16) and len(call.block_keys) > 3
+    assert f'infermesh_tokenizer_requests_total{{kind="text",model="{MODEL}"}} 1.0' in text
+    assert "infermesh_ingress_route_trips_total{" not in text
+    # The scheduler announced the decision; the ingress did not publish it again.
+    await wait_until(lambda: any(e.kind == "finished" for e in world.events), what="events")
+    assert [e.block_keys for e in world.events if e.kind == "routed"] == [call.block_keys]
+
+
+async def test_a_model_tokenized_here_is_routed_by_load_when_no_scheduler_answers(world) -> None:
+    await world.start({"a": "ok"}, scheduler=False, models=[f"{MODEL}={ensure_model_folder()}"])
+    status, headers, _ = await post(world.url, {"model": MODEL, "prompt": "hello " * 40})
+    assert status == 200 and headers["x-infermesh-endpoint"] == "a"
+    assert world.tokenize_asks == 0
+    # Nobody announced it: the ingress published the routed event, with its own keys.
+    await wait_until(lambda: any(e.kind == "routed" for e in world.events), what="routed event")
+    (routed,) = [e for e in world.events if e.kind == "routed"]
+    assert len(routed.block_keys) > 0
 
 
 async def test_without_a_route_endpoint_the_ingress_asks_each_service_in_turn(world) -> None:

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from infermesh.libs.kvblock import prompt_keys
 from infermesh.libs.tinymodel.corpus import corpus
 from infermesh.libs.tokenization import ModelTokenizer, TokenizationError
-from infermesh.services.tokenizer.cache import (
+from infermesh.libs.tokenization.cache import (
     DEFAULT_CHARS_PER_TOKEN,
     PARALLEL_MIN_CHARS,
     ByteLRU,
@@ -25,7 +25,7 @@ from infermesh.services.tokenizer.cache import (
     EncodePlan,
 )
 
-from .test_chunking import FIXTURE_OK, texts
+from .test_tokenization_chunking import FIXTURE_OK, texts
 
 
 @pytest.fixture(scope="module")

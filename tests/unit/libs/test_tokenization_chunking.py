@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from infermesh.libs.tokenization import ModelTokenizer
-from infermesh.services.tokenizer.chunking import (
+from infermesh.libs.tokenization.chunking import (
     TextChunker,
     boundaries,
     chunking_unsafe_reason,

@@ -19,8 +19,8 @@ from infermesh.libs.kvblock import prompt_keys
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
 from infermesh.libs.tinymodel.corpus import corpus
 from infermesh.libs.tokenization import ModelTokenizer
+from infermesh.libs.tokenization.cache import CachingTokenizer
 from infermesh.proto.messages import TokenizeReply, TokenizeRequest
-from infermesh.services.tokenizer.cache import CachingTokenizer
 from infermesh.services.tokenizer.config import TokenizerConfig
 from infermesh.services.tokenizer.service import TokenizerService
 
@@ -419,7 +419,7 @@ async def test_background_jobs_are_bounded_and_shared(model_dir: Path,
         assert_partial(await ask(s, prompt=b + a, return_token_ids=False), tok.encode(b + a))
     finally:
         await s.stop()
-    assert not s._jobs
+    assert not s.core._jobs
 
 
 async def test_the_count_of_a_partial_reply_is_bounded(model_dir: Path,
