@@ -56,6 +56,8 @@ _ENTRY_OVERHEAD = 200
 _MAX_KEY_VARIANTS = 4
 #: Texts with at least this many characters to tokenize go to the HF tokenizer's parallel batch.
 PARALLEL_MIN_CHARS = 16384
+# Pieces per chunk (about): a chunk of chunk_chars is also cached as pieces of chunk_chars / 8.
+PIECES_PER_CHUNK = 8
 #: Characters per token assumed before a model has tokenized enough text to measure its own.
 DEFAULT_CHARS_PER_TOKEN = 4.0
 # Tokens a model must have tokenized before its measured characters per token are used.
@@ -154,6 +156,14 @@ class EncodePlan:
     parts: list[array[int] | None] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)  # indexes of chunks to tokenize
     whole: bool = False  # tokenize the text in one piece, specials included, no chunk caching
+    # The first missing chunk's leading pieces found in the chunk cache: their ids and chars,
+    # and the piece after them (None when every piece was found): see run_head().
+    head: array[int] | None = None
+    head_chars: int = 0
+    head_piece: str | None = None
+    head_ids: array[int] | None = None  # after run_head(): head + the head piece's ids
+    # What run() tokenized, per chunk index: its pieces and their ids (finish() caches them).
+    pieces: dict[int, list[tuple[str, array[int]]]] = field(default_factory=dict)
 
     @property
     def missing_chars(self) -> int:
@@ -175,6 +185,20 @@ class EncodePlan:
         """How many leading chunks have their ids (those before the first pending one)."""
         pending = self.pending
         return pending[0] if pending else len(self.chunks)
+
+    def known_ids_head(self) -> array[int] | None:
+        """The head's ids (run_head()) when they continue the known chunks, else None."""
+        if self.head_ids is None or not self.missing or self.known != self.missing[0]:
+            return None
+        return self.head_ids
+
+    @property
+    def known_chars(self) -> int:
+        """Characters of the text whose ids known_prefix() counts (chunks, then the head)."""
+        chars = sum(len(c) for c in self.chunks[: self.known])
+        if self.known_ids_head() is not None:
+            chars += self.head_chars + len(self.head_piece or "")
+        return chars
 
 
 @dataclass(eq=False, slots=True)
@@ -225,6 +249,9 @@ class CachingTokenizer:
         self.key_cache = key_cache if key_cache is not None else ByteLRU(0)
         self._roots: OrderedDict[tuple[Variant, bool], int] = OrderedDict()
         self.chunker = TextChunker(chunk_chars)
+        # Pieces: a chunk cut finer, cached beside the chunks, so that the part of a text's
+        # first missing chunk that was seen before is found without the HF tokenizer.
+        self.piecer = TextChunker(max(1, chunk_chars // PIECES_PER_CHUNK))
         self.chunking_off_reason = chunking_unsafe_reason(json.loads(tok.backend.to_str()))
         self.affixes = _special_affixes(tok) if self.chunking_off_reason is None else None
         self.encoded_chars = 0  # characters that went through the HF tokenizer
@@ -264,7 +291,36 @@ class CachingTokenizer:
                 # object, so its lookups compare by identity rather than by content.
                 plan.parts.append(hit[0])
                 chunks[i] = hit[1]
+        if plan.missing:
+            head = plan.head = array("I")
+            for piece in self.piecer.split(chunks[plan.missing[0]]):
+                hit = get((name, piece))
+                if hit is None:
+                    plan.head_piece = piece
+                    break
+                head.extend(hit[0])
+                plan.head_chars += len(piece)
         return plan
+
+    def run_head(self, plan: EncodePlan) -> None:
+        """Tokenize the plan's head piece: the first piece of its first missing chunk that the
+        cache lacks (thread-safe: touches no cache). Text seen before reaches at most into that
+        piece (the argument of :meth:`known_prefix`, one level down: pieces are cut as chunks
+        are, finer), so after this the known prefix holds every block a seen text shares.
+
+        Raises :class:`~infermesh.libs.tokenization.TokenizationError` for text the tokenizer
+        refuses.
+        """
+        if plan.head is None:
+            return
+        ids = array("I", plan.head)
+        if plan.head_piece:
+            try:
+                ids.extend(self.tok.backend.encode_batch_fast(
+                    [plan.head_piece], add_special_tokens=False)[0].ids)
+            except TypeError as exc:
+                raise TokenizationError(f"text cannot be tokenized: {exc}") from exc
+        plan.head_ids = ids
 
     def run(self, plan: EncodePlan, *, first: bool = False, parallel: bool = True) -> None:
         """Tokenize the plan's pending chunks, or only the first of them (thread-safe: touches
@@ -276,8 +332,12 @@ class CachingTokenizer:
         todo = plan.pending[:1] if first else plan.pending
         if not todo:
             return
-        texts = [plan.chunks[i] for i in todo]
         special = plan.whole and plan.add_special_tokens
+        # Each chunk as its pieces (the whole text when not chunked): the same ids, since
+        # pieces are cut at safe boundaries, and finish() caches the pieces too.
+        split = (lambda c: [c]) if plan.whole else self.piecer.split
+        cut = [split(plan.chunks[i]) for i in todo]
+        texts = [p for pieces in cut for p in pieces]
         # The HF tokenizer's batch encode without offsets: the ids of ModelTokenizer.encode in
         # 60-70% of its time, and without the GIL.
         fast = self.tok.backend.encode_batch_fast
@@ -285,11 +345,23 @@ class CachingTokenizer:
             if parallel and sum(map(len, texts)) >= PARALLEL_MIN_CHARS:  # on the Rust side
                 encoded = [e.ids for e in fast(texts, add_special_tokens=special)]
             else:  # a few small chunks: the thread pool's hand-offs would cost more than they save
-                encoded = [fast([t], add_special_tokens=special)[0].ids for t in texts]
+                encoded = [e.ids for pieces in cut
+                           for e in fast(pieces, add_special_tokens=special)]
         except TypeError as exc:  # e.g. a lone surrogate that is not valid UTF-8
             raise TokenizationError(f"text cannot be tokenized: {exc}") from exc
-        for i, ids in zip(todo, encoded, strict=True):
-            plan.parts[i] = array("I", ids)
+        at = 0
+        for i, pieces in zip(todo, cut, strict=True):
+            ids = array("I")
+            if len(pieces) == 1:
+                ids.extend(encoded[at])
+            else:
+                done = plan.pieces[i] = []
+                for j, piece in enumerate(pieces):
+                    part = array("I", encoded[at + j])
+                    done.append((piece, part))
+                    ids.extend(part)
+            at += len(pieces)
+            plan.parts[i] = ids
 
     def finish(self, plan: EncodePlan) -> PromptEntry:
         """Store what :meth:`run` tokenized; assemble and cache the whole text's entry."""
@@ -311,6 +383,11 @@ class CachingTokenizer:
                     (name, chunk), (part, chunk),
                     sys.getsizeof(chunk) + _array_bytes(part) + _ENTRY_OVERHEAD,
                 )
+                for piece, piece_ids in plan.pieces.get(i, ()):
+                    self.chunk_cache.put(
+                        (name, piece), (piece_ids, piece),
+                        sys.getsizeof(piece) + _array_bytes(piece_ids) + _ENTRY_OVERHEAD,
+                    )
             ids.extend(part)
         if plan.add_special_tokens and not plan.whole:
             assert self.affixes is not None
@@ -374,7 +451,9 @@ class CachingTokenizer:
         cache_salt: str | None = None,
     ) -> tuple[int, array[int]]:
         """(token count, block keys) of the known prefix of a plan not run to the end: the
-        special-token prefix and the chunks before the first pending one.
+        special-token prefix, the chunks before the first pending one, and, when that one is
+        the first missing chunk and :meth:`run_head` ran, its head (the pieces of it the cache
+        had, and the next piece, tokenized).
 
         Each chunk ends at a safe boundary, so its ids do not depend on the text after it: the
         count and keys are exactly the first ids' and the first blocks' of a full tokenization.
@@ -385,7 +464,8 @@ class CachingTokenizer:
         Text seen before may run into the first *missing* chunk (an earlier text ended inside
         it, or went on differently right after its end), never past it: a text sharing the
         characters up to one past a chunk's end is cut there too, so it would have brought that
-        chunk. Hence ``run(plan, first=True)`` before this call covers all that may be cached.
+        chunk. Hence ``run(plan, first=True)`` or :meth:`run_head` before this call covers all
+        that may be cached.
         """
         if plan.whole:
             return 0, array("Q")
@@ -405,6 +485,10 @@ class CachingTokenizer:
                     break
                 keys.extend(node.keys)
                 parent = node.id
+        tail = plan.known_ids_head()
+        if tail is not None:  # the head of the first missing chunk (run_head())
+            n_tokens += len(tail)
+            n_blocks = n_tokens // block_size
         if len(keys) < n_blocks:
             ids = array("I", head)
             for part in parts:
@@ -412,6 +496,8 @@ class CachingTokenizer:
                 ids.extend(part)
                 if len(ids) >= n_blocks * block_size:
                     break
+            if tail is not None:
+                ids.extend(tail)
             keys = _extend_keys(keys, ids, n_blocks, variant)
         return n_tokens, keys
 

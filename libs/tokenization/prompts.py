@@ -217,14 +217,15 @@ class PromptTokenizer:
 
     async def _early_reply(self, tok: CachingTokenizer, plan: EncodePlan,
                            req: TokenizeRequest) -> TokenizeReply | None:
-        """The partial reply of a plan with a long never-seen part: its first missing chunk
-        tokenized now, the rest handed to the background; None when the background is full
-        (the caller tokenizes the rest now)."""
+        """The partial reply of a plan with a long never-seen part: the head of its first
+        missing chunk (the pieces seen before, and the next one) tokenized now, the rest handed
+        to the background; None when the background is full (the caller tokenizes the rest
+        now)."""
         job_key = (tok.name, plan.add_special_tokens, plan.text)
         if job_key not in self._jobs and len(self._jobs) >= self.cfg.early_reply_jobs:
             self.metrics.background.labels("inlined").inc()
             return None
-        await self._run(tok, plan, first=True)
+        await self._run_head(tok, plan)
         if job_key in self._jobs:  # the same text, answered early a moment ago
             self.metrics.background.labels("joined").inc()
         elif len(self._jobs) >= self.cfg.early_reply_jobs:  # filled while the first chunk ran
@@ -250,7 +251,7 @@ class PromptTokenizer:
         tokens are counted: the rest's characters over the model's characters per token, and
         its UTF-8 bytes (a byte-level BPE, which chunking requires, gives at most one token per
         byte) plus the special tokens after the text."""
-        rest = plan.text[sum(len(c) for c in plan.chunks[: plan.known]) :]
+        rest = plan.text[plan.known_chars :]
         n_bytes = len(rest) if rest.isascii() else len(rest.encode("utf-8", "surrogatepass"))
         bound = known + n_bytes + len(tok.affixes[1] if plan.add_special_tokens and tok.affixes
                                       else ())
@@ -293,15 +294,26 @@ class PromptTokenizer:
         tok.finish(plan)
         return plan
 
-    async def _run(self, tok: CachingTokenizer, plan: EncodePlan, *, first: bool = False) -> None:
+    async def _run_head(self, tok: CachingTokenizer, plan: EncodePlan) -> None:
+        """``tok.run_head``, in the worker thread when the piece is long; bad text is a 400."""
+        try:
+            if len(plan.head_piece or "") > self.cfg.offload_chars and self._executor is not None:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, functools.partial(tok.run_head, plan))
+            else:
+                tok.run_head(plan)
+        except TokenizationError as e:
+            raise PromptError(400, str(e)) from None
+
+    async def _run(self, tok: CachingTokenizer, plan: EncodePlan) -> None:
         """``tok.run``, in the worker thread when long; bad text is a 400."""
-        pending = plan.pending[:1] if first else plan.pending
+        pending = plan.pending
         try:
             if (sum(len(plan.chunks[i]) for i in pending) > self.cfg.offload_chars
                     and self._executor is not None):
                 await asyncio.get_running_loop().run_in_executor(
-                    self._executor, functools.partial(tok.run, plan, first=first))
+                    self._executor, functools.partial(tok.run, plan))
             else:
-                tok.run(plan, first=first)
+                tok.run(plan)
         except TokenizationError as e:
             raise PromptError(400, str(e)) from None

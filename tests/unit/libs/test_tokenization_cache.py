@@ -279,11 +279,14 @@ def test_run_maps_untokenizable_text_to_tokenization_error(tok: ModelTokenizer) 
 
 def check_known_prefix(ct: CachingTokenizer, tok: ModelTokenizer, text: str, special: bool,
                        bs: int, lora: str | None = None, salt: str | None = None,
-                       first: bool = True) -> int:
-    """known_prefix() of a plan of ``text`` (its first missing chunk tokenized, or not)
-    against a full tokenization; its key count."""
+                       first: bool | str = True) -> int:
+    """known_prefix() of a plan of ``text`` (its first missing chunk tokenized, its head
+    (``first="head"``: run_head()), or neither) against a full tokenization; its key count."""
     plan = ct.plan(text, special)
-    if first:
+    if first == "head":
+        ct.run_head(plan)
+        assert len(plan.pending) == len(plan.missing)  # no chunk was run
+    elif first:
         ct.run(plan, first=True)
         assert len(plan.pending) == max(0, len(plan.missing) - 1)
     n, keys = ct.known_prefix(plan, "m", bs, lora_name=lora, cache_salt=salt)
@@ -295,7 +298,13 @@ def check_known_prefix(ct: CachingTokenizer, tok: ModelTokenizer, text: str, spe
         assert part is not None
         known.extend(part)
     assert plan.known == len(plan.chunks) or plan.parts[plan.known] is None
-    assert plan.missing[:1] == [] or (plan.known > plan.missing[0]) == first
+    if first == "head":
+        assert plan.known == (plan.missing[0] if plan.missing else len(plan.chunks))
+        known.extend(plan.head_ids or [])
+        # The characters counted are exactly those of the ids counted.
+        assert tok.encode(text[: plan.known_chars], False) == known.tolist()[len(head):]
+    else:
+        assert plan.missing[:1] == [] or (plan.known > plan.missing[0]) == first
     assert known.tolist() == ids[: len(known)] and n == len(known)  # the first ids, exactly
     assert len(keys) == n // bs  # every block inside the known prefix, and only those
     assert keys.tolist() == full[: len(keys)]
@@ -312,15 +321,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
        special=st.booleans(), chunk_chars=st.integers(1, 12), bs=st.integers(1, 4),
        lora=st.sampled_from([None, "a"]), salt=st.sampled_from([None, "s"]),
        key_bytes=st.sampled_from([0, 600, 1 << 20]), keyed=st.booleans(),
-       evicting=st.booleans(), first=st.booleans(), data=st.data())
+       evicting=st.booleans(), first=st.sampled_from([False, True, "head"]), data=st.data())
 def test_known_prefix_equals_full_tokenization(
     tok: ModelTokenizer, seen: list[str], parts: list[str], special: bool, chunk_chars: int,
     bs: int, lora: str | None, salt: str | None, key_bytes: int, keyed: bool, evicting: bool,
-    first: bool, data: st.DataObject,
+    first: bool | str, data: st.DataObject,
 ) -> None:
     """Whatever the caches saw before (prefixes of the text, other texts, keyed or not, through
     small evicting caches or not), the known prefix's count and keys are a full tokenization's;
-    and with the first missing chunk tokenized, they cover every block of a seen text's ids."""
+    and with the first missing chunk tokenized, or only its head, they cover every block of a
+    seen text's ids."""
     size = 3000 if evicting else 1 << 24
     ct = caching(tok, chunk_chars=chunk_chars, prompt_bytes=size, chunk_bytes=size,
                  key_bytes=key_bytes)
@@ -361,7 +371,7 @@ def test_known_prefix_over_random_texts_and_cuts(tok: ModelTokenizer) -> None:
                 keys_of(ct, earlier, special, bs, lora, salt)
             else:
                 ct.encode(earlier, special)
-        first = rng.random() < 0.8
+        first = rng.choice([False, True, True, "head", "head"])
         with_keys += check_known_prefix(ct, tok, text, special, bs, lora, salt, first) > 0
     assert with_keys > 50
 
@@ -386,6 +396,10 @@ def test_known_prefix_of_long_texts(tok: ModelTokenizer) -> None:
         hits = ct.key_cache.hits
         count = check_known_prefix(ct, tok, doc + "\n\nQuestion:\n" + new, True, 16, lora)
         assert count >= (len(tok.encode(doc)) - 2 * 256) // 16
+        # Only the head of the chunk that ran into the question: the document but for a piece.
+        head = check_known_prefix(ct, tok, doc + "\n\nQuestion:\n" + new, True, 16, lora,
+                                  first="head")
+        assert (len(tok.encode(doc)) - 2 * 32 * 4) // 16 <= head <= count
         assert (ct.key_cache.hits > hits) == (lora == "lora")
     # A new document first: whatever follows it, nothing but its first chunk is known.
     other = long_text(11, 40)

@@ -307,11 +307,12 @@ async def test_a_long_unseen_tail_is_answered_early(model_dir: Path, tok: ModelT
     s = early_service(model_dir)
     try:
         doc = doc_text(31, 60)
-        # Never seen at all: the keys of the first chunk's blocks (tokenized now: seen text may
-        # run into the first chunk the caches lack), none after.
+        # Never seen at all: the keys of the first piece's blocks (tokenized now: seen text may
+        # run into the first piece the caches lack), none after.
         r = await ask(s, prompt=doc, return_token_ids=False)
         assert_partial(r, tok.encode(doc))
-        first = s.tokenizers[MODEL].chunker.split(doc)[0]
+        ct = s.tokenizers[MODEL]
+        first = ct.piecer.split(ct.chunker.split(doc)[0])[0]
         assert r.known_tokens == 1 + len(tok.encode(first, add_special_tokens=False))
         await s.drain()
         # The document seen, a long new part after it: the document's keys, at once (from the
