@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from infermesh.libs.scheduling.framework import Handle, Pod
+from infermesh.libs.scheduling.metrics import SchedulerMetrics
 from infermesh.proto.messages import LoraInfo, PodState, ScheduleRequest
-from infermesh.services.scheduler.framework import Handle, Pod
-from infermesh.services.scheduler.metrics import SchedulerMetrics
 
 
 def pod_state(name: str, pool: str = "default", model: str = "m", **kw: Any) -> PodState:

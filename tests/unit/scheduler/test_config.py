@@ -8,21 +8,21 @@ import pytest
 import yaml
 
 from infermesh.libs.config import ConfigError, load_config
-from infermesh.services.scheduler.config import (
+from infermesh.libs.scheduling.config import (
     DEFAULT_PIPELINE_YAML,
-    SchedulerConfig,
     build_pipeline,
     load_pipeline,
     parse_pipeline,
 )
-from infermesh.services.scheduler.framework import Parameters
-from infermesh.services.scheduler.plugins import (
+from infermesh.libs.scheduling.framework import Parameters
+from infermesh.libs.scheduling.plugins import (
     PLUGIN_TYPES,
     MaxScorePicker,
     PrecisePrefixCacheScorer,
     RoleFilter,
     SingleProfileHandler,
 )
+from infermesh.services.scheduler.config import SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy" / "local" / "scheduler.yaml"

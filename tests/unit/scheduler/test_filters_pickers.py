@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from infermesh.libs.config import ConfigError
-from infermesh.services.scheduler.framework import CycleState, Parameters, ScoredPod
-from infermesh.services.scheduler.plugins import (
+from infermesh.libs.scheduling.framework import CycleState, Parameters, ScoredPod
+from infermesh.libs.scheduling.plugins import (
     LabelFilter,
     MaxScorePicker,
     RandomPicker,

@@ -10,13 +10,14 @@ import pytest
 from nats.micro.request import ServiceError
 from prometheus_client import generate_latest
 
+from infermesh.libs.scheduling.config import load_pipeline
+from infermesh.libs.scheduling.framework import CycleState, Handle, NoCandidates
+from infermesh.libs.scheduling.metrics import SchedulerMetrics
+from infermesh.libs.scheduling.scheduler import Scheduler, UnknownProfile
+from infermesh.libs.scheduling.state import InFlight
 from infermesh.proto.messages import LookupReply, LookupRequest, PodMatch, RequestEvent
-from infermesh.services.scheduler.config import SchedulerConfig, load_pipeline
-from infermesh.services.scheduler.framework import CycleState, Handle, NoCandidates
-from infermesh.services.scheduler.metrics import SchedulerMetrics
-from infermesh.services.scheduler.scheduler import Scheduler, UnknownProfile
+from infermesh.services.scheduler.config import SchedulerConfig
 from infermesh.services.scheduler.service import SchedulerService
-from infermesh.services.scheduler.state import InFlight
 
 from .conftest import pod, pod_state, req
 
@@ -118,7 +119,7 @@ async def test_a_burst_is_spread_before_any_routed_event_comes_back():
 async def test_inflight_entries_expire_and_pods_drop_out():
     svc = service(inflight_timeout_s=5.0, pod_timeout_s=1.0)
     now = [0.0]
-    svc.inflight = InFlight(5.0, lambda: now[0])
+    svc.core.inflight = InFlight(5.0, lambda: now[0])
     svc.pods.clock = lambda: now[0]
     svc.pods.update(pod_state("a"))
     await svc._on_schedule(req("r1", keys=[1, 2], profile="approx-prefix"))
@@ -135,8 +136,8 @@ async def test_inflight_entries_expire_and_pods_drop_out():
 
 
 async def test_profile_clamps_scores_and_weights_the_sum():
-    from infermesh.services.scheduler.framework import Profile, Scorer
-    from infermesh.services.scheduler.plugins import MaxScorePicker
+    from infermesh.libs.scheduling.framework import Profile, Scorer
+    from infermesh.libs.scheduling.plugins import MaxScorePicker
 
     class Wild(Scorer):
         type_name = "wild"

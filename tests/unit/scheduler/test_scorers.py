@@ -5,21 +5,21 @@ from __future__ import annotations
 import pytest
 
 from infermesh.libs.bus import BusTimeout, NoResponders, RemoteError
-from infermesh.proto.messages import (
-    LookupReply,
-    LookupRequest,
-    LoraInfo,
-    PodMatch,
-    RequestEvent,
-)
-from infermesh.services.scheduler.framework import CycleState, Handle, Parameters
-from infermesh.services.scheduler.plugins import (
+from infermesh.libs.scheduling.framework import CycleState, Handle, Parameters
+from infermesh.libs.scheduling.plugins import (
     ApproxPrefixCacheScorer,
     KVUtilizationScorer,
     LoadAwareScorer,
     LoraAffinityScorer,
     PrecisePrefixCacheScorer,
     QueueScorer,
+)
+from infermesh.proto.messages import (
+    LookupReply,
+    LookupRequest,
+    LoraInfo,
+    PodMatch,
+    RequestEvent,
 )
 
 from .conftest import pod, req

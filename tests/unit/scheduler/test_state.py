@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infermesh.services.scheduler.state import InFlight, PodTable
+from infermesh.libs.scheduling.state import InFlight, PodTable
 
 from .conftest import pod_state
 
