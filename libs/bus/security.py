@@ -137,9 +137,12 @@ def identities(prefix: str, pods: Iterable[tuple[str, str]]) -> list[Identity]:
             responses=1,
         )),
         Identity(INGRESS, Permissions(
-            # Requests to the tokenizer and scheduler, request events, scale demand; no KV.
-            publish=(s.tokenize, s.route, s.schedule, s.req_all, f"{prefix}.scale.*"),
-            subscribe=(s.pod_state_all, inbox_prefix(INGRESS) + ".>"),
+            # Requests to the tokenizer and scheduler, request events, scale demand; and, for
+            # its own scheduler replica (schedule_here), what a scheduler follows: request
+            # events, KV streams, snapshot requests and lookups.
+            publish=(s.tokenize, s.route, s.schedule, s.req_all, f"{prefix}.scale.*",
+                     s.index_lookup, s.kv_snapshot_all),
+            subscribe=(s.pod_state_all, s.req_all, s.kv_all, inbox_prefix(INGRESS) + ".>"),
         )),
         Identity(OBSERVER, Permissions(
             # Read-only: every subject of the deployment, and discovery pings (whose answers

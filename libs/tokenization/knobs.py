@@ -39,12 +39,12 @@ class TokenizingKnobs:
         "thread, so the event loop keeps answering cached requests",
     )
     early_reply_chars: int = knob(
-        2048,
-        "A text (or rendered chat) with more never-seen characters than this after its first "
-        "chunk missing from the chunk cache is answered at once with the block keys of the "
-        "text seen before (text never seen cannot match a cached block), its token count "
-        "estimated and the answer marked partial; the rest is tokenized in the background for "
-        "the caches. 0: off",
+        512,
+        "A text (or rendered chat) with more never-seen characters than this (after the first "
+        "piece the chunk cache lacks) is answered at once with the block keys of the text seen "
+        "before (text never seen cannot match a cached block), its token count estimated and "
+        "the answer marked partial; the rest is tokenized in the background for the caches. "
+        "0: off",
     )
     early_reply_jobs: int = knob(
         2,

@@ -202,8 +202,9 @@ class PromptTokenizer:
     # ------------------------------------------------------------------ early replies
 
     def _answers_early(self, plan: EncodePlan) -> bool:
-        """Whether the plan's never-seen part (after its first missing chunk, which may hold
-        text seen before) is long enough to answer before tokenizing it."""
+        """Whether the plan's never-seen part (after the head of its first missing chunk: the
+        pieces seen before and the next one, which may hold text seen before) is long enough
+        to answer before tokenizing it."""
         return (
             self.cfg.early_reply_chars > 0
             and plan.entry is None
@@ -211,7 +212,7 @@ class PromptTokenizer:
             and self.chunk_cache.max_bytes > 0
             and self._bg_executor is not None
             and bool(plan.missing)
-            and plan.missing_chars - len(plan.chunks[plan.missing[0]])
+            and plan.missing_chars - plan.head_chars - len(plan.head_piece or "")
             > self.cfg.early_reply_chars
         )
 

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from infermesh.libs import liveness
 from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import knob
+from infermesh.libs.scheduling.config import SchedulingKnobs
 from infermesh.libs.tokenization.knobs import TokenizingKnobs
 from infermesh.proto.subjects import check_token
 
 
 @dataclass
-class IngressConfig(BusKnobs, TokenizingKnobs):
+class IngressConfig(BusKnobs, TokenizingKnobs, SchedulingKnobs):
     """Every knob of `infermesh ingress` (``models`` and the cache knobs: the prompts it
-    tokenizes itself, see ``tokenize_here``)."""
+    tokenizes itself, see ``tokenize_here``; ``profiles_file`` and the local index knobs: the
+    decisions it makes itself, see ``schedule_here``)."""
 
     http_host: str = knob("127.0.0.1", "Address the OpenAI API (and /health, /metrics) listens on")
     http_port: int = knob(8000, "Port of the OpenAI API (0: a free port)")
@@ -26,6 +28,11 @@ class IngressConfig(BusKnobs, TokenizingKnobs):
     tokenize_here: bool = knob(
         True, "Tokenize the prompts of the models in `models` in this process, then ask a "
         "scheduler (one bus trip); other models, or off: the tokenizer service tokenizes"
+    )
+    schedule_here: bool = knob(
+        True, "Decide in this process, with a scheduler replica of its own (the scheduler's "
+        "profiles, state from the same bus subjects, its own replica of the KV index): no bus "
+        "trip on the request path; off, or when it knows no engine yet: the scheduler service"
     )
     chained_routing: bool = knob(
         True, "Tokenize and schedule in one bus trip (im.route: the tokenizer passes the "
@@ -69,6 +76,7 @@ class IngressConfig(BusKnobs, TokenizingKnobs):
     def __post_init__(self) -> None:
         check_token(self.pool, "pool")
         self.check_tokenizing()
+        self.check_scheduling()
         liveness.check_times(self.pod_late_s, self.pod_timeout_s)
         if self.no_pod_wait_s < 0 or self.refused_backoff_s < 0:
             raise ValueError("no_pod_wait_s and refused_backoff_s must be >= 0")

@@ -42,6 +42,7 @@ from infermesh.libs.bus import (
     fits,
     request,
 )
+from infermesh.libs.scheduling.core import ScheduleError, SchedulerCore
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.tokenization.prompts import PromptError, PromptTokenizer
 from infermesh.proto import codec
@@ -183,6 +184,10 @@ class IngressService:
         self.ssl = server_ssl_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file)
         # The models whose prompts this process tokenizes itself (tokenize_here).
         self.tokenizer = PromptTokenizer(cfg) if cfg.tokenize_here else None
+        # The scheduler replica this process decides with (schedule_here); built here so a bad
+        # profiles file stops the start.
+        self.sched = (SchedulerCore(cfg, self.instance, self.subjects) if cfg.schedule_here
+                      else None)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,6 +203,8 @@ class IngressService:
         self.nc = await connect(self.cfg.nats_url, f"ingress-{self.instance}",
                                 security=self.cfg.bus_security())
         await self.nc.subscribe(self.subjects.pod_state_all, cb=self._on_pod_state)
+        if self.sched is not None:
+            await self.sched.start(self.nc)
         self.http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
@@ -233,6 +240,8 @@ class IngressService:
             await self.http.close()
         if self.tokenizer is not None:
             await self.tokenizer.close()
+        if self.sched is not None:
+            await self.sched.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
@@ -357,11 +366,16 @@ class IngressService:
 
     async def health(self, _: web.Request) -> web.Response:
         ok = self.nc is not None and self.nc.is_connected
-        body = {"status": "ok" if ok else "bus_disconnected", "pods": len(self.live_pods())}
+        body: dict[str, Any] = {"status": "ok" if ok else "bus_disconnected",
+                                "pods": len(self.live_pods())}
+        if self.sched is not None:
+            body["scheduler"] = self.sched.health()
         return web.json_response(body, status=200 if ok else 503)
 
     async def get_metrics(self, _: web.Request) -> web.Response:
         local = generate_latest(self.tokenizer.metrics.registry) if self.tokenizer else b""
+        if self.sched is not None:
+            local += generate_latest(self.sched.metrics.registry)
         return web.Response(body=generate_latest(self.metrics.registry) + local
                             + generate_latest(BUS_REGISTRY),
                             content_type="text/plain", charset="utf-8")
@@ -402,13 +416,18 @@ class IngressService:
         route = _Route(request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
                        model=model, lora=lora, num_tokens=0, block_keys=[], profile=profile,
                        received=received)
-        if self.tokenizer is not None and model in self.tokenizer.tokenizers:
-            # One bus trip: tokenized here, then a scheduler decides (and announces it).
+        here = self.tokenizer is not None and model in self.tokenizer.tokenizers
+        if here:  # no bus trip to tokenize
             await self._tokenize_here(route, body, chat)
+        elif self.sched is not None or not (
+                self.cfg.chained_routing and await self._route(route, body, chat)):
+            await self._tokenize(route, body, chat)
+        if route.first is None and self.sched is not None:
+            await self._decide_here(route)  # no bus trip to decide
+        if route.first is None and (here or self.sched is not None):
+            # A scheduler service decides, and announces it (it holds the keys).
             pod, url, route.announced = await self._pick(route, announce=True)
             route.first = (pod, url)
-        elif not (self.cfg.chained_routing and await self._route(route, body, chat)):
-            await self._tokenize(route, body, chat)
         self.metrics.in_flight.inc()
         try:
             resp = await self._proxy(request, route, raw, bool(body.stream))
@@ -558,6 +577,42 @@ class IngressService:
         route.num_tokens, route.block_keys = reply.num_tokens, reply.block_keys
         route.partial = reply.partial
         await self._check_length(req, reply.num_tokens, reply.partial)
+
+    async def _repick(self, route: _Route) -> tuple[str, str, bool]:
+        """Another pod after a failed attempt: decided here when this process schedules, else
+        by the scheduler service (or by load); (pod, url, announced)."""
+        if self.sched is not None:
+            route.first = None
+            await self._decide_here(route)
+            if route.first is not None:
+                return (*route.first, True)
+        return await self._pick(route)
+
+    async def _decide_here(self, route: _Route) -> None:
+        """The decision of this process's scheduler replica (schedule_here), announced on the
+        bus; leaves ``route.first`` unset when it knows no engine for the request yet (a fresh
+        start: the scheduler service, or the wait for a heartbeat, takes it from there)."""
+        assert self.sched is not None
+        req = ScheduleRequest(request_id=route.request_id, model=route.model,
+                              num_tokens=route.num_tokens, block_keys=route.block_keys,
+                              tokens_partial=route.partial, pool=self.cfg.pool,
+                              lora_name=route.lora, profile=route.profile,
+                              exclude=self._refused_now(route), announce=True)
+        t0 = time.perf_counter()
+        try:
+            d = await self.sched.decide(req)
+        except ScheduleError as e:
+            if e.status == 400:
+                raise ClientError(400, e.message) from None
+            self.metrics.fallbacks.labels("scheduled_here_no_engine").inc()
+            return
+        except Exception as e:  # noqa: BLE001 - the scheduler service can still decide
+            self.metrics.fallbacks.labels("scheduled_here_failed").inc()
+            log.warning("schedule_here_failed", error=repr(e))
+            return
+        finally:
+            self.metrics.schedule.observe(time.perf_counter() - t0)
+        route.first, route.announced = (d.pod, d.url), True
 
     async def _tokenize(self, route: _Route, body: _Body, chat: bool) -> None:
         assert self.nc is not None
@@ -731,7 +786,7 @@ class IngressService:
                 pod, url = route.first  # decided along the route
                 announced = route.announced  # by the scheduler (routed, with the keys)
             else:
-                pod, url, announced = await self._pick(route)
+                pod, url, announced = await self._repick(route)
             if not announced:
                 await self._event(route, "routed", pod, num_tokens=route.num_tokens,
                                   block_keys=route.block_keys)

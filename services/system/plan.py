@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from infermesh.libs.bus.server import nats_server_argv
 from infermesh.libs.config import ConfigError, to_argv
 from infermesh.libs.process.ports import free_port, free_port_range
 from infermesh.libs.process.runfile import default_state_dir
+from infermesh.libs.scheduling.config import SchedulingKnobs
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, default_model_dir
 from infermesh.services.agent.config import AgentConfig
 from infermesh.services.indexer.config import IndexerConfig
@@ -35,6 +36,9 @@ from infermesh.services.tokenizer.config import TokenizerConfig
 from .spec import REPLICATED, SystemSpec
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# The scheduler settings an ingress's own scheduler replica (schedule_here) takes too.
+SCHEDULING_FIELDS = frozenset(f.name for f in fields(SchedulingKnobs))
 
 CONFIGS: dict[str, type[Any]] = {
     "sim": SimConfig, "agent": AgentConfig, "tokenizer": TokenizerConfig,
@@ -427,6 +431,9 @@ class _Builder:
                                       "http_port": port}
             if s.model or s.served_model_name:  # the prompts it tokenizes itself
                 values["models"] = [f"{self.served_model()}={self.model_dir}"]
+            # Its own scheduler replica decides as the scheduler service would.
+            values.update({k: v for k, v in s.settings.get("scheduler", {}).items()
+                           if k in SCHEDULING_FIELDS})
             if s.api_keys_file:
                 values["api_keys_file"] = str(Path(s.api_keys_file).resolve())
             if s.ingress_tls_cert:

@@ -146,7 +146,9 @@ class World:
             self.services.append(svc)
         if scheduler:
             await self.start_scheduler()
-        cfg = {"tokenize_timeout_s": 0.3, "schedule_timeout_s": 0.3, **cfg}
+        # The stub services decide unless a test asks for the ingress's own scheduler.
+        cfg = {"tokenize_timeout_s": 0.3, "schedule_timeout_s": 0.3, "schedule_here": False,
+               **cfg}
         self.ingress = IngressService(IngressConfig(nats_url=self.nats_url, http_port=0, **cfg))
         await self.ingress.start()
         await wait_until(lambda: len(self.ingress.live_pods()) == len(self.engines), what="pods")
@@ -485,6 +487,33 @@ async def test_a_model_tokenized_here_is_routed_by_load_when_no_scheduler_answer
     await wait_until(lambda: any(e.kind == "routed" for e in world.events), what="routed event")
     (routed,) = [e for e in world.events if e.kind == "routed"]
     assert len(routed.block_keys) > 0
+
+
+async def test_the_ingress_decides_with_its_own_scheduler_replica(world) -> None:
+    """schedule_here: tokenized and decided in the ingress, no bus trip; the decision is
+    announced with the keys, and a failed engine is left out of the next decision, here too."""
+    folder = ensure_model_folder()
+    await world.start({"a": "503", "b": "ok"}, schedule_here=True, models=[f"{MODEL}={folder}"])
+    sched = world.ingress.sched
+    assert sched is not None
+    await wait_until(lambda: len(sched.pods) == 2, what="the ingress's scheduler to hear pods")
+    prompt = "The quick brown fox jumps over the lazy dog. " * 12
+    status, headers, _ = await post(world.url, {"model": MODEL, "prompt": prompt})
+    assert status == 200
+    # Whichever pod it chose first, the answer came from b: a failed before its first byte.
+    assert headers["x-infermesh-endpoint"] == "b"
+    assert world.schedule_calls == [] and world.tokenize_asks == 0 and world.routes == 0
+    keys = prompt_keys(MODEL, ModelTokenizer.from_folder(folder).encode(prompt), 16)
+    await wait_until(lambda: any(e.kind == "finished" and e.pod == "b" for e in world.events),
+                     what="events")
+    routed = [e for e in world.events if e.kind == "routed"]
+    assert routed and all(e.block_keys == keys for e in routed)
+    assert routed[-1].pod == "b" and routed[-1].replica == world.ingress.instance
+    assert len(routed) == world.engines["a"].hits + 1  # one decision per attempt, announced
+    text = await _metrics(world.url)
+    assert 'infermesh_scheduler_decisions_total{pod="b",profile="default"}' in text
+    async with aiohttp.ClientSession() as http, http.get(world.url + "/health") as r:
+        assert (await r.json())["scheduler"]["decisions"] == len(routed)
 
 
 async def test_without_a_route_endpoint_the_ingress_asks_each_service_in_turn(world) -> None:
