@@ -490,15 +490,19 @@ class CachingTokenizer:
             n_tokens += len(tail)
             n_blocks = n_tokens // block_size
         if len(keys) < n_blocks:
-            ids = array("I", head)
-            for part in parts:
-                assert part is not None
-                ids.extend(part)
-                if len(ids) >= n_blocks * block_size:
+            # Only the ids from the first block without a key on (not the whole prefix again).
+            start, stop = len(keys) * block_size, n_blocks * block_size
+            ids = array("I")
+            pos = 0
+            for seg in (head, *parts, *(() if tail is None else (tail,))):
+                assert seg is not None
+                end = pos + len(seg)
+                if end > start:
+                    ids.extend(seg[max(0, start - pos) :])
+                pos = end
+                if pos >= stop:
                     break
-            if tail is not None:
-                ids.extend(tail)
-            keys = _extend_keys(keys, ids, n_blocks, variant)
+            keys = _extend_keys(keys, ids, n_blocks, variant, offset=start)
         return n_tokens, keys
 
     def _root(self, variant: Variant, special: bool) -> int:
@@ -540,15 +544,18 @@ class CachingTokenizer:
 
 
 def _extend_keys(keys: array[int], ids: array[int], n_blocks: int,
-                 variant: Variant) -> array[int]:
-    """``keys`` (the first blocks' keys of ``ids``) continued to ``n_blocks`` blocks."""
+                 variant: Variant, offset: int = 0) -> array[int]:
+    """``keys`` (the first blocks' keys of a prompt) continued to ``n_blocks`` blocks, from
+    ``ids``: the prompt's ids from token ``offset`` on."""
     model, bs, lora_name, cache_salt = variant
     if not keys:
+        assert offset == 0
         return array("Q", prompt_keys(model, ids[: n_blocks * bs], bs, lora_name=lora_name,
                                       cache_salt=cache_salt))
     last = keys[-1]  # continue the chain after the last known block
     for j in range(len(keys), n_blocks):
-        last = block_key(last, ids[j * bs : (j + 1) * bs],
+        at = j * bs - offset
+        last = block_key(last, ids[at : at + bs],
                          block_extra(j, lora_name=lora_name, cache_salt=cache_salt))
         keys.append(last)
     return keys

@@ -37,8 +37,10 @@ from .tokenizer import ModelTokenizer
 log = get_logger("tokenizer")
 
 _MB = 1024 * 1024
-# How long a background tokenization waits before it starts: the early reply goes out first.
-_BACKGROUND_DELAY_S = 0.002
+# How long a background tokenization waits before it starts: the early answer goes out first
+# and, in an ingress that tokenizes itself, its request is decided and sent on (the background's
+# Python steps would otherwise hold the GIL in the middle of that).
+_BACKGROUND_DELAY_S = 0.02
 
 
 class PromptError(Exception):
