@@ -67,7 +67,8 @@ async def test_shared_prefix_goes_to_the_engine_that_holds_it(stack_factory, mod
         # for that so the follow-ups are not racing it (a racing one would seed a second pod).
         nc = await connect(stack.nats.url, "test")
         keys = (await request(nc, "im.tokenize", TokenizeRequest(
-            model=MODEL, block_size=BS, prompt=prefix), TokenizeReply)).block_keys
+            model=MODEL, block_size=BS, prompt=prefix, return_token_ids=True),
+            TokenizeReply)).block_keys
 
         async def indexed() -> bool:
             r = await request(nc, "im.index.lookup", LookupRequest(model=MODEL, block_keys=keys),
@@ -87,9 +88,9 @@ async def test_shared_prefix_goes_to_the_engine_that_holds_it(stack_factory, mod
         assert hits == {first_pod: 12}, hits
         assert max(cached) >= (n_prefix // BS - 1) * BS
         assert sorted(cached)[len(cached) // 2] >= (n_prefix // BS - 1) * BS
-        # Those decisions came from the scheduler's own replica of the index (no bus hop).
-        sched = next(p for p in stack.system.plan.processes if p.kind == "scheduler")
-        async with http.get(sched.health_url.replace("/health", "/metrics")) as r:
+        # Those decisions came from the ingress's own scheduler replica and its replica of the
+        # index (no bus hop).
+        async with http.get(stack.ingress_url + "/metrics") as r:
             text = await r.text()
         local = [ln for ln in text.splitlines()
                  if ln.startswith('infermesh_scheduler_index_answers_total{where="local"}')]

@@ -58,7 +58,9 @@ async def _metric(http: aiohttp.ClientSession, url: str, line_start: str) -> flo
 
 
 async def test_killing_replicas_loses_nothing_and_routing_stays_cache_aware(procs, nats_server):
-    stack = start_stack(procs, nats_server, engines=4, schedulers=2, indexers=2)
+    # The scheduler service decides (the ingress's own replica would make the replicas moot).
+    stack = start_stack(procs, nats_server, engines=4, schedulers=2, indexers=2,
+                        settings={"ingress": {"schedule_here": False}})
     rng = random.Random(11)
     prefixes = [_text(rng, 300) for _ in range(GROUPS)]
     url = stack.ingress_url

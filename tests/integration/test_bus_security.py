@@ -130,7 +130,7 @@ FORGED_PUBLISH = [
 FORGED_SUBSCRIBE = [
     ("agent-sim-1", "im.snapshot.sim-0"),  # would let it answer snapshots for sim-0
     ("ingress", "_INBOX.scheduler.>"),         # another identity's replies
-    ("ingress", "im.kv.*.*"),
+    ("tokenizer", "im.kv.*.*"),
     ("observer", "_INBOX.>"),
 ]
 
@@ -295,8 +295,11 @@ async def test_the_whole_stack_runs_under_its_identities(secured, procs) -> None
                     return r.headers["x-infermesh-endpoint"]
 
             first = await post(prefix + " first")
+            # Token ids asked: the full answer (the tokenizer service may not have seen this text,
+            # which the ingress tokenized itself, and would answer early).
             keys = (await request(ing, "im.tokenize", TokenizeRequest(
-                model=MODEL, block_size=BS, prompt=prefix), TokenizeReply, timeout=5)).block_keys
+                model=MODEL, block_size=BS, prompt=prefix, return_token_ids=True),
+                TokenizeReply, timeout=5)).block_keys
             assert len(keys) > 10
 
             async def indexed() -> bool:

@@ -141,7 +141,9 @@ async def test_killing_the_node_of_ingress_and_scheduler_under_load_loses_no_req
     procs.service("indexer", "--nats-url", _rotated(cluster, 2), "--http-port",
                   str(indexer_port))
     procs.service("scheduler", "--nats-url", seed, "--http-port", str(scheduler_port))
-    ingress = procs.service("ingress", "--nats-url", seed, "--http-port", str(ingress_port))
+    # The services tokenize and decide (an ingress doing both itself needs no bus to route).
+    ingress = procs.service("ingress", "--nats-url", seed, "--http-port", str(ingress_port),
+                            "--no-schedule-here", "--no-tokenize-here")
     url = f"http://127.0.0.1:{ingress_port}"
     engines = {"sim-0": e0["http"], "sim-1": e1["http"]}
 

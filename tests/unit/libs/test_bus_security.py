@@ -93,9 +93,13 @@ def test_ingress_rights() -> None:
     ing = by_user()[INGRESS].permissions
     for subject in ("im.tokenize", "im.schedule", "im.req.default", "im.scale.default"):
         assert allowed(ing.publish, subject), subject
-    assert not allowed(ing.publish, "im.index.lookup")
     assert allowed(ing.subscribe, "im.pod.default.sim-0")
-    assert not allowed(ing.subscribe, "im.kv.default.sim-0")
+    # Its own scheduler replica (schedule_here) follows what a scheduler follows: request
+    # events, KV streams (read only), snapshots and lookups.
+    assert allowed(ing.subscribe, "im.req.default") and allowed(ing.subscribe, "im.kv.default.p")
+    assert allowed(ing.publish, "im.index.lookup") and allowed(ing.publish, "im.snapshot.p")
+    assert not allowed(ing.publish, "im.kv.default.sim-0")
+    assert not allowed(ing.subscribe, "im.schedule") and not allowed(ing.subscribe, "im.tokenize")
     assert ing.responses == 0  # not a responder: cannot answer anyone's request
 
 
