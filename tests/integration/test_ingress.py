@@ -16,6 +16,7 @@ from aiohttp import web
 
 from infermesh.libs.bus import BusService, Forward, NatsServer, connect
 from infermesh.libs.kvblock import prompt_keys
+from infermesh.libs.scheduling.state import PodTable
 from infermesh.libs.tinymodel import ensure_model_folder
 from infermesh.libs.tokenization import ModelTokenizer
 from infermesh.proto import codec
@@ -514,6 +515,21 @@ async def test_the_ingress_decides_with_its_own_scheduler_replica(world) -> None
     assert 'infermesh_scheduler_decisions_total{pod="b",profile="default"}' in text
     async with aiohttp.ClientSession() as http, http.get(world.url + "/health") as r:
         assert (await r.json())["scheduler"]["decisions"] == len(routed)
+
+
+async def test_when_its_own_replica_knows_no_engine_the_scheduler_service_decides(world) -> None:
+    await world.start({"a": "ok", "b": "ok"}, schedule_here=True,
+                      models=[f"{MODEL}={ensure_model_folder()}"])
+    sched = world.ingress.sched
+    assert sched is not None
+    await sched.stop()  # it hears no heartbeat any more ...
+    sched.pods = PodTable(10.0)  # ... and knows no pod, as right after a start
+    status, headers, _ = await post(world.url, {"model": MODEL, "prompt": "hello " * 30})
+    assert status == 200 and headers["x-infermesh-endpoint"] == "a"
+    (call,) = world.schedule_calls  # the stub scheduler service decided, and announced it
+    assert call.announce and len(call.block_keys) > 0
+    text = await _metrics(world.url)
+    assert 'infermesh_ingress_fallbacks_total{reason="scheduled_here_no_engine"} 1.0' in text
 
 
 async def test_without_a_route_endpoint_the_ingress_asks_each_service_in_turn(world) -> None:
