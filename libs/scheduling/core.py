@@ -61,7 +61,7 @@ class SchedulerCore:
     """
 
     def __init__(self, cfg: SchedulingKnobs, replica: str, subjects: Subjects,
-                 pipeline: Pipeline | None = None) -> None:
+                 pipeline: Pipeline | None = None, *, lazy_index: bool = False) -> None:
         self.cfg = cfg
         self.replica = replica
         self.subjects = subjects
@@ -78,6 +78,11 @@ class SchedulerCore:
         self._subs: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.local_index: IndexFollower | None = None
+        # lazy_index: the local index starts with the first lookup, not at start (a fallback
+        # scheduler, asked only when the ingresses cannot decide, does not follow every KV
+        # stream for nothing); the indexer service answers until it is in sync.
+        self._lazy_index = lazy_index
+        self._index_start: asyncio.Task[None] | None = None
         self._where = {w: self.metrics.index_where.labels(w) for w in ("local", "service")}
 
     async def start(self, nc: Client) -> None:
@@ -88,19 +93,30 @@ class SchedulerCore:
             await nc.subscribe(self.subjects.pod_state_all, cb=self._on_pod_state),
             await nc.subscribe(self.subjects.req_all, cb=self._on_request_event),
         ]
-        if self.cfg.local_index_max_pods > 0 and self._uses_index():
-            tracker = StreamTracker(KVIndex(self.cfg.local_index_max_blocks),
-                                    pod_timeout_s=self.cfg.pod_timeout_s,
-                                    pod_late_s=self.cfg.pod_late_s)
-            self.local_index = IndexFollower(nc, self.subjects, tracker, snapshot_timeout_s=5.0,
-                                             snapshot_part_blocks=4096,
-                                             log_name="scheduler.index")
-            await self.local_index.start()
+        if self._wants_index() and not self._lazy_index:
+            await self._start_index()
         await settle(nc)
         self._tasks = [asyncio.create_task(self._housekeeping(), name="scheduler-housekeeping")]
 
+    def _wants_index(self) -> bool:
+        return self.cfg.local_index_max_pods > 0 and self._uses_index()
+
+    async def _start_index(self) -> None:
+        assert self._nc is not None
+        tracker = StreamTracker(KVIndex(self.cfg.local_index_max_blocks),
+                                pod_timeout_s=self.cfg.pod_timeout_s,
+                                pod_late_s=self.cfg.pod_late_s)
+        follower = IndexFollower(self._nc, self.subjects, tracker, snapshot_timeout_s=5.0,
+                                 snapshot_part_blocks=4096, log_name="scheduler.index")
+        await follower.start()
+        self.local_index = follower
+        log.info("local_index_started", replica=self.replica, lazy=self._lazy_index)
+
     async def stop(self) -> None:
         """Stop following the bus (idempotent; the connection stays open)."""
+        if self._index_start is not None:
+            self._tasks.append(self._index_start)
+            self._index_start = None
         await cancel_tasks(self._tasks)
         self._tasks = []
         if self.local_index is not None:
@@ -204,6 +220,9 @@ class SchedulerCore:
         return True
 
     async def _index_lookup(self, msg: LookupRequest, timeout: float) -> LookupReply:
+        if (self.local_index is None and self._index_start is None and self._lazy_index
+                and self._nc is not None and self._wants_index()):
+            self._index_start = asyncio.create_task(self._start_index(), name="local-index")
         if self._local_answers(msg.pods):
             assert self.local_index is not None
             self._where["local"].inc()

@@ -39,7 +39,9 @@ class SchedulerService:
         self.cfg = cfg
         self.replica = cfg.replica_name()
         self.subjects = Subjects(cfg.subject_prefix)
-        self.core = SchedulerCore(cfg, self.replica, self.subjects, pipeline)
+        # Its local index starts with the first request: where the ingresses decide themselves
+        # (schedule_here), this replica is a fallback and need not follow every KV stream.
+        self.core = SchedulerCore(cfg, self.replica, self.subjects, pipeline, lazy_index=True)
         self.http_port: int | None = None
         self._nc = nc
         self._own_nc = nc is None

@@ -126,3 +126,39 @@ async def test_a_scheduler_replica_dies_under_load_and_no_request_fails(stack_fa
     assert len(results) == 240
     assert set(results) == {200}, Counter(results)
     assert stack.schedulers[1].alive()
+
+
+async def test_a_fallback_scheduler_starts_its_local_index_with_its_first_request(
+        stack_factory) -> None:
+    """With the ingress deciding through the scheduler service (schedule_here off), the
+    service follows no KV stream until asked; its first lookups go to the indexer service,
+    later ones to its own index once in sync."""
+    stack = stack_factory(engines=2, settings={"ingress": {"schedule_here": False}})
+    sched = next(p for p in stack.system.plan.processes if p.kind == "scheduler")
+    metrics_url = sched.health_url.replace("/health", "/metrics")
+    rng = random.Random(3)
+    prefix = _long_text(rng, 300)
+
+    async def answers(http: aiohttp.ClientSession) -> dict[str, float]:
+        async with http.get(metrics_url) as r:
+            text = await r.text()
+        out = {}
+        for where in ("local", "service"):
+            line = f'infermesh_scheduler_index_answers_total{{where="{where}"}}'
+            out[where] = next((float(ln.split()[-1]) for ln in text.splitlines()
+                               if ln.startswith(line)), 0.0)
+        return out
+
+    async with aiohttp.ClientSession() as http:
+        assert await answers(http) == {"local": 0.0, "service": 0.0}
+        await _post(http, stack.ingress_url, {"model": MODEL, "prompt": prefix, "max_tokens": 2})
+        first = await answers(http)
+        assert first == {"local": 0.0, "service": 1.0}, first  # not started before it
+
+        async def local_answers() -> bool:
+            await _post(http, stack.ingress_url,
+                        {"model": MODEL, "prompt": prefix + " " + _long_text(rng, 5),
+                         "max_tokens": 2})
+            return (await answers(http))["local"] > 0
+
+        await wait_until(local_answers, timeout=30, interval=0.2, what="local index answers")
