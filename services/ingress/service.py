@@ -593,11 +593,7 @@ class IngressService:
         bus; leaves ``route.first`` unset when it knows no engine for the request yet (a fresh
         start: the scheduler service, or the wait for a heartbeat, takes it from there)."""
         assert self.sched is not None
-        req = ScheduleRequest(request_id=route.request_id, model=route.model,
-                              num_tokens=route.num_tokens, block_keys=route.block_keys,
-                              tokens_partial=route.partial, pool=self.cfg.pool,
-                              lora_name=route.lora, profile=route.profile,
-                              exclude=self._refused_now(route), announce=True)
+        req = self._schedule_request(route, announce=True)
         t0 = time.perf_counter()
         try:
             d = await self.sched.decide(req)
@@ -701,16 +697,20 @@ class IngressService:
                 exclude = [*route.excluded, *(r for r in refused if r not in route.excluded)]
         return exclude
 
+    def _schedule_request(self, route: _Route, announce: bool) -> ScheduleRequest:
+        """The request's ScheduleRequest (keys, count, pods to leave out), for the scheduler
+        here or the service."""
+        return ScheduleRequest(request_id=route.request_id, model=route.model,
+                               num_tokens=route.num_tokens, block_keys=route.block_keys,
+                               tokens_partial=route.partial, pool=self.cfg.pool,
+                               lora_name=route.lora, profile=route.profile,
+                               exclude=self._refused_now(route), announce=announce)
+
     async def _pick(self, route: _Route, announce: bool = False) -> tuple[str, str, bool]:
         """(pod, url, announced) from the scheduler, or from heartbeats when it does not answer
         (``announced``: the scheduler published the routed event, as asked by ``announce``)."""
         assert self.nc is not None
-        exclude = self._refused_now(route)
-        req = ScheduleRequest(request_id=route.request_id, model=route.model,
-                              num_tokens=route.num_tokens, block_keys=route.block_keys,
-                              tokens_partial=route.partial,
-                              pool=self.cfg.pool, lora_name=route.lora, profile=route.profile,
-                              exclude=exclude, announce=announce)
+        req = self._schedule_request(route, announce=announce)
         t0 = time.perf_counter()
         waited = False
         try:
