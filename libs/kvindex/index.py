@@ -14,7 +14,12 @@ Layout, chosen for the lookup path (one prompt walks up to thousands of keys):
   hashes of removed blocks stay known for a while (``retired``), and a block whose parent is not
   known yet waits (``orphans``) until it is;
 * every map is ``int → int``: CPython's garbage collector does not track such dicts, so an index
-  of millions of blocks adds nothing to collection pauses (which would land on lookups).
+  of millions of blocks adds nothing to collection pauses (which would land on lookups);
+* each held key's parent key is kept, and per pod the number of its keys whose parent it does not
+  hold (its *holes*). A pod without holes holds whole chains from their first block (what vLLM's
+  tail-first eviction leaves), so along a prompt's keys it holds a prefix and nothing after: the
+  lookup finds where it stops by bisection, reading a few dozen keys of a 100k-token prompt
+  instead of every one. Pods with holes are walked block by block.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from infermesh.proto.messages import (
     PodMatch,
     SnapshotBlock,
 )
+
+_UNKNOWN = -1  # the parent of a key stored without one (an offload known by its engine hash)
 
 
 def _neg_bits(mask: int) -> int:
@@ -64,13 +71,14 @@ class IndexStats:
         self.buffer_overflows = 0
         self.pods_dropped = 0
         self.lookups = 0
+        self.lookup_reads = 0  # keys read by lookups (bisection reads few of a long prompt's)
 
 
 class PodBlocks:
     """One pod's side of the index: its engine hashes and what cannot be keyed yet."""
 
     __slots__ = ("name", "slot", "bit", "model", "keys", "masks", "rev", "retired", "orphans",
-                 "orphan_parent")
+                 "orphan_parent", "kids", "holes")
 
     def __init__(self, name: str, slot: int) -> None:
         self.name = name
@@ -84,6 +92,8 @@ class PodBlocks:
         # parent engine hash → {engine hash: [tokens, extra keys, tier mask]}
         self.orphans: dict[int, dict[int, list[Any]]] = {}
         self.orphan_parent: dict[int, int] = {}  # engine hash → parent hash, oldest first
+        self.kids: dict[int, int] = {}  # key → how many of this pod's keys have it as parent
+        self.holes = 0  # this pod's keys whose parent it does not hold (or is not known)
 
 
 class KVIndex:
@@ -110,6 +120,8 @@ class KVIndex:
         self._tier_ids: dict[str, int] = {t: i for i, t in enumerate(TIERS)}
         self._tier_names: list[str] = list(TIERS)
         self._seeds: dict[str, int] = {}
+        self._roots: set[int] = set()  # the seeds: the parent of every first block
+        self._parent: dict[int, int] = {}  # held key → its parent key (_UNKNOWN if not known)
 
     def __len__(self) -> int:
         """Distinct block keys held by at least one pod."""
@@ -175,6 +187,7 @@ class KVIndex:
         s = self._seeds.get(model)
         if s is None:
             s = self._seeds[model] = kvblock.model_seed(model)
+            self._roots.add(s)
         return s
 
     # ------------------------------------------------------------------ events
@@ -253,6 +266,7 @@ class KVIndex:
             return n
         keys = []
         key = kvblock.key
+        first_parent = parent
         for i, h in enumerate(hashes):
             k = known.get(h)
             if k is None:
@@ -262,20 +276,20 @@ class KVIndex:
             parent = k
         # Children first, so that in LRU order a parent is always fresher than its children.
         for i in range(n - 1, -1, -1):
-            self._link(p, hashes[i], keys[i], tid)
+            self._link(p, hashes[i], keys[i], tid, keys[i - 1] if i else first_parent)
         if ph is not None:
             pk = known.get(ph)
             if pk is not None and pk in self._held:
                 self._held.move_to_end(pk)
         return 0
 
-    def _link(self, p: PodBlocks, h: int, k: int, tid: int) -> None:
+    def _link(self, p: PodBlocks, h: int, k: int, tid: int, parent: int = _UNKNOWN) -> None:
         """Store, then key whatever waited for this block as its parent."""
-        self._store(p, h, k, tid)
+        self._store(p, h, k, tid, parent)
         if p.orphans and h in p.orphans:
             self._release(p, h, k)
 
-    def _store(self, p: PodBlocks, h: int, k: int, tid: int) -> None:
+    def _store(self, p: PodBlocks, h: int, k: int, tid: int, parent: int = _UNKNOWN) -> None:
         tb = 1 << tid
         old = p.keys.get(h)
         if old is None:
@@ -298,16 +312,50 @@ class KVIndex:
             held[k] = bit
             p.rev[k] = h
             self.entries += 1
+            self._parent[k] = parent
+            self._gain(p, k, parent)
         else:
             held.move_to_end(k)
             if not m & bit:
                 held[k] = m | bit
                 p.rev[k] = h
                 self.entries += 1
+                # The parent recorded when the key came: every pod's count reads the same one
+                # (an unknown parent stays unknown while the key is held).
+                self._gain(p, k, self._parent.get(k, _UNKNOWN))
             elif p.rev.get(k) != h:
                 return  # two engine hashes for one key: the first one's entry speaks for both
         td = self._tiers[tid]
         td[k] = td.get(k, 0) | bit
+
+    def _gain(self, p: PodBlocks, k: int, parent: int) -> None:
+        """Count the pod's new key ``k`` in its holes: a hole itself unless the pod holds its
+        parent (or it is a first block); its children the pod holds are holes no more."""
+        if parent == _UNKNOWN:
+            p.holes += 1
+        else:
+            if parent not in self._roots and not self._held.get(parent, 0) & p.bit:
+                p.holes += 1
+            p.kids[parent] = p.kids.get(parent, 0) + 1
+        if p.kids:
+            p.holes -= p.kids.get(k, 0)
+
+    def _lose(self, p: PodBlocks, k: int) -> None:
+        """The inverse of :meth:`_gain`, for a key the pod no longer holds (its parent entry
+        still there)."""
+        parent = self._parent.get(k, _UNKNOWN)
+        if parent == _UNKNOWN:
+            p.holes -= 1
+        else:
+            if parent not in self._roots and not self._held.get(parent, 0) & p.bit:
+                p.holes -= 1
+            c = p.kids[parent] - 1
+            if c:
+                p.kids[parent] = c
+            else:
+                del p.kids[parent]
+        if p.kids:
+            p.holes += p.kids.get(k, 0)
 
     def _unlink(self, p: PodBlocks, h: int, k: int) -> None:
         """Take the pod off key ``k`` (if engine hash ``h`` is what put it there)."""
@@ -318,8 +366,11 @@ class KVIndex:
         m = self._held[k] & off
         if m:
             self._held[k] = m
+            self._lose(p, k)
         else:
             del self._held[k]
+            self._lose(p, k)
+            del self._parent[k]
         for td in self._tiers:
             v = td.get(k)
             if v is not None:
@@ -372,6 +423,8 @@ class KVIndex:
         p.keys = {}
         p.masks = {}
         p.rev = {}
+        p.kids = {}  # empty by now: a pod holding nothing has no holes
+        p.holes = 0
         p.orphans.clear()
         p.orphan_parent.clear()
 
@@ -418,7 +471,7 @@ class KVIndex:
                 tid = 0
                 while tmask:
                     if tmask & 1:
-                        self._store(p, oh, ok, tid)
+                        self._store(p, oh, ok, tid, pk)
                     tmask >>= 1
                     tid += 1
                 stack.append((oh, ok))
@@ -445,22 +498,24 @@ class KVIndex:
             if not b.tiers:
                 continue
             h = b.block_hash
+            ph = b.parent_hash
+            # No parent hash: a first block, when it comes with its tokens (a tokenless one
+            # may be an offload whose parent the agent never learnt).
+            parent: int | None = seed if b.token_ids else None
+            if ph is not None:
+                parent = cur.get(ph)
+                if parent is None:
+                    parent = old.get(ph)
+                if parent is None:
+                    parent = retired.get(ph)
             k = cur.get(h)
             if k is None:
                 k = old.get(h)
             if k is None and b.token_ids:
-                ph = b.parent_hash
-                parent: int | None = seed
-                if ph is not None:
-                    parent = cur.get(ph)
-                    if parent is None:
-                        parent = old.get(ph)
-                    if parent is None:
-                        parent = retired.get(ph)
                 extra = getattr(b, "extra_keys", None)  # newer agents send the block's own
                 if extra is None and b.lora_name:
                     extra = (b.lora_name,)
-                if parent is None:
+                if parent is None:  # (ph is set: a tokened block without one has the seed)
                     for t in b.tiers:
                         self._park(p, ph, h, b.token_ids, extra, 1 << self.tier_id(t))  # type: ignore[arg-type]
                     missing += 1
@@ -472,7 +527,7 @@ class KVIndex:
                     missing += 1
                     continue
             for t in b.tiers:
-                self._link(p, h, k, self.tier_id(t))
+                self._link(p, h, k, self.tier_id(t), _UNKNOWN if parent is None else parent)
         self.stats.unkeyable += missing
         self._evict()
         return missing
@@ -494,11 +549,13 @@ class KVIndex:
                 low = m & -m
                 m ^= low
                 p = slots[low.bit_length() - 1]
+                self._lose(p, k)
                 h = p.rev.pop(k, None)
                 if h is not None and p.keys.get(h) == k:
                     del p.keys[h]
                     del p.masks[h]
                     self._retire(p, h, k)
+            self._parent.pop(k, None)
             self.entries -= n
             self.stats.evictions += n
 
@@ -525,6 +582,15 @@ class KVIndex:
             active = get(keys[0], 0)
             i = 1 if active else 0
         n = len(keys)
+        closed = 0
+        for p in self._slots.values():
+            if not p.holes:
+                closed |= p.bit
+        closed &= active
+        if closed:
+            self._bisect(keys, closed, i, ends)
+            active &= ~closed
+        reads = i
         step = 256
         while i < n and active:
             part = keys[i : i + step]
@@ -539,7 +605,9 @@ class KVIndex:
                 j = k
             active = acc[last]
             i += len(part)
+            reads += len(part)
             step *= 2
+        self.stats.lookup_reads += reads
         if active and i:
             ends.append((active, i))
         if any(self._tiers[1:]):  # some block is held off the GPU somewhere
@@ -552,6 +620,37 @@ class KVIndex:
                 if off_gpu:
                     marks.append((b, off_gpu, k))
         return ends, marks
+
+    def _bisect(self, keys: Sequence[int], pods: int, start: int,
+                ends: list[tuple[int, int]]) -> None:
+        """The walk for pods without holes (``pods``, known to hold ``keys[:start]``): each
+        holds a prefix of the keys and none after it, so where each stops is found by bisection.
+        Appends (pods, blocks matched) to ``ends`` for the pods that match any."""
+        get = self._held.get
+        n = len(keys)
+        lo = start
+        reads = 0
+        while pods:
+            # The first block from lo on that some of the pods lack.
+            hi = n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                reads += 1
+                if get(keys[mid], 0) & pods == pods:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo == n:
+                if n:
+                    ends.append((pods, n))
+                break
+            reads += 1
+            stay = get(keys[lo], 0) & pods
+            if lo:
+                ends.append((pods & ~stay, lo))
+            pods = stay
+            lo += 1
+        self.stats.lookup_reads += reads
 
     def lookup(self, keys: Sequence[int], pods: Sequence[str] | None = None) -> list[PodMatch]:
         """Each pod's longest run of held blocks from the prompt's start, with the best tiers.

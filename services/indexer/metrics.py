@@ -78,6 +78,9 @@ class _StatsCollector(Collector):
         yield counter("infermesh_indexer_pods_dropped", "Pods dropped for a stopped heartbeat",
                       st.pods_dropped)
         yield counter("infermesh_indexer_lookups", "Lookups answered", st.lookups)
+        yield counter("infermesh_indexer_lookup_reads",
+                      "Block keys read by lookups (few per pod whose chains have no holes)",
+                      st.lookup_reads)
         yield gauge("infermesh_indexer_pods", "Pods known", len(t.streams))
         yield gauge("infermesh_indexer_pods_syncing", "Pods waiting for a snapshot",
                     sum(1 for s in t.streams.values() if s.syncing))

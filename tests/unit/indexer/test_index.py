@@ -260,6 +260,7 @@ def test_random_engine_traffic_matches_brute_force() -> None:
     engines = {f"e{i}": PrefixCache(40, BS, num_cpu_blocks=12, wire=to_wire) for i in range(4)}
     enc, dec = VllmEventEncoder("map"), VllmEventDecoder()
     idx = KVIndex(max_blocks=10_000)
+    small = KVIndex(max_blocks=60)  # the same events, forgetting the least recently used keys
     prefixes = [[rng.randrange(10, 4000) for _ in range(rng.randrange(1, 5) * BS)]
                 for _ in range(5)]
     probes: list[tuple[list[int], str | None]] = []
@@ -281,6 +282,13 @@ def test_random_engine_traffic_matches_brute_force() -> None:
             probes.append((ids, lora))
         batch = dec.decode(enc.encode(float(step), cache.drain_events()))
         assert idx.apply(pod, M, batch.events) == 0
+        small.apply(pod, M, batch.events)
+        if step % 50 == 0:
+            _check_holes(idx)
+            _check_holes(small)
+    _check_holes(idx)
+    _check_holes(small)
+    assert small.stats.evictions > 100
     contents = {pod: c.contents() for pod, c in engines.items()}
     seen_tiers: set[str] = set()
     matched = 0
@@ -300,11 +308,32 @@ def test_random_engine_traffic_matches_brute_force() -> None:
                 seen_tiers.update(tiers)
                 all_gpu = all(t == "GPU" for t in tiers)
                 want.append(PodMatch(pod=pod, blocks=len(tiers), tiers=[] if all_gpu else tiers))
-        got = idx.lookup(kvblock.prompt_keys(M, ids, BS, lora_name=lora))
+        keys = kvblock.prompt_keys(M, ids, BS, lora_name=lora)
+        got = idx.lookup(keys)
         assert sorted(got, key=lambda m: m.pod) == sorted(want, key=lambda m: m.pod)
         matched += bool(want)
+        got_small = {m.pod: (m.blocks, m.tiers or None) for m in small.lookup(keys)}
+        assert got_small == {p: v for p, v in _reference_lookup(small, keys, None).items()
+                             if v[0]}
     assert matched > 100 and seen_tiers == {"GPU", "CPU"}  # the comparison is not vacuous
     assert idx.stats.events["AllBlocksCleared"] > 5 and idx.stats.blocks_removed > 1000
+
+
+def _check_holes(idx: KVIndex) -> None:
+    """Every pod's hole count and child counts equal a recount from the index's keys."""
+    for p in idx.pods.values():
+        held = [k for k, m in idx._held.items() if m & p.bit]
+        holes, kids = 0, {}
+        for k in held:
+            parent = idx._parent[k]
+            if parent == -1:
+                holes += 1
+                continue
+            kids[parent] = kids.get(parent, 0) + 1
+            if parent not in idx._roots and not idx._held.get(parent, 0) & p.bit:
+                holes += 1
+        assert (p.holes, p.kids) == (holes, kids), p.name
+    assert set(idx._parent) == set(idx._held)
 
 
 def _reference_lookup(idx: KVIndex, keys: list[int], pods: list[str] | None) -> dict[str, tuple]:
@@ -346,6 +375,7 @@ def test_the_walk_matches_a_block_by_block_walk_on_random_indexes() -> None:
                 idx.apply(name, M, [BlockStored(block_hashes=off, tier="CPU")])
                 drop = rng.sample(off, k=max(1, len(off) // 3))
                 idx.apply(name, M, [BlockRemoved(block_hashes=drop, tier="GPU")])
+        _check_holes(idx)
         keys = kvblock.prompt_keys(M, toks, BS)
         for pods in (None, names, names[::-1][:2]):
             want = _reference_lookup(idx, keys, pods)
@@ -355,3 +385,48 @@ def test_the_walk_matches_a_block_by_block_walk_on_random_indexes() -> None:
                 assert got == {p: v for p, v in want.items() if v[0]}, trial
             else:
                 assert got == want, trial
+
+
+def test_pods_without_holes_are_found_by_bisection() -> None:
+    """Pods holding whole chains from their first block (vLLM evicts a chain's tail first) are
+    matched by reading a few keys of a 2,000-block prompt; a pod with a hole is walked block by
+    block, and every answer equals the plain walk's."""
+    n = 2000
+    hashes, toks = chain(n)
+    idx = KVIndex()
+    for name, upto in (("a", 2000), ("b", 1500), ("c", 700), ("d", 1)):
+        idx.apply(name, M, [stored(hashes[:upto], toks[: upto * BS])])
+    keys = kvblock.prompt_keys(M, toks, BS)
+    assert [p.holes for p in idx.pods.values()] == [0, 0, 0, 0]
+    before = idx.stats.lookup_reads
+    got = idx.lookup(keys)
+    assert [(m.pod, m.blocks) for m in got] == [("a", 2000), ("b", 1500), ("c", 700), ("d", 1)]
+    assert idx.stats.lookup_reads - before < 100
+    # The tail evicted, as vLLM does: still no hole, still bisected.
+    idx.apply("b", M, [BlockRemoved(block_hashes=hashes[1000:1500][::-1])])
+    assert idx.pods["b"].holes == 0
+    # A block in the middle of c's chain evicted: c has a hole (its 600 later blocks' first).
+    idx.apply("c", M, [BlockRemoved(block_hashes=[hashes[99]])])
+    assert idx.pods["c"].holes == 1
+    before = idx.stats.lookup_reads
+    for pods in (None, ["a", "b", "c", "d", "e"], ["c"]):
+        want = _reference_lookup(idx, keys, pods)
+        got = {m.pod: (m.blocks, m.tiers or None) for m in idx.lookup(keys, pods)}
+        assert got == (want if pods else {p: v for p, v in want.items() if v[0]}), pods
+    assert got == {"c": (99, None)}
+    assert idx.stats.lookup_reads - before > 99  # c was walked
+    # The hole filled again (the block stored anew): c is whole, bisected once more.
+    idx.apply("c", M, [stored([hashes[99]], toks[99 * BS: 100 * BS], parent=hashes[98])])
+    assert idx.pods["c"].holes == 0
+    assert {m.pod: m.blocks for m in idx.lookup(keys)} == {"a": 2000, "b": 1000, "c": 700,
+                                                            "d": 1}
+    _check_holes(idx)
+    # Snapshots keep whole chains whole; a pod dropped leaves no counts behind.
+    blocks = [SnapshotBlock(block_hash=h, parent_hash=hashes[i - 1] if i else None,
+                            token_ids=toks[i * BS: (i + 1) * BS], tiers=["GPU"])
+              for i, h in enumerate(hashes[:300])]
+    idx.replace("a", M, blocks)
+    assert idx.pods["a"].holes == 0
+    assert {m.pod: m.blocks for m in idx.lookup(keys)}["a"] == 300
+    idx.drop_pod("b")
+    _check_holes(idx)
