@@ -107,6 +107,13 @@ class TextChunker:
             raise ValueError(f"min_chars must be >= 1, got {min_chars}")
         self.min_chars = min_chars
 
+    def first_cut(self, text: str) -> int | None:
+        """Where :meth:`split` cuts ``text`` first (None: it does not)."""
+        if len(text) <= self.min_chars:
+            return None
+        m = _BOUNDARY.search(text, self.min_chars)
+        return None if m is None else m.start()
+
     def split(self, text: str) -> list[str]:
         """``text`` as consecutive chunks (one chunk when it is short or has no boundary)."""
         out: list[str] = []

@@ -44,12 +44,22 @@ class CacheCollector:
             fams["evictions"].add_metric([name], c.evictions)
             size.add_metric([name], c.bytes)
             count.add_metric([name], len(c))
+        # Long texts skip the prompt cache: the last one per first chunk is recalled instead
+        # (hits: found whole; misses: no recent long text began with the same chunk).
+        toks = self._svc.tokenizers.values()
+        fams["hits"].add_metric(["recall"], sum(t.recall_hits for t in toks))
+        fams["misses"].add_metric(["recall"], sum(t.recall_misses for t in toks))
         encoded = CounterMetricFamily(
             "infermesh_tokenizer_encoded_chars",
             "Characters run through the HF tokenizer (cache misses)", labels=["model"])
+        recalled = CounterMetricFamily(
+            "infermesh_tokenizer_recalled_chars",
+            "Characters of long texts found already cut into chunks, in the last long text "
+            "that began like them", labels=["model"])
         for model, tok in self._svc.tokenizers.items():
             encoded.add_metric([model], tok.encoded_chars)
-        yield from (*fams.values(), size, count, encoded)
+            recalled.add_metric([model], tok.recalled_chars)
+        yield from (*fams.values(), size, count, encoded, recalled)
 
 
 class TokenizerMetrics:

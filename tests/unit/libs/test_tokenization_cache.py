@@ -20,10 +20,12 @@ from infermesh.libs.tokenization import ModelTokenizer, TokenizationError
 from infermesh.libs.tokenization.cache import (
     DEFAULT_CHARS_PER_TOKEN,
     PARALLEL_MIN_CHARS,
+    RECALL_MIN_CHARS,
     ByteLRU,
     CachingTokenizer,
     EncodePlan,
 )
+from infermesh.libs.tokenization.chunking import boundaries
 
 from .test_tokenization_chunking import FIXTURE_OK, texts
 
@@ -102,12 +104,55 @@ def test_long_text_cold_cached_and_prefix_shared_equal_the_full_encode(tok: Mode
     encoded = ct.encoded_chars
     assert encoded == len(text)  # the second call reused every chunk
     assert ct.encode(text, True).tolist() == tok.encode(text, True)
-    assert ct.prompt_cache.hits == 1
+    # A text this long skips the prompt cache: the last long text that began with the same
+    # chunk (and the same special tokens) is recalled, found whole here.
+    assert (ct.prompt_cache.hits, ct.recall_hits, ct.recall_misses) == (0, 1, 2)
+    assert ct.recalled_chars == len(text)
     # The same document with another question: only the tail goes through the tokenizer.
     other = text[: len(text) * 3 // 4] + "\n\nQuestion: what did Alice say about the cache?"
     assert ct.encode(other, True).tolist() == tok.encode(other, True)
     assert ct.encoded_chars - encoded < len(text) // 4 + 2 * ct.chunker.min_chars
     assert ct.chunk_cache.hits > 0
+
+
+def test_long_texts_recalled_from_the_last_like_them_equal_the_full_encode(
+        tok: ModelTokenizer) -> None:
+    """A long text starts from the chunks of the last long text that began with the same
+    chunk: cut anywhere (at a cut, one character before or after it, inside a chunk) and
+    continued otherwise — a space after a newline moves the cut — its ids and keys are still
+    exactly the full encode's, its chunks the ones a fresh cut gives, and the shared part is
+    recalled rather than cut and hashed again."""
+    rng = random.Random(3)
+    doc = long_text(5, 120)
+    assert len(doc) > RECALL_MIN_CHARS + 4096
+    ct = caching(tok, chunk_chars=256)
+    # Where the document's chunks end (the cuts a recalled text may share or not), and other
+    # safe boundaries.
+    ends = list(itertools.accumulate(map(len, ct.chunker.split(doc))))[:-1]
+    cuts = [c for c in ends if c > RECALL_MIN_CHARS]
+    others = [c for c in boundaries(doc) if c > RECALL_MIN_CHARS and c not in ends]
+    points = [c + d for c in rng.sample(cuts, 8) for d in (-1, 0, 1)]
+    points += rng.sample(others, 4) + [rng.randrange(RECALL_MIN_CHARS, len(doc))
+                                       for _ in range(4)]
+    tails = [" and then?", "\n next", "\n\n  indented", "x", " ", "\nQ: " + doc[:300]]
+    assert ct.encode(doc, True).tolist() == tok.encode(doc, True)
+    before = ct.recalled_chars
+    for i, at in enumerate(points):
+        ct.encode(doc, True)  # the document is the last long text like it
+        text = doc[:at] + tails[i % len(tails)]
+        plan = ct.plan(text, True)
+        assert plan.chunks == ct.chunker.split(text), at
+        ct.run(plan)
+        assert ct.finish(plan).ids.tolist() == tok.encode(text, True), at
+        keys = ct.block_keys(plan, "m", 16)
+        assert keys.tolist() == prompt_keys("m", tok.encode(text, True), 16), at
+    assert ct.recalled_chars - before > len(points) * RECALL_MIN_CHARS
+    # The same text again is recalled whole, with the entry (and its keys) of the last time.
+    entry, hits = plan.entry, ct.recall_hits
+    again = ct.plan(text, True)
+    assert again.entry is entry and ct.recall_hits == hits + 1 and not again.missing
+    # Without special tokens it is another text: the one recalled must match that too.
+    assert ct.encode(text, False).tolist() == tok.encode(text, False)
 
 
 def test_text_without_newlines_is_chunked_too(tok: ModelTokenizer) -> None:
