@@ -54,6 +54,12 @@ def _scheduler(argv: list[str]) -> int:
     return main(argv)
 
 
+def _autoscaler(argv: list[str]) -> int:
+    from infermesh.services.autoscaler.__main__ import main
+
+    return main(argv)
+
+
 def _bench(argv: list[str]) -> int:
     from infermesh.services.bench.runner import main
 
@@ -92,6 +98,7 @@ COMMANDS = {
     "tokenizer": (_tokenizer, "run the tokenizer service (im.tokenize)"),
     "indexer": (_indexer, "run the KV-block indexer (im.index.lookup)"),
     "scheduler": (_scheduler, "run the scheduler (im.schedule)"),
+    "autoscaler": (_autoscaler, "run the autoscaler (desired replicas per pool on im.scale.*)"),
     "bench": (_bench, "benchmark scheduler profiles on one workload (presets: quick, ...)"),
     "events": (_events, "bus tools: `events tail SUBJECT` prints live messages"),
     "schema": (_schema, "`schema export DIR` writes a JSON Schema per bus message"),

@@ -297,13 +297,19 @@ class ScaleDemand(Message, kw_only=True):
     pool: str
     model: str
     ts: float
-    queued: int = 0
+    queued: int = 0  # requests held for the pool (no ready pod)
     in_flight: int = 0
     rate_rps: float = 0.0
+    replica: str = ""  # the ingress replica (each one's latest demand counts)
 
 
 class ScaleDecision(Message, kw_only=True):
-    """``im.scale.<pool>`` from the autoscaler: the replica count it wants."""
+    """``im.scale.<pool>`` from the autoscaler: the replica count it wants, every tick.
+
+    ``inputs`` are what the analyzers saw (``spare_kv``, ``spare_queue``, ``needed``,
+    ``ttft_p90_s``, …; docs/autoscaler.md), ``recommended`` the count before the cooldowns and
+    stabilization, ``ready_replicas`` the ready pods it counted.
+    """
 
     kind: Literal["decision"] = "decision"
     pool: str
@@ -311,6 +317,11 @@ class ScaleDecision(Message, kw_only=True):
     ts: float
     target_replicas: int
     reason: str = ""
+    ready_replicas: int = 0
+    recommended: int = 0
+    mode: str = ""
+    replica: str = ""  # the autoscaler replica that decided
+    inputs: dict[str, float] = {}
 
 
 # Every message type that travels on the bus alone, by name (for schemas and `events tail`).

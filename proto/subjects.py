@@ -104,6 +104,11 @@ class Subjects:
         """Publish: ScaleDemand (ingress) and ScaleDecision (autoscaler)."""
         return f"{self.prefix}.scale.{check_token(pool, 'pool')}"
 
+    @property
+    def scale_all(self) -> str:
+        """Subscribe: every pool's demand and decisions."""
+        return f"{self.prefix}.scale.*"
+
     def parse_kv(self, subject: str) -> tuple[str, str] | None:
         """Return ``(pool, pod)`` for a KV event subject, ``None`` for any other subject."""
         head = f"{self.prefix}.kv."

@@ -2,11 +2,11 @@
 
 The server side is a nats-server config file written from the list of pods: one user per
 identity (``agent-<pod>`` for each pod, ``tokenizer``, ``indexer``, ``scheduler``, ``ingress``,
-and a read-only ``observer``), each allowed exactly the subjects its service publishes and
-subscribes to (docs/security.md has the table). Every identity reads replies on its own inbox
-prefix (``_INBOX.<user>``), so one cannot read another's replies; responders answer through
-``allow_responses`` rather than a publish right on inboxes, so none can forge a reply to a
-request it did not receive.
+``autoscaler``, and a read-only ``observer``), each allowed exactly the subjects its service
+publishes and subscribes to (docs/security.md has the table). Every identity reads replies on
+its own inbox prefix (``_INBOX.<user>``), so one cannot read another's replies; responders
+answer through ``allow_responses`` rather than a publish right on inboxes, so none can forge a
+reply to a request it did not receive.
 
 The client side is :class:`BusClientKnobs`, the knobs every service config inherits, and
 :class:`ClientSecurity`, which turns them into nats-py ``connect`` options. Passwords travel in a
@@ -35,7 +35,8 @@ TOKENIZER = "tokenizer"
 INDEXER = "indexer"
 SCHEDULER = "scheduler"
 INGRESS = "ingress"
-SERVICE_IDENTITIES = (TOKENIZER, INDEXER, SCHEDULER, INGRESS)
+AUTOSCALER = "autoscaler"
+SERVICE_IDENTITIES = (TOKENIZER, INDEXER, SCHEDULER, INGRESS, AUTOSCALER)
 
 # nats-py micro answers discovery on `$SRV.<VERB>`, `$SRV.<VERB>.<name>` and `.<name>.<id>`.
 _DISCOVERY = tuple(
@@ -143,6 +144,11 @@ def identities(prefix: str, pods: Iterable[tuple[str, str]]) -> list[Identity]:
             publish=(s.tokenize, s.route, s.schedule, s.req_all, f"{prefix}.scale.*",
                      s.index_lookup, s.kv_snapshot_all),
             subscribe=(s.pod_state_all, s.req_all, s.kv_all, inbox_prefix(INGRESS) + ".>"),
+        )),
+        Identity(AUTOSCALER, Permissions(
+            # Decisions out; heartbeats, request events and the ingresses' demand in.
+            publish=(s.scale_all,),
+            subscribe=(s.pod_state_all, s.req_all, s.scale_all, inbox_prefix(AUTOSCALER) + ".>"),
         )),
         Identity(OBSERVER, Permissions(
             # Read-only: every subject of the deployment, and discovery pings (whose answers

@@ -52,8 +52,16 @@ class IngressConfig(BusKnobs, TokenizingKnobs, SchedulingKnobs):
         "in infermesh_ingress_pods_late"
     )
     no_pod_wait_s: float = knob(
-        3.0, "A request that finds no ready engine waits this long for one (a heartbeat) before "
-        "the 503"
+        3.0, "A request that finds no ready engine is held this long for one (a ready "
+        "heartbeat: a pool scaled to zero, or restarting) before the 503; raise it to the "
+        "engines' start time where the autoscaler scales to zero (docs/autoscaler.md)"
+    )
+    hold_max_requests: int = knob(
+        256, "Requests held at most while no engine is ready; past it a 429 with Retry-After"
+    )
+    demand_interval_s: float = knob(
+        1.0, "While requests are held, how often the ingress tells the autoscaler (ScaleDemand "
+        "on im.scale.<pool>; also at once and when the hold is over)"
     )
     refused_backoff_s: float = knob(
         2.0, "An engine that refused a connection is asked only when no other engine is left, "
@@ -80,6 +88,8 @@ class IngressConfig(BusKnobs, TokenizingKnobs, SchedulingKnobs):
         liveness.check_times(self.pod_late_s, self.pod_timeout_s)
         if self.no_pod_wait_s < 0 or self.refused_backoff_s < 0:
             raise ValueError("no_pod_wait_s and refused_backoff_s must be >= 0")
+        if self.hold_max_requests < 1 or self.demand_interval_s <= 0:
+            raise ValueError("hold_max_requests and demand_interval_s must be positive")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if self.max_body_bytes < 1024:

@@ -50,6 +50,7 @@ from infermesh.proto.messages import (
     PodState,
     RequestEvent,
     RouteRequest,
+    ScaleDemand,
     ScheduleDecision,
     ScheduleRequest,
     TokenizeReply,
@@ -57,6 +58,7 @@ from infermesh.proto.messages import (
 )
 from infermesh.proto.subjects import Subjects
 
+from .activator import Activator, ActivatorMetrics, HoldRefused
 from .auth import ApiKeyGuard, ApiKeys, server_ssl_context
 from .config import IngressConfig
 from .metrics import IngressMetrics
@@ -78,11 +80,13 @@ _json = msgspec.json.Encoder()
 class ClientError(Exception):
     """A request the ingress refuses; becomes an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -173,8 +177,11 @@ class IngressService:
         self._rng = random.Random()
         self._tokenizer_ok = 0.0  # monotonic time of the last answer
         self._scheduler_ok = 0.0
-        self._pod_arrived = asyncio.Event()  # set by a ready heartbeat while someone waits
-        self._waiters = 0
+        # Requests held while the pool has no ready engine, released by a ready heartbeat.
+        self.activator = Activator(
+            max_held=cfg.hold_max_requests, timeout_s=cfg.no_pod_wait_s,
+            demand_interval_s=cfg.demand_interval_s, publish_demand=self._publish_demand,
+            metrics=ActivatorMetrics(self.metrics.registry))
         self._pruned_at = 0.0
         self._refused: dict[str, float] = {}  # pod → when it last refused a connection
         # Built here so a bad key file or certificate stops the start before any bus work.
@@ -238,6 +245,7 @@ class IngressService:
             await self._runner.cleanup()
         if self.http is not None:
             await self.http.close()
+        await self.activator.close()
         if self.tokenizer is not None:
             await self.tokenizer.close()
         if self.sched is not None:
@@ -270,8 +278,8 @@ class IngressService:
         else:
             pod.since = liveness.since(pod.seen, pod.since, now, self.cfg.pod_late_s)
             pod.state, pod.seen = st, now
-        if st.ready and self._waiters:
-            self._pod_arrived.set()
+        if st.ready and len(self.activator):
+            self.activator.release()
 
     def _prune(self) -> None:
         """Forget pods silent for ``pod_timeout_s`` while others still speak (at most 4 times a
@@ -296,21 +304,30 @@ class IngressService:
         return [p for p in self.pods.values() if p.state.ready]
 
     async def _wait_for_pod(self, why: str) -> bool:
-        """Wait up to ``no_pod_wait_s`` for a ready heartbeat; True when one came."""
-        if self.cfg.no_pod_wait_s <= 0:
-            return False
-        self._waiters += 1
+        """Hold the request (the activator) up to ``no_pod_wait_s`` for a ready heartbeat;
+        True when one came. A full hold queue is the 429, with Retry-After."""
         try:
-            self._pod_arrived.clear()
-            await asyncio.wait_for(self._pod_arrived.wait(), self.cfg.no_pod_wait_s)
-        except TimeoutError:
-            self.metrics.no_pod_waits.labels("timed_out").inc()
-            log.warning("no_engine_after_wait", reason=why, waited_s=self.cfg.no_pod_wait_s)
+            released = await self.activator.hold()
+        except HoldRefused as e:
+            raise ClientError(429, f"{e}; retry in {e.retry_after_s} s",
+                              headers={"Retry-After": str(e.retry_after_s)}) from None
+        if not released:
+            if self.cfg.no_pod_wait_s > 0:
+                self.metrics.no_pod_waits.labels("timed_out").inc()
+                log.warning("no_engine_after_wait", reason=why, waited_s=self.cfg.no_pod_wait_s)
             return False
-        finally:
-            self._waiters -= 1
         self.metrics.no_pod_waits.labels("found").inc()
         return True
+
+    async def _publish_demand(self, held: int) -> None:
+        """What this ingress holds for its pool, for the autoscaler (``im.scale.<pool>``)."""
+        if self.nc is None or not self.nc.is_connected:
+            return
+        model = next((p.state.model for p in self.pods.values()), "")
+        demand = ScaleDemand(pool=self.cfg.pool, model=model, ts=time.time(), queued=held,
+                             in_flight=sum(p.in_flight for p in self.pods.values()),
+                             replica=self.instance)
+        await self.nc.publish(self.subjects.scale(self.cfg.pool), codec.encode(demand))
 
     async def _resolve_model(self, model: str | None) -> tuple[str, str | None]:
         """(base model, LoRA adapter or None) for a model name; 404 when nobody serves it."""
@@ -348,7 +365,7 @@ class IngressService:
             return await handler(request)  # type: ignore[no-any-return]
         except ClientError as e:
             self.metrics.rejected.labels(str(e.status)).inc()
-            return error_response(e.status, e.message, e.param)
+            return error_response(e.status, e.message, e.param, e.headers)
         except web.HTTPRequestEntityTooLarge:
             self.metrics.rejected.labels("413").inc()
             return error_response(413, f"Request body is larger than the limit of "

@@ -27,6 +27,7 @@ from infermesh.libs.process.runfile import default_state_dir
 from infermesh.libs.scheduling.config import SchedulingKnobs
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, default_model_dir
 from infermesh.services.agent.config import AgentConfig
+from infermesh.services.autoscaler.config import AutoscalerConfig
 from infermesh.services.indexer.config import IndexerConfig
 from infermesh.services.ingress.config import IngressConfig
 from infermesh.services.scheduler.config import SchedulerConfig
@@ -43,13 +44,14 @@ SCHEDULING_FIELDS = frozenset(f.name for f in fields(SchedulingKnobs))
 CONFIGS: dict[str, type[Any]] = {
     "sim": SimConfig, "agent": AgentConfig, "tokenizer": TokenizerConfig,
     "indexer": IndexerConfig, "scheduler": SchedulerConfig, "ingress": IngressConfig,
+    "autoscaler": AutoscalerConfig,
 }
 # The name each bus service answers `$SRV.PING` with (nats-py micro).
 BUS_SERVICE = {"tokenizer": "infermesh-tokenizer", "indexer": "infermesh-indexer",
                "scheduler": "infermesh-scheduler"}
 # Start order; the stop goes the other way (nothing logs the bus vanishing under it).
 STAGE = {"nats": 0, "sim": 1, "agent": 2, "tokenizer": 3, "indexer": 3, "scheduler": 3,
-         "ingress": 4}
+         "autoscaler": 3, "ingress": 4}
 
 # vLLM on the CPU (docs/vllm.md says why each is there).
 VLLM_CPU_BLOCK_SIZE = 32  # the CPU attention backend supports multiples of 32 only
@@ -88,7 +90,7 @@ class ProcessSpec:
     """One process of the plan."""
 
     name: str
-    kind: str  # nats, sim, agent, tokenizer, indexer, scheduler, ingress
+    kind: str  # nats, sim, agent, tokenizer, indexer, scheduler, autoscaler, ingress
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     after: tuple[str, ...] = ()  # processes it needs (Tilt's resource_deps)
@@ -115,7 +117,7 @@ class Layout:
     engine_http: tuple[int, ...]
     engine_kv: tuple[int, ...]  # replay: +1
     ingress: tuple[int, ...]
-    ops: tuple[int, ...]  # agents, then tokenizers, indexers, schedulers; -1 each: none
+    ops: tuple[int, ...]  # agents, tokenizers, indexers, schedulers, autoscaler; -1: none
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def layout(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> Layout
 
     nodes = 0 if spec.nats_url else spec.nats_cluster
     one_sim = spec.engine == "sim" and not sim_per_process(spec)
-    n_ops = spec.engines + spec.tokenizers + spec.indexers + spec.schedulers
+    n_ops = spec.engines + spec.tokenizers + spec.indexers + spec.schedulers + spec.autoscale
     ops = (-1,) * n_ops if spec.ops_port < 0 else seq(spec.ops_port, n_ops)
     return Layout(
         nats=seq(spec.nats_port, nodes),
@@ -422,6 +424,19 @@ class _Builder:
                                           if kind == "scheduler" else ()),
                 ))
 
+    def autoscaler(self) -> None:
+        """The autoscaler (``autoscale``), deciding the plan's pool from the start."""
+        port = self.ops_port()
+        ports, health, links = self.ops(port)
+        values: dict[str, Any] = {**self.bus(), "http_host": self.host, "http_port": port,
+                                  "pools": [self.spec.pool]}
+        self.procs.append(ProcessSpec(
+            name="autoscaler-0", kind="autoscaler",
+            argv=tuple(command("autoscaler") + self.argv("autoscaler", values)),
+            env=self.bus_env("autoscaler", "autoscaler"), after=self.nats_names(), ports=ports,
+            health_url=health, links=links, watch=_watch("autoscaler"),
+        ))
+
     def ingresses(self) -> None:
         s = self.spec
         after = tuple(p.name for p in self.procs if p.kind in BUS_SERVICE)
@@ -468,6 +483,8 @@ def plan(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> SystemPl
         for pod, sim, endpoints in engines:
             b.agent(pod, endpoints, after=(sim,))
     b.services()
+    if spec.autoscale:
+        b.autoscaler()
     b.ingresses()
     return SystemPlan(spec=spec, state_dir=state_dir, model_dir=model_dir,
                       served_model=b.served_model(),

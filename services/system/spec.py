@@ -23,7 +23,7 @@ from infermesh.services.sim.config import SimConfig
 # Services with replicas, in start order; each reads INFERMESH_<NAME>_* and answers on the bus.
 REPLICATED = ("tokenizer", "indexer", "scheduler", "ingress")
 # Everything `--set NAME.FIELD=VALUE` may configure.
-CONFIGURABLE = ("sim", "agent", *REPLICATED)
+CONFIGURABLE = ("sim", "agent", *REPLICATED, "autoscaler")
 
 
 @dataclass
@@ -59,6 +59,9 @@ class SystemSpec:
     indexers: int = knob(1, "Indexer replicas (each follows every pod's KV stream)")
     schedulers: int = knob(1, "Scheduler replicas (active-active)")
     ingresses: int = knob(1, "Ingress replicas (replica j serves the API on ingress_port + j)")
+    autoscale: bool = knob(
+        False, "Start the autoscaler: desired replicas per pool on im.scale.<pool> and its "
+        "/metrics (docs/autoscaler.md; its knobs with --set autoscaler.FIELD=VALUE)")
     # ------------------------------------------------------------------ the bus
     nats_url: str = knob(
         "", "Use this NATS (comma-separated URLs) instead of starting nats-server; empty: "

@@ -142,7 +142,8 @@ def summary(plan_: SystemPlan) -> list[str]:
                 events = f"; KV events tcp://{spec.host}:{kv[0]}" if kv else ""
                 lines.append(f"  {k:<15} {v}  (OpenAI API{events})")
     for p in plan_.processes:
-        if p.kind in ("agent", "tokenizer", "indexer", "scheduler") and "metrics" in p.links:
+        if p.kind in ("agent", "tokenizer", "indexer", "scheduler", "autoscaler") \
+                and "metrics" in p.links:
             lines.append(f"  {p.name:<15} {p.links['metrics']}  (and /health)")
     lines.append(f"  model           {plan_.served_model}  from {plan_.model_dir}")
     lines.append(f"  state           {plan_.state_dir}  (logs/ has one log per process)")
@@ -150,6 +151,9 @@ def summary(plan_: SystemPlan) -> list[str]:
     state = (f" --state-dir {plan_.state_dir}"
              if plan_.state_dir != _default_state() else "")
     lines.append(f"  watch the bus   {cmd} events tail '{spec.subject_prefix}.>'{state}")
+    if spec.autoscale:
+        lines.append(f"  autoscaling     {cmd} events tail '{spec.subject_prefix}.scale.*'{state}"
+                     "  (decisions; no actuator yet: engines are not started or stopped)")
     if spec.bus_auth:
         lines.append(f"  bus security    one NATS user per service; credentials in "
                      f"{plan_.bus_dir / 'credentials'} (docs/security.md)")

@@ -264,7 +264,8 @@ async def test_events_tail_with_the_observer_credentials(secured) -> None:
 async def test_the_whole_stack_runs_under_its_identities(secured, procs) -> None:
     srv, auth = secured
     t0 = time.monotonic()
-    stack = start_stack(procs, srv, engines=2, auth=auth)
+    stack = start_stack(procs, srv, engines=2, auth=auth, autoscale=True,
+                        settings={"autoscaler": {"interval_s": 0.2, "warmup_s": 0.2}})
     print(f"stack up under auth in {time.monotonic() - t0:.1f} s")
     client = openai.AsyncOpenAI(base_url=stack.ingress_url + "/v1", api_key="unused")
     raw = await client.chat.completions.with_raw_response.create(
@@ -330,6 +331,13 @@ async def test_the_whole_stack_runs_under_its_identities(secured, procs) -> None
         await sch.close()
     print(f"requests sent {sent}, failed {failed}")
     assert failed == 0
+
+    # The autoscaler heard the heartbeats and request events and published its decisions.
+    health_url = stack.system.plan.of_kind("autoscaler")[0].health_url
+    async with aiohttp.ClientSession() as http:
+        async with http.get(health_url) as r:
+            pools = (await r.json())["pools"]
+    assert pools["default"]["ready"] == 2, pools
 
     # No legitimate action was refused anywhere: the permission lists are complete.
     logs = {p.log.name: p.tail(10**7) for p in procs.procs if p.log}

@@ -24,6 +24,7 @@ from infermesh.proto.messages import (
     PodState,
     RequestEvent,
     RouteRequest,
+    ScaleDemand,
     ScheduleDecision,
     ScheduleRequest,
     TokenizeReply,
@@ -46,6 +47,7 @@ class FakeEngine:
     def __init__(self, mode: str = "ok") -> None:
         self.mode = mode
         self.hits = 0
+        self.prompts: list[Any] = []  # in arrival order
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -63,6 +65,7 @@ class FakeEngine:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
         body = await request.json()
+        self.prompts.append(body.get("prompt"))
         if self.mode == "503":
             return web.json_response({"error": {"message": "busy", "type": "x", "code": 503}},
                                      status=503)
@@ -330,12 +333,62 @@ async def _metrics(url: str) -> str:
 async def test_a_request_that_finds_no_engine_waits_for_one(world) -> None:
     await world.start({}, no_pod_wait_s=10)
     sent = asyncio.create_task(post(world.url, {"model": MODEL, "prompt": "x"}))
-    await wait_until(lambda: world.ingress._waiters > 0, what="the request waiting for an engine")
+    await wait_until(lambda: len(world.ingress.activator) > 0,
+                     what="the request waiting for an engine")
     await world.add_engine("a")  # its first heartbeat ends the wait
     status, headers, _ = await sent
     assert status == 200 and headers["x-infermesh-endpoint"] == "a"
     assert 'infermesh_ingress_no_pod_waits_total{outcome="found"} 1.0' in await _metrics(
         world.url)
+
+
+async def test_the_activator_holds_in_order_tells_demand_and_bounds_the_queue(world) -> None:
+    """A pool at zero: requests (streamed too) are held in arrival order, the demand goes to the
+    autoscaler's subject at once and while they wait, a full queue is a 429 with Retry-After,
+    and the first ready engine gets them all, oldest first."""
+    demand: list[ScaleDemand] = []
+    await world.start({}, no_pod_wait_s=30, hold_max_requests=5, demand_interval_s=0.2)
+
+    async def on_scale(msg: Any) -> None:
+        demand.append(codec.decode(msg.data, ScaleDemand))
+
+    await world.nc.subscribe("im.scale.default", cb=on_scale)
+    sent = []
+    for i in range(5):
+        body = {"model": MODEL, "prompt": f"p{i}", "stream": i % 2 == 1}
+        sent.append(asyncio.create_task(post(world.url, body)))
+        await wait_until(lambda i=i: len(world.ingress.activator) == i + 1, what=f"{i} held")
+    await wait_until(lambda: any(d.queued == 5 for d in demand), what="the demand told")
+    d = next(d for d in demand if d.queued == 5)
+    assert d.pool == "default" and d.replica == world.ingress.instance
+    n_told = len(demand)
+    await wait_until(lambda: len(demand) >= n_told + 2, what="the demand told again")
+    # The queue is full: refused at once, OpenAI-style, with when to come back.
+    status, headers, body = await post(world.url, {"model": MODEL, "prompt": "late"})
+    err = json.loads(body)["error"]
+    assert status == 429 and err["code"] == 429 and "waiting for an engine" in err["message"]
+    assert int(headers["Retry-After"]) >= 1
+    await world.add_engine("a")
+    results = await asyncio.gather(*sent)
+    assert [r[0] for r in results] == [200] * 5
+    assert world.engines["a"].prompts == [f"p{i}" for i in range(5)]  # oldest first
+    assert b"data: [DONE]" in results[1][2]  # a held stream streams
+    await wait_until(lambda: demand[-1].queued == 0, what="the hold over, told")
+    text = await _metrics(world.url)
+    for line in ('infermesh_ingress_holds_total{outcome="released"} 5.0',
+                 'infermesh_ingress_holds_total{outcome="refused"} 1.0',
+                 "infermesh_ingress_held 0.0", "infermesh_ingress_hold_seconds_count 5.0"):
+        assert line in text, line
+
+
+async def test_a_hold_that_no_engine_ends_is_a_503(world) -> None:
+    await world.start({}, no_pod_wait_s=0.5)
+    t0 = time.monotonic()
+    status, _, body = await post(world.url, {"model": MODEL, "prompt": "x", "stream": True})
+    assert status == 503 and time.monotonic() - t0 >= 0.5
+    assert json.loads(body)["error"]["code"] == 503
+    text = await _metrics(world.url)
+    assert 'infermesh_ingress_holds_total{outcome="timed_out"} 1.0' in text
 
 
 async def test_late_heartbeats_keep_pods_and_a_silent_pool_is_never_emptied(world) -> None:

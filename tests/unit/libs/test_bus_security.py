@@ -61,7 +61,14 @@ def test_subject_matcher_itself() -> None:
 def test_one_identity_per_pod_and_per_service() -> None:
     users = set(by_user())
     assert users == {"agent-sim-0", "agent-sim-1", "agent-gpu-7", "tokenizer", "indexer",
-                     "scheduler", "ingress", "observer"}
+                     "scheduler", "ingress", "autoscaler", "observer"}
+
+
+def test_autoscaler_rights() -> None:
+    a = by_user()["autoscaler"].permissions
+    assert set(a.publish) == {"im.scale.*"}  # decisions; nothing else
+    assert set(a.subscribe) == {"im.pod.*.*", "im.req.*", "im.scale.*", "_INBOX.autoscaler.>"}
+    assert a.responses == 0
 
 
 def test_an_agent_publishes_only_its_own_pods_subjects() -> None:
@@ -252,12 +259,14 @@ def test_service_knobs_from_env_and_file(tmp_path: Path) -> None:
 
 def test_every_service_config_has_the_knobs() -> None:
     from infermesh.services.agent.config import AgentConfig
+    from infermesh.services.autoscaler.config import AutoscalerConfig
     from infermesh.services.indexer.config import IndexerConfig
     from infermesh.services.ingress.config import IngressConfig
     from infermesh.services.scheduler.config import SchedulerConfig
     from infermesh.services.tokenizer.config import TokenizerConfig
 
-    for cls in (AgentConfig, IndexerConfig, IngressConfig, SchedulerConfig, TokenizerConfig):
+    for cls in (AgentConfig, AutoscalerConfig, IndexerConfig, IngressConfig, SchedulerConfig,
+                TokenizerConfig):
         assert issubclass(cls, BusClientKnobs), cls
         cfg = cls(nats_user="u", nats_password="p")
         assert cfg.bus_security().connect_options()["inbox_prefix"] == "_INBOX.u"

@@ -171,3 +171,24 @@ def test_to_argv_is_the_inverse_of_the_flags(kind: str) -> None:
 def test_too_few_vllm_blocks_for_its_context_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="max model length"):
         plan(SystemSpec(engine="vllm", num_gpu_blocks=10, state_dir=str(tmp_path)))
+
+
+def test_autoscale_adds_the_autoscaler_deciding_the_pool(tmp_path: Path) -> None:
+    assert not plan(SystemSpec(engines=1, state_dir=str(tmp_path))).of_kind("autoscaler")
+    args = build_parser().parse_args([
+        "--state-dir", str(tmp_path), "--engines", "2", "--autoscale", "--pool", "chat",
+        "--set", "autoscaler.min_replicas=0", "--set", "autoscaler.mode=slo",
+        "--set", "autoscaler.ttft_p90_target_s=0.5"])
+    p = plan(spec_from_args(args))
+    (a,) = p.of_kind("autoscaler")
+    cfg = parsed("autoscaler", a.argv)
+    assert (cfg.pools, cfg.min_replicas, cfg.mode, cfg.ttft_p90_target_s) == (
+        ["chat"], 0, "slo", 0.5)
+    assert cfg.nats_url == p.nats_url and a.health_url.endswith(f":{cfg.http_port}/health")
+    assert a.env["INFERMESH_AUTOSCALER_NATS_CREDENTIALS"] == str(p.credentials("autoscaler"))
+    # Its ops port is one of the run's, after the other services'.
+    ops = [port.number for q in p.processes for port in q.ports
+           if port.what == "/health and /metrics"]
+    assert len(set(ops)) == len(ops) and ops[-1] == cfg.http_port
+    with pytest.raises(ConfigError, match="slo mode needs"):
+        plan(dataclasses.replace(p.spec, settings={"autoscaler": {"mode": "slo"}}))

@@ -1,0 +1,111 @@
+"""Configuration of the autoscaler (CLI, env ``INFERMESH_AUTOSCALER_*``, file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infermesh.libs import liveness
+from infermesh.libs.autoscaling import Bounds, SaturationModel, SLOTargets
+from infermesh.libs.bus import BusKnobs
+from infermesh.libs.config import knob
+
+MODES = ("saturation", "slo")
+
+
+@dataclass
+class AutoscalerConfig(BusKnobs):
+    """Every knob of `infermesh autoscaler` (the same for every pool)."""
+
+    mode: str = knob(
+        "saturation",
+        "saturation: scale on the engines' KV usage and queues (llm-d WVA's model); slo: that, "
+        "and also on the TTFT/ITL targets below, missed over the SLO window",
+    )
+    interval_s: float = knob(1.0, "Seconds between decisions (each published on im.scale.<pool>)")
+    warmup_s: float = knob(
+        2.0, "Seconds after start before the first decision (the running pods' heartbeats "
+        "arrive meanwhile: a fresh replica must not take a pool for empty)"
+    )
+    pools: list[str] = knob(
+        None, "Pools to decide from the start, heartbeats or not (a pool at zero replicas has "
+        "none); pools heard on the bus are added", factory=list,
+    )
+    min_replicas: int = knob(1, "Fewest replicas per pool (0: the pool may scale to zero)")
+    max_replicas: int = knob(8, "Most replicas per pool")
+    scale_up_cooldown_s: float = knob(
+        10.0, "After a scale-up, no further one for this long (the new replicas start meanwhile)"
+    )
+    scale_down_cooldown_s: float = knob(30.0, "After any change, no scale-down for this long")
+    scale_down_stabilization_s: float = knob(
+        30.0, "A scale-down goes to the highest recommendation of this many last seconds"
+    )
+    scale_to_zero_after_s: float = knob(
+        300.0, "With min_replicas 0: a pool without a request for this long goes to zero"
+    )
+    kv_threshold: float = knob(0.80, "A replica is saturated at this KV cache usage or more")
+    queue_threshold: float = knob(5.0, "A replica is saturated with this many waiting or more")
+    kv_spare_trigger: float = knob(
+        0.10, "Scale up when the mean spare KV of the unsaturated replicas falls under this"
+    )
+    queue_spare_trigger: float = knob(
+        3.0, "Scale up when their mean spare queue (queue_threshold - waiting) falls under this"
+    )
+    ttft_p90_target_s: float | None = knob(
+        None, "slo mode: the TTFT p90 each pool should stay under (streamed requests)"
+    )
+    itl_p90_target_s: float | None = knob(
+        None, "slo mode: the inter-token latency p90 each pool should stay under"
+    )
+    slo_window_s: float = knob(30.0, "The sliding window TTFT and ITL are observed over")
+    slo_min_samples: int = knob(10, "Fewer samples than this in the window: no SLO verdict")
+    slo_margin: float = knob(
+        0.2, "slo mode: scale down only with the window under every target by this fraction"
+    )
+    demand_timeout_s: float = knob(
+        5.0, "An ingress's demand (requests it holds for a pool) counts for this long"
+    )
+    pod_timeout_s: float = knob(
+        10.0, "A pod silent this long (while others speak) is no longer counted"
+    )
+    pod_late_s: float = knob(1.0, "Heard from within this long: a pod on time")
+    http_host: str = knob("127.0.0.1", "Address of the autoscaler's /health and /metrics")
+    http_port: int = knob(0, "Port of /health and /metrics (0: a free port, -1: none)")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.interval_s <= 0 or self.warmup_s < 0:
+            raise ValueError("interval_s must be positive and warmup_s not negative")
+        if self.mode == "slo" and self.ttft_p90_target_s is None and \
+                self.itl_p90_target_s is None:
+            raise ValueError("slo mode needs ttft_p90_target_s or itl_p90_target_s")
+        for name in ("ttft_p90_target_s", "itl_p90_target_s"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.slo_window_s <= 0 or self.slo_min_samples < 1 or self.demand_timeout_s <= 0:
+            raise ValueError("slo_window_s, slo_min_samples and demand_timeout_s must be "
+                             "positive")
+        liveness.check_times(self.pod_late_s, self.pod_timeout_s)
+        self.bounds()
+        self.saturation_model()
+
+    def bounds(self) -> Bounds:
+        """Every pool's limits and timings."""
+        return Bounds(
+            min_replicas=self.min_replicas, max_replicas=self.max_replicas,
+            scale_up_cooldown_s=self.scale_up_cooldown_s,
+            scale_down_cooldown_s=self.scale_down_cooldown_s,
+            scale_down_stabilization_s=self.scale_down_stabilization_s,
+            scale_to_zero_after_s=self.scale_to_zero_after_s, slo_margin=self.slo_margin,
+        )
+
+    def saturation_model(self) -> SaturationModel:
+        return SaturationModel(
+            kv_threshold=self.kv_threshold, queue_threshold=self.queue_threshold,
+            kv_spare_trigger=self.kv_spare_trigger, queue_spare_trigger=self.queue_spare_trigger,
+        )
+
+    def slo_targets(self) -> SLOTargets:
+        return SLOTargets(ttft_p90_s=self.ttft_p90_target_s, itl_p90_s=self.itl_p90_target_s,
+                          min_samples=self.slo_min_samples)

@@ -1,0 +1,270 @@
+"""The autoscaler service: desired replicas per pool, decided every ``interval_s`` and published
+on ``im.scale.<pool>`` (a :class:`ScaleDecision`, with its reason and inputs), and exported as
+Prometheus gauges.
+
+It reads only the bus: every pod's heartbeat (``im.pod.*.*``: ready replicas, KV usage, queues),
+every request event (``im.req.*``: arrivals, TTFT, ITL, the pool's last request) and the
+ingresses' demand (``ScaleDemand`` on ``im.scale.*``: requests held for a pool with no ready
+pod). The decision itself is :mod:`infermesh.libs.autoscaling`; an actuator (the local
+supervisor, or KEDA through the external scaler) acts on what is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from infermesh.libs.autoscaling import (
+    Inputs,
+    PoolDecider,
+    ReplicaLoad,
+    SLOWindow,
+    analyze,
+)
+from infermesh.libs.bus import BUS_REGISTRY, cancel_tasks, connect, release, settle
+from infermesh.libs.scheduling.state import PodTable
+from infermesh.libs.telemetry import get_logger
+from infermesh.libs.telemetry.ops import OpsServer
+from infermesh.proto import codec
+from infermesh.proto.messages import PodState, RequestEvent, ScaleDecision, ScaleDemand
+from infermesh.proto.subjects import Subjects, check_token
+
+from .config import AutoscalerConfig
+from .metrics import AutoscalerMetrics
+
+log = get_logger("autoscaler")
+
+
+class _Kind(msgspec.Struct):
+    kind: str = ""
+
+
+_kind_decoder = msgspec.msgpack.Decoder(_Kind)
+
+
+class _Pool:
+    """What the autoscaler knows of one pool."""
+
+    def __init__(self, name: str, cfg: AutoscalerConfig) -> None:
+        self.name = name
+        self.model = ""
+        self.decider = PoolDecider(cfg.bounds(), cfg.slo_targets())
+        self.window = SLOWindow(cfg.slo_window_s)
+        self.demand: dict[str, tuple[float, ScaleDemand]] = {}  # ingress replica → (arrived, msg)
+        self.last_request = time.monotonic()  # a pool starts as if just used: no early zero
+        self.open: set[str] = set()  # requests routed, not finished (bounded by the window's)
+
+    def held(self, now: float, timeout_s: float) -> int:
+        """Requests the ingresses hold for this pool (fresh demand only)."""
+        for k in [k for k, (t, _) in self.demand.items() if now - t > timeout_s]:
+            del self.demand[k]
+        return sum(d.queued for _, d in self.demand.values())
+
+
+class AutoscalerService:
+    """One autoscaler replica. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, cfg: AutoscalerConfig, nc: Client | None = None) -> None:
+        self.cfg = cfg
+        self.subjects = Subjects(cfg.subject_prefix)
+        self.replica = f"{socket.gethostname()}-{os.getpid()}"
+        self.model = cfg.saturation_model()
+        self.pods = PodTable(cfg.pod_timeout_s, late_s=cfg.pod_late_s)
+        self.pools: dict[str, _Pool] = {}
+        for name in cfg.pools:
+            self._pool(check_token(name, "pool"))
+        self.metrics = AutoscalerMetrics()
+        self.decisions: dict[str, ScaleDecision] = {}  # the last one per pool
+        self._nc = nc
+        self._own_nc = nc is None
+        self._subs: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ops: OpsServer | None = None
+        self.http_port: int | None = None
+        self.started = time.monotonic()
+
+    def _pool(self, name: str) -> _Pool:
+        p = self.pools.get(name)
+        if p is None:
+            p = self.pools[name] = _Pool(name, self.cfg)
+        return p
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect, follow the bus, and start deciding."""
+        if self._nc is None:
+            self._nc = await connect(self.cfg.nats_url, "autoscaler",
+                                     security=self.cfg.bus_security())
+        nc = self._nc
+        s = self.subjects
+        self._subs = [
+            await nc.subscribe(s.pod_state_all, cb=self._on_pod_state),
+            await nc.subscribe(s.req_all, cb=self._on_request_event),
+            await nc.subscribe(s.scale_all, cb=self._on_scale),
+        ]
+        await settle(nc)
+        self.started = time.monotonic()
+        self._tasks = [asyncio.create_task(self._loop(), name="autoscaler-loop")]
+        if self.cfg.http_port >= 0:
+            self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health)
+            self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
+        log.info("autoscaler_started", mode=self.cfg.mode, pools=sorted(self.pools),
+                 min_replicas=self.cfg.min_replicas, max_replicas=self.cfg.max_replicas,
+                 http_port=self.http_port)
+
+    async def stop(self) -> None:
+        """Stop deciding and everything this replica started."""
+        await cancel_tasks(self._tasks)
+        self._tasks = []
+        await release(subs=self._subs, ops=self._ops, nc=self._nc if self._own_nc else None)
+        self._subs, self._ops = [], None
+
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        ok = self._nc is not None and self._nc.is_connected
+        return ok, {
+            "mode": self.cfg.mode,
+            "pools": {name: {"desired": d.target_replicas, "ready": d.ready_replicas,
+                             "reason": d.reason} for name, d in self.decisions.items()},
+        }
+
+    # ------------------------------------------------------------------ the bus
+
+    async def _on_pod_state(self, msg: Msg) -> None:
+        try:
+            st = codec.decode(msg.data, PodState)
+            check_token(st.pool, "pool")
+        except (codec.DecodeError, ValueError):
+            self.metrics.messages.labels("pod_state", "bad").inc()
+            return
+        self.metrics.messages.labels("pod_state", "ok").inc()
+        pool = self._pool(st.pool)
+        pool.model = st.model or pool.model
+        self.pods.update(st)
+
+    async def _on_request_event(self, msg: Msg) -> None:
+        try:
+            ev = codec.decode(msg.data, RequestEvent)
+            check_token(ev.pool, "pool")
+        except (codec.DecodeError, ValueError):
+            self.metrics.messages.labels("request_event", "bad").inc()
+            return
+        self.metrics.messages.labels("request_event", "ok").inc()
+        self.apply_event(ev, time.monotonic())
+
+    def apply_event(self, ev: RequestEvent, now: float) -> None:
+        """Follow one request event."""
+        pool = self._pool(ev.pool)
+        pool.model = pool.model or ev.model
+        pool.last_request = now
+        w = pool.window
+        if ev.kind == "routed":
+            w.routed(now, ev.request_id, ev.ts)
+            if len(pool.open) < 65536:
+                pool.open.add(ev.request_id)
+        elif ev.kind == "first_token":
+            if ev.ttft_s is not None:
+                w.first_token(now, ev.request_id, ev.ttft_s)
+        else:
+            pool.open.discard(ev.request_id)
+            w.finished(now, ev.request_id, ev.ts, ev.output_tokens, ev.status == "ok")
+
+    async def _on_scale(self, msg: Msg) -> None:
+        try:
+            kind = _kind_decoder.decode(msg.data).kind
+            if kind == "decision":
+                return  # ours, or another replica's
+            d = codec.decode(msg.data, ScaleDemand)
+            check_token(d.pool, "pool")
+        except (msgspec.DecodeError, codec.DecodeError, ValueError):
+            self.metrics.messages.labels("scale_demand", "bad").inc()
+            return
+        self.metrics.messages.labels("scale_demand", "ok").inc()
+        now = time.monotonic()
+        pool = self._pool(d.pool)
+        pool.model = pool.model or d.model
+        pool.demand[_source(d)] = (now, d)
+        if d.queued or d.in_flight:
+            pool.last_request = now
+
+    # ------------------------------------------------------------------ deciding
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # a bug in one tick must not stop the autoscaler for good
+                log.exception("autoscaler_tick_failed")
+            await asyncio.sleep(self.cfg.interval_s)
+
+    async def tick(self, now: float | None = None) -> list[ScaleDecision]:
+        """Decide every pool once and publish the decisions."""
+        now = time.monotonic() if now is None else now
+        if now - self.started < self.cfg.warmup_s:
+            return []  # the running pods' heartbeats are still arriving
+        for gone in self.pods.prune():
+            log.info("pod_no_longer_counted", pod=gone, reason="no heartbeat")
+        out = [self.decide(pool, now) for pool in list(self.pools.values())]
+        if self._nc is not None:
+            for d in out:
+                with contextlib.suppress(Exception):  # best effort; the next tick says it again
+                    await self._nc.publish(self.subjects.scale(d.pool), codec.encode(d))
+        return out
+
+    def decide(self, pool: _Pool, now: float) -> ScaleDecision:
+        """One pool's decision now (no I/O)."""
+        cfg = self.cfg
+        ready = self.pods.pods(pool.name)
+        sat = analyze(self.model, (ReplicaLoad(p.kv_usage, p.waiting, p.running)
+                                   for p in ready))
+        held = pool.held(now, cfg.demand_timeout_s)
+        busy = bool(pool.open) or held > 0
+        idle_s = 0.0 if busy else max(0.0, now - pool.last_request)
+        slo = pool.window.view(now, pool.decider.targets) if cfg.mode == "slo" else None
+        d = pool.decider.tick(now, Inputs(ready=len(ready), saturation=sat, slo=slo,
+                                          queued=held, idle_s=idle_s))
+        inputs: dict[str, float] = {
+            "spare_kv": sat.spare_kv, "spare_queue": sat.spare_queue,
+            "saturated": float(sat.saturated), "needed": float(sat.needed),
+            "kv_usage_sum": sat.total_kv, "waiting": float(sat.total_waiting),
+            "queued": float(held), "idle_s": idle_s,
+        }
+        if slo is not None:
+            inputs["arrival_rps"] = slo.arrival_rps
+            inputs["completion_rps"] = slo.completion_rps
+            if slo.ttft_p90_s is not None:
+                inputs["ttft_p90_s"] = slo.ttft_p90_s
+            if slo.itl_p90_s is not None:
+                inputs["itl_p90_s"] = slo.itl_p90_s
+        previous = self.decisions.get(pool.name)
+        decision = ScaleDecision(
+            pool=pool.name, model=pool.model, ts=time.time(), target_replicas=d.target,
+            reason=d.reason, ready_replicas=len(ready), recommended=d.recommended,
+            mode=cfg.mode, replica=self.replica, inputs=inputs,
+        )
+        self.decisions[pool.name] = decision
+        m = self.metrics
+        m.desired.labels(pool.name).set(d.target)
+        m.recommended.labels(pool.name).set(d.recommended)
+        m.ready.labels(pool.name).set(len(ready))
+        for k, v in inputs.items():
+            m.inputs[k].labels(pool.name).set(v)
+        if previous is not None and previous.target_replicas != d.target:
+            direction = "up" if d.target > previous.target_replicas else "down"
+            m.decisions.labels(pool.name, direction).inc()
+            log.info("scale_decision", pool=pool.name, target=d.target,
+                     was=previous.target_replicas, ready=len(ready), reason=d.reason)
+        return decision
+
+
+def _source(d: ScaleDemand) -> str:
+    """Whose demand a message is: one entry per ingress replica (a newer message replaces it)."""
+    return d.replica or "-"

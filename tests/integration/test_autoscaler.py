@@ -1,0 +1,189 @@
+"""The autoscaler as a real process on a real nats-server, fed heartbeats of pods that do not
+exist (their load set by the test), request events and an ingress's demand: it scales a
+saturated pool up to the computed count, back down when the load goes, from zero when requests
+are held, to zero after idling, counts garbage and keeps deciding, and exports its gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from infermesh.libs.bus import NatsServer, connect
+from infermesh.libs.process.ports import free_port
+from infermesh.proto import codec
+from infermesh.proto.messages import PodState, RequestEvent, ScaleDecision, ScaleDemand
+
+from ..conftest import ProcessManager
+from .helpers import wait_until
+
+MODEL = "infermesh/tiny-llama"
+
+
+class Pods:
+    """Heartbeats of fake pods every 100 ms; ``set`` changes a pod's load, ``drop`` stops it
+    (with a last ``ready=False``, as its agent says when its engine goes)."""
+
+    def __init__(self, nc: Any, pool: str = "default") -> None:
+        self.nc, self.pool = nc, pool
+        self.states: dict[str, PodState] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def set(self, name: str, **kw: Any) -> None:
+        st = self.states.get(name) or PodState(
+            pod=name, pool=self.pool, model=MODEL, url=f"http://{name}.test:8000", ts=0.0,
+            epoch="e1", kv_seq=0)
+        self.states[name] = msgspec.structs.replace(st, **kw)
+
+    async def drop(self, name: str) -> None:
+        st = self.states.pop(name)
+        await self.nc.publish(f"im.pod.{self.pool}.{name}",
+                              codec.encode(msgspec.structs.replace(st, ready=False)))
+
+    async def _loop(self) -> None:
+        while True:
+            for name, st in list(self.states.items()):
+                await self.nc.publish(f"im.pod.{self.pool}.{name}", codec.encode(st))
+            await asyncio.sleep(0.1)
+
+    def start(self) -> Pods:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class Decisions:
+    """The latest ScaleDecision per pool, as published on im.scale.*."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, ScaleDecision] = {}
+        self.all: list[ScaleDecision] = []
+
+    async def cb(self, msg: Any) -> None:
+        if b"decision" not in msg.data:
+            return
+        d = codec.decode(msg.data, ScaleDecision)
+        self.latest[d.pool] = d
+        self.all.append(d)
+
+    def target(self, pool: str = "default") -> int | None:
+        d = self.latest.get(pool)
+        return None if d is None else d.target_replicas
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Any]:
+    nc = await connect(nats_server.url, "test")
+    yield nc
+    await nc.close()
+
+
+def start_autoscaler(procs: ProcessManager, nats_url: str, port: int, *extra: str) -> None:
+    procs.service(
+        "autoscaler", "--nats-url", nats_url, "--http-port", str(port), "--interval-s", "0.2",
+        "--warmup-s", "0.5", "--scale-up-cooldown-s", "1", "--scale-down-cooldown-s", "1",
+        "--scale-down-stabilization-s", "1.5", "--max-replicas", "6", *extra)
+
+
+async def test_saturation_up_down_and_garbage(procs: ProcessManager, nats_server: NatsServer,
+                                              bus: Any, tmp_path: Path) -> None:
+    port = free_port()
+    seen = Decisions()
+    await bus.subscribe("im.scale.*", cb=seen.cb)
+    pods = Pods(bus)
+    for name in ("p0", "p1"):
+        pods.set(name, kv_usage=0.5)  # KV 1.0 in all: 2 replicas needed
+    pods.start()
+    start_autoscaler(procs, nats_server.url, port)
+    try:
+        await wait_until(lambda: seen.target() == 2, 20, "a steady first decision")
+        d = seen.latest["default"]
+        assert d.model == MODEL and d.ready_replicas == 2 and d.mode == "saturation"
+        assert d.inputs["spare_kv"] == pytest.approx(0.3) and d.inputs["needed"] == 2
+        # Garbage on every subject it reads: counted, dropped, the decisions go on.
+        for subject in ("im.pod.default.p9", "im.req.default", "im.scale.default"):
+            await bus.publish(subject, b"\xc1not msgpack")
+        bad = msgspec.structs.replace(pods.states["p0"], pool="bad pool", pod="p7")
+        await bus.publish("im.pod.x.p7", codec.encode(bad))  # valid msgpack, invalid pool
+        # Saturated: KV 0.85 and 0.78 (spare 0.02), 9 waiting: KV needs ceil(1.63/0.7) = 3,
+        # the queue ceil(9/2) = 5.
+        pods.set("p0", kv_usage=0.85, waiting=4)
+        pods.set("p1", kv_usage=0.78, waiting=5)
+        await wait_until(lambda: seen.target() == 5, 20, "scale-up to the computed count")
+        up = seen.latest["default"]
+        assert up.reason.startswith("saturated") and up.inputs["needed"] == 5
+        # The new replicas arrive and the load spreads: steady at 5.
+        for i in range(5):
+            pods.set(f"p{i}", kv_usage=0.3, waiting=1)
+        await wait_until(lambda: seen.latest["default"].ready_replicas == 5, 20, "5 ready")
+        assert seen.target() == 5
+        # The load goes: down to min_replicas (1) after stabilization and cooldown.
+        for i in range(5):
+            pods.set(f"p{i}", kv_usage=0.02, waiting=0)
+        await wait_until(lambda: seen.target() == 1, 20, "scale-down")
+        assert "load fits 1" in seen.latest["default"].reason
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                text = await r.text()
+            async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                health = await r.json()
+        assert 'infermesh_autoscaler_desired_replicas{pool="default"} 1.0' in text
+        assert 'infermesh_autoscaler_ready_replicas{pool="default"} 5.0' in text
+        assert 'infermesh_autoscaler_changes_total{direction="up",pool="default"} 1.0' in text
+        for kind in ("pod_state", "request_event", "scale_demand"):
+            assert (f'infermesh_autoscaler_bus_messages_total{{kind="{kind}",outcome="bad"}}'
+                    in text), kind
+        assert health["pools"]["default"]["desired"] == 1
+        # One step up, then only down (the load left between two ticks may take two steps):
+        # no flapping on the way.
+        targets = [d.target_replicas for d in seen.all]
+        changes = [b for a, b in zip(targets, targets[1:], strict=False) if a != b]
+        assert changes[0] == 5 and changes[-1] == 1, targets
+        assert changes[1:] == sorted(changes[1:], reverse=True), targets
+    finally:
+        await pods.stop()
+
+
+async def test_from_zero_on_demand_and_to_zero_when_idle(procs: ProcessManager,
+                                                         nats_server: NatsServer,
+                                                         bus: Any) -> None:
+    seen = Decisions()
+    await bus.subscribe("im.scale.*", cb=seen.cb)
+    pods = Pods(bus).start()
+    start_autoscaler(procs, nats_server.url, free_port(), "--min-replicas", "0",
+                     "--pools", "default", "--scale-to-zero-after-s", "2")
+    try:
+        # A pool at zero, known from the config alone: it stays at zero.
+        await wait_until(lambda: seen.target() == 0, 20, "a pool at zero")
+        # An ingress holds requests for it: one replica at once.
+        demand = ScaleDemand(pool="default", model=MODEL, ts=0.0, queued=3, replica="ing-0")
+        await bus.publish("im.scale.default", codec.encode(demand))
+        await wait_until(lambda: seen.target() == 1, 10, "scale from zero")
+        assert seen.latest["default"].reason.startswith("scale from zero: 3 held")
+        # The pod comes; requests flow, then stop: after 2 s idle the pool goes back to zero.
+        pods.set("p0", kv_usage=0.1)
+        await bus.publish("im.scale.default", codec.encode(
+            msgspec.structs.replace(demand, queued=0)))
+        for kind in ("routed", "first_token", "finished"):
+            await bus.publish("im.req.default", codec.encode(RequestEvent(
+                kind=kind, request_id="r1", pod="p0", pool="default", model=MODEL, ts=1.0,
+                ttft_s=0.05, output_tokens=3)))
+        await wait_until(lambda: seen.latest["default"].ready_replicas == 1, 10, "p0 ready")
+        assert seen.target() == 1
+        await wait_until(lambda: seen.target() == 0, 20, "scale to zero")
+        last = seen.latest["default"]
+        assert "idle" in last.reason and last.inputs["idle_s"] >= 2
+        await pods.drop("p0")
+    finally:
+        await pods.stop()
