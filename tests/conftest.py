@@ -56,6 +56,7 @@ class ProcessManager:
         self.tmp = tmp
         self.model_dir = model_dir
         self.procs: list[Process] = []
+        self.cleanups: list[Any] = []  # called first at teardown (e.g. a system's actuator)
         self._n = 0
 
     def _log(self, name: str) -> Path:
@@ -92,6 +93,8 @@ class ProcessManager:
         return self.start(name or service, [*command(service), *args], env)
 
     def stop_all(self) -> None:
+        for fn in self.cleanups:
+            fn()
         for p in reversed(self.procs):
             p.stop()
 

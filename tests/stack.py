@@ -53,6 +53,8 @@ def start_stack(procs: ProcessManager, nats: NatsServer, *, engines: int = 4,
     # Stopped at teardown with the test's other processes (ingress first).
     procs.procs += system.supervisor.procs.values()
     system.start(timeout)
+    if system.actuator is not None:  # (autoscale) stopped before the processes
+        procs.cleanups.append(system.actuator.stop)
     lay = system.plan.layout
     host = system.plan.spec.host
     return Stack(

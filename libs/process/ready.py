@@ -159,6 +159,8 @@ async def wait_heartbeats(nc: Any, subject: str, pods: Iterable[str], timeout: f
     from infermesh.proto.messages import PodState
 
     want = set(pods)
+    if not want:
+        return  # (a pool that starts at zero)
     seen: set[str] = set()
     done = asyncio.Event()
 

@@ -4,6 +4,7 @@ reverse order."""
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +30,10 @@ class Supervisor:
         self._backoff: dict[str, float] = {}
         self._restarts: dict[str, int] = {}
         self._supervised: set[str] = set()
+        self._restartable: set[str] = set()
         self._stage: dict[str, int] = {}
+        # start/stop may come from another thread (the autoscaler's actuator) than check().
+        self._lock = threading.RLock()
 
     def add(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
             *, restart: bool = True, log: Path | None = None, stage: int = 0) -> Process:
@@ -47,11 +51,23 @@ class Supervisor:
         self._stage[name] = stage
         if restart:
             self._supervised.add(name)
+            self._restartable.add(name)
         return p
 
     def start(self, name: str) -> Process:
-        """Start a registered process."""
-        return self.procs[name].start()
+        """Start a registered process (supervised again if :meth:`stop` took it out)."""
+        with self._lock:
+            if name in self._restartable:
+                self._supervised.add(name)
+            return self.procs[name].start()
+
+    def stop(self, name: str, timeout: float = 10.0) -> None:
+        """Stop one process and leave it stopped (not restarted) until :meth:`start`."""
+        with self._lock:
+            self._supervised.discard(name)
+            self._restart_at.pop(name, None)
+            p = self.procs[name]
+        p.stop(timeout=timeout)
 
     def restarts(self, name: str) -> int:
         """How many times ``name`` was restarted after dying."""
@@ -60,6 +76,10 @@ class Supervisor:
     def check(self) -> list[Process]:
         """Restart supervised processes that died, each after its backoff; return those
         restarted."""
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> list[Process]:
         now = time.monotonic()
         out: list[Process] = []
         for name in list(self._supervised):
@@ -90,7 +110,8 @@ class Supervisor:
     def stop_all(self, timeout: float = 10.0) -> None:
         """Stop every process, one stage at a time from the highest: SIGTERM to all of a stage
         at once, SIGKILL to what is left after ``timeout``."""
-        self._supervised.clear()
+        with self._lock:
+            self._supervised.clear()
         for stage in sorted(set(self._stage.values()), reverse=True):
             live = [p for n, p in self.procs.items() if self._stage[n] == stage and p.alive()]
             for p in live:

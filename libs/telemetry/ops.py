@@ -11,14 +11,19 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
+ActionFn = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class OpsServer:
-    """``GET /health`` (200 or 503 with a JSON body) and ``GET /metrics`` (Prometheus text)."""
+    """``GET /health`` (200 or 503 with a JSON body) and ``GET /metrics`` (Prometheus text);
+    and ``POST /<name>`` for each of ``actions`` (e.g. an agent's ``/drain``), answering its
+    JSON."""
 
-    def __init__(self, registries: list[CollectorRegistry], health: HealthFn) -> None:
+    def __init__(self, registries: list[CollectorRegistry], health: HealthFn,
+                 actions: dict[str, ActionFn] | None = None) -> None:
         self._registries = registries
         self._health = health
+        self._actions = actions or {}
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -27,6 +32,8 @@ class OpsServer:
         app = web.Application()
         app.router.add_get("/health", self._on_health)
         app.router.add_get("/metrics", self._on_metrics)
+        for name, fn in self._actions.items():
+            app.router.add_post(f"/{name}", self._action(fn))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -40,6 +47,13 @@ class OpsServer:
         ok, body = self._health()
         return web.json_response({"status": "ok" if ok else "unhealthy", **body},
                                  status=200 if ok else 503)
+
+    @staticmethod
+    def _action(fn: ActionFn) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(_: web.Request) -> web.Response:
+            return web.json_response(await fn())
+
+        return handler
 
     async def _on_metrics(self, _: web.Request) -> web.Response:
         body = b"".join(generate_latest(r) for r in self._registries)

@@ -148,6 +148,7 @@ class AgentService:
         self.http_port: int | None = None
         self._kv_subject = self.subjects.kv(cfg.pool, self.pod)
         self._started = time.time()
+        self.draining = False  # POST /drain: heartbeats say not ready (the pod is leaving)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,7 +177,8 @@ class AgentService:
         await svc.start()
         self._service = svc
         if self.cfg.http_port >= 0:
-            self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health)
+            self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health,
+                                  actions={"drain": self.drain})
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
         self._tasks = [  # the KV loop first: stop() ends it before the engine
             asyncio.create_task(self._kv_loop(), name="agent-kv"),
@@ -229,7 +231,25 @@ class AgentService:
     def _health(self) -> tuple[bool, dict[str, Any]]:
         ok = self._nc is not None and self._nc.is_connected
         return ok, {"pod": self.pod, "epoch": self.epoch, "seq": self.seq,
-                    "blocks": len(self.blocks), "engine_ready": self.load.ready}
+                    "blocks": len(self.blocks), "engine_ready": self.load.ready,
+                    "draining": self.draining}
+
+    async def drain(self) -> dict[str, Any]:
+        """Take the pod out of routing before it is stopped (an autoscaler's scale-down, a
+        Kubernetes preStop hook): from now on its heartbeats say ``ready: false`` with the label
+        ``draining``, so ingresses and schedulers send it nothing new, while the requests it has
+        finish. The heartbeats keep the engine's running and waiting counts, which say when it
+        is idle. There is no undrain: a drained pod is stopped, and a new one starts fresh."""
+        if not self.draining:
+            self.draining = True
+            log.info("pod_draining", pod=self.pod, running=self.load.running,
+                     waiting=self.load.waiting)
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.publish(self.subjects.pod_state(self.cfg.pool, self.pod),
+                                           codec.encode(self.pod_state()))
+        return {"pod": self.pod, "draining": True, "running": self.load.running,
+                "waiting": self.load.waiting}
 
     # ------------------------------------------------------------------ KV events
 
@@ -638,7 +658,7 @@ class AgentService:
             ts=time.time(),
             epoch=self.epoch,
             kv_seq=self.seq,
-            ready=ld.ready,
+            ready=ld.ready and not self.draining,
             running=ld.running,
             waiting=ld.waiting,
             kv_usage=ld.kv_usage,
@@ -647,7 +667,7 @@ class AgentService:
             num_cpu_blocks=ld.num_cpu_blocks,
             lora=LoraInfo(running=ld.lora_running, waiting=ld.lora_waiting, max_lora=ld.max_lora),
             role=self.cfg.role,
-            labels=self.cfg.labels,
+            labels={**self.cfg.labels, "draining": "true"} if self.draining else self.cfg.labels,
             prefix_cache_queries=ld.prefix_queries,
             prefix_cache_hits=ld.prefix_hits,
             max_model_len=ld.max_model_len,

@@ -14,14 +14,14 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from infermesh.libs.bus import credentials_path
 from infermesh.libs.bus.security import agent_user
 from infermesh.libs.bus.server import nats_server_argv
-from infermesh.libs.config import ConfigError, to_argv
+from infermesh.libs.config import ConfigError, default_of, to_argv
 from infermesh.libs.process.ports import free_port, free_port_range
 from infermesh.libs.process.runfile import default_state_dir
 from infermesh.libs.scheduling.config import SchedulingKnobs
@@ -100,6 +100,7 @@ class ProcessSpec:
     pods: tuple[str, ...] = ()  # pods it serves (engines) or bridges (agents)
     links: Mapping[str, str] = field(default_factory=dict)  # what the summary shows
     watch: tuple[str, ...] = ()  # source paths (Tilt restarts it when they change)
+    parked: bool = False  # an engine slot (or its agent) the autoscaler starts when it wants
 
     @property
     def stage(self) -> int:
@@ -132,6 +133,11 @@ class SystemPlan:
     pods: tuple[str, ...]
     processes: tuple[ProcessSpec, ...]
     layout: Layout
+
+    @property
+    def active_pods(self) -> tuple[str, ...]:
+        """The pods started with the system (the rest are parked engine slots)."""
+        return self.pods[: self.spec.engines]
 
     @property
     def nats_url(self) -> str:
@@ -178,8 +184,21 @@ class SystemPlan:
         return out
 
 
+def engine_slots(spec: SystemSpec) -> int:
+    """Engines the plan lays out: ``engines``, or with ``autoscale`` as many as the autoscaler
+    may ask for (its ``max_replicas``), the ones past ``engines`` parked until it does."""
+    if not spec.autoscale:
+        return spec.engines
+    raw = spec.settings.get("autoscaler", {}).get("max_replicas")
+    most = int(raw) if raw is not None else int(default_of(AutoscalerConfig, "max_replicas"))
+    return max(spec.engines, most)
+
+
 def sim_per_process(spec: SystemSpec) -> bool:
-    """Whether each simulated engine runs in a process of its own."""
+    """Whether each simulated engine runs in a process of its own (always when autoscaling:
+    engines are started and stopped one at a time)."""
+    if spec.autoscale:
+        return True
     if spec.sim_processes == "auto":
         return (os.cpu_count() or 1) > 1 and spec.engines > 1
     return spec.sim_processes == "each"
@@ -203,14 +222,15 @@ def layout(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> Layout
 
     nodes = 0 if spec.nats_url else spec.nats_cluster
     one_sim = spec.engine == "sim" and not sim_per_process(spec)
-    n_ops = spec.engines + spec.tokenizers + spec.indexers + spec.schedulers + spec.autoscale
+    n_engines = engine_slots(spec)
+    n_ops = n_engines + spec.tokenizers + spec.indexers + spec.schedulers + spec.autoscale
     ops = (-1,) * n_ops if spec.ops_port < 0 else seq(spec.ops_port, n_ops)
     return Layout(
         nats=seq(spec.nats_port, nodes),
         nats_monitor=seq(spec.nats_monitor_port, nodes),
         nats_route=seq(spec.nats_route_port, nodes if nodes > 1 else 0),
-        engine_http=seq(spec.engine_port, spec.engines, whole=one_sim),
-        engine_kv=seq(spec.kv_port, spec.engines, step=2, whole=True),
+        engine_http=seq(spec.engine_port, n_engines, whole=one_sim),
+        engine_kv=seq(spec.kv_port, n_engines, step=2, whole=True),
         ingress=seq(spec.ingress_port, spec.ingresses),
         ops=ops,
     )
@@ -313,10 +333,10 @@ class _Builder:
     def sims(self) -> list[tuple[str, str, dict[str, str]]]:
         """Simulated engines; for each: its pod, its process and where the agent finds it."""
         s, lay, host = self.spec, self.lay, self.host
-        pods = [pod_name("sim", i) for i in range(s.engines)]
+        n = engine_slots(s)
+        pods = [pod_name("sim", i) for i in range(n)]
         out: list[tuple[str, str, dict[str, str]]] = []
-        groups = [[i] for i in range(s.engines)] if sim_per_process(s) else [
-            list(range(s.engines))]
+        groups = [[i] for i in range(n)] if sim_per_process(s) else [list(range(n))]
         for group in groups:
             first = group[0]
             name = pods[first] if len(group) == 1 else "sim"
@@ -379,7 +399,7 @@ class _Builder:
         cache = self.state_dir / "vllm-cache"
         env = {**VLLM_ENV, **ENGINE_ENV, "VLLM_CACHE_ROOT": str(cache),
                "XDG_CACHE_HOME": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
-        for i in range(s.engines):
+        for i in range(engine_slots(s)):
             pod = pod_name("vllm", i)
             http, kv = lay.engine_http[i], lay.engine_kv[i]
             log = self.state_dir / "logs" / f"{pod}.log"
@@ -476,7 +496,7 @@ def plan(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> SystemPl
     b.nats()
     if spec.engine == "vllm":
         b.vllm_agents()
-        pods = tuple(pod_name("vllm", i) for i in range(spec.engines))
+        pods = tuple(pod_name("vllm", i) for i in range(engine_slots(spec)))
     else:
         engines = b.sims()
         pods = tuple(pod for pod, _, _ in engines)
@@ -486,7 +506,11 @@ def plan(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> SystemPl
     if spec.autoscale:
         b.autoscaler()
     b.ingresses()
+    # Engine slots past `engines` (autoscale) are parked: laid out, not started.
+    parked = set(pods[spec.engines:])
+    procs = tuple(replace(p, parked=True) if p.pods and set(p.pods) <= parked else p
+                  for p in b.procs)
     return SystemPlan(spec=spec, state_dir=state_dir, model_dir=model_dir,
                       served_model=b.served_model(),
                       nats_urls=b.nats_urls or tuple(spec.nats_url.split(",")), pods=pods,
-                      processes=tuple(b.procs), layout=b.lay)
+                      processes=procs, layout=b.lay)

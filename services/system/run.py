@@ -75,6 +75,7 @@ class LocalSystem:
         self.supervisor = Supervisor(plan.logs_dir, on_restart=self._on_restart)
         for p in plan.processes:
             self.supervisor.add(p.name, p.argv, p.env, stage=p.stage)
+        self.actuator: Any = None  # LocalActuator, with autoscale (started once the system is)
 
     # ------------------------------------------------------------------ access
 
@@ -119,9 +120,14 @@ class LocalSystem:
         try:
             self._start_nats(timeout)
             for p in self.plan.processes:
-                if p.kind != "nats":
+                if p.kind != "nats" and not p.parked:
                     self.supervisor.start(p.name)
             self.wait_ready(timeout)
+            if self.plan.spec.autoscale:
+                from .actuator import LocalActuator
+
+                self.actuator = LocalActuator(self)
+                self.actuator.start()
         except BaseException:
             self.stop()
             raise
@@ -145,14 +151,16 @@ class LocalSystem:
         """Engines answer, every pod's heartbeat says ready, every bus service answers
         ``$SRV.PING``, and every ingress sees every pod."""
         plan = self.plan
-        watch = [self.proc(p.name) for p in plan.processes]
+        started = [p for p in plan.processes if not p.parked]
+        watch = [self.proc(p.name) for p in started]
         for p in plan.of_kind("sim"):
-            wait_http(p.health_url, timeout, watch)
+            if not p.parked:
+                wait_http(p.health_url, timeout, watch)
         run_blocking(self._wait_bus(timeout, watch))
-        n = len(plan.pods)
+        n = len(plan.active_pods)
         for p in plan.of_kind("ingress"):
             wait_http(p.health_url, timeout, watch, check=lambda b: b.get("pods") == n)
-        for p in plan.processes:
+        for p in started:
             if p.health_url and p.kind not in ("sim", "ingress", "nats"):
                 wait_http(p.health_url, timeout, watch)
 
@@ -160,7 +168,8 @@ class LocalSystem:
         nc = await connect(self.plan.nats_url, "system-watch", security=self.security())
         try:
             prefix = Subjects(self.plan.spec.subject_prefix)
-            await wait_heartbeats(nc, prefix.pod_state_all, self.plan.pods, timeout, watch)
+            await wait_heartbeats(nc, prefix.pod_state_all, self.plan.active_pods, timeout,
+                                  watch)
             await wait_bus_services(nc, self.plan.micro_services(), timeout, watch)
         finally:
             await nc.close()
@@ -174,7 +183,10 @@ class LocalSystem:
                     restarts=self.supervisor.restarts(proc.name), log=str(proc.log))
 
     def stop(self) -> None:
-        """Stop every process (ingress first, the bus last)."""
+        """Stop every process (ingress first, the bus last); the actuator first of all."""
+        if self.actuator is not None:
+            self.actuator.stop()
+            self.actuator = None
         self.supervisor.stop_all()
 
     def remove_secrets(self) -> None:

@@ -34,7 +34,8 @@ class SystemSpec:
     engine: Literal["sim", "vllm"] = knob(
         "sim", "Engines: simulated (infermesh sim), or real vLLM on the CPU launched by the "
         "agents (needs `make vllm-env`)")
-    engines: int = knob(4, "Engines, one agent each")
+    engines: int = knob(4, "Engines, one agent each (with autoscale: the engines started "
+                        "first; up to the autoscaler's max_replicas are laid out)")
     pool: str = knob(default_of(AgentConfig, "pool"), "Pool (model deployment) of the engines")
     model: str = knob("", "Model folder the engines serve (empty: the repo's tiny model)")
     served_model_name: str = knob(
@@ -110,8 +111,9 @@ class SystemSpec:
         flag=False)
 
     def __post_init__(self) -> None:
-        if self.engines < 1:
-            raise ValueError("engines must be at least 1")
+        if self.engines < (0 if self.autoscale else 1):
+            raise ValueError("engines must be at least 1 (0 only with autoscale: a pool that "
+                             "starts at zero)")
         for name in ("tokenizers", "indexers", "schedulers", "ingresses"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -36,6 +36,8 @@ def resources(plan_: SystemPlan) -> list[dict[str, Any]]:
         "deps": ["libs/tinymodel"], "labels": ["infra"],
     }]
     for p in plan_.processes:
+        if p.parked:
+            continue  # engine slots only `up`'s actuator starts (autoscale)
         probe = None
         if p.health_url:
             u = urlparse(p.health_url)

@@ -140,7 +140,8 @@ def summary(plan_: SystemPlan) -> list[str]:
                 kv = [port.number for port in p.ports if port.what.endswith(
                     f"{k[len('engine '):]} KV events")]
                 events = f"; KV events tcp://{spec.host}:{kv[0]}" if kv else ""
-                lines.append(f"  {k:<15} {v}  (OpenAI API{events})")
+                parked = "; parked: the autoscaler starts it" if p.parked else ""
+                lines.append(f"  {k:<15} {v}  (OpenAI API{events}{parked})")
     for p in plan_.processes:
         if p.kind in ("agent", "tokenizer", "indexer", "scheduler", "autoscaler") \
                 and "metrics" in p.links:
@@ -153,7 +154,7 @@ def summary(plan_: SystemPlan) -> list[str]:
     lines.append(f"  watch the bus   {cmd} events tail '{spec.subject_prefix}.>'{state}")
     if spec.autoscale:
         lines.append(f"  autoscaling     {cmd} events tail '{spec.subject_prefix}.scale.*'{state}"
-                     "  (decisions; no actuator yet: engines are not started or stopped)")
+                     "  (decisions; engines are started and drained on them here)")
     if spec.bus_auth:
         lines.append(f"  bus security    one NATS user per service; credentials in "
                      f"{plan_.bus_dir / 'credentials'} (docs/security.md)")

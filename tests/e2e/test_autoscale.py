@@ -2,18 +2,20 @@
 under a burst, their agents' heartbeats carry it, and the autoscaler's decision on
 im.scale.<pool> goes up; when the burst is served it comes back down to min_replicas.
 
-(No actuator yet: the decision is what is tested; engines are not started or stopped.)"""
+The local actuator then carries the decisions out on the plan's engine slots: engines started
+under load and drained when it goes, and a pool at zero started by a held request."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
 
 from infermesh.libs.bus import connect
 from infermesh.proto import codec
-from infermesh.proto.messages import ScaleDecision
+from infermesh.proto.messages import PodState, ScaleDecision
 
 from ..integration.helpers import wait_until
 
@@ -66,3 +68,97 @@ async def test_a_burst_scales_the_pool_up_and_its_end_back_down(stack_factory) -
         assert targets[peak:] == sorted(targets[peak:], reverse=True), targets
     finally:
         await nc.close()
+
+
+async def _ready_pods(nc: Any) -> dict[str, bool]:
+    """pod → ready, from the pool's heartbeats (kept up to date by a subscription)."""
+    ready: dict[str, bool] = {}
+
+    async def on_pod(msg: Any) -> None:
+        st = codec.decode(msg.data, PodState)
+        ready[st.pod] = st.ready
+
+    await nc.subscribe("im.pod.default.*", cb=on_pod)
+    return ready
+
+
+async def test_the_local_actuator_adds_engines_under_load_and_drains_them_after(
+        stack_factory) -> None:
+    """One engine of three slots: a burst makes the autoscaler ask for more and the actuator
+    starts them; once served, they are drained and stopped while requests keep coming, and
+    none fails."""
+    fast = {"interval_s": 0.25, "warmup_s": 0.5, "scale_up_cooldown_s": 1,
+            "scale_down_cooldown_s": 1, "scale_down_stabilization_s": 2, "max_replicas": 3}
+    stack = stack_factory(engines=1, time_scale=1.0, autoscale=True,
+                          settings={"autoscaler": fast, "sim": {"max_num_seqs": 2}})
+    actuator = stack.system.actuator
+    assert [s.running for s in actuator.slots] == [True, False, False]
+    nc = await connect(stack.nats.url, "test-watch")
+    statuses: list[int] = []
+    try:
+        ready = await _ready_pods(nc)
+        async with aiohttp.ClientSession() as http:
+
+            async def one(body: dict[str, Any]) -> None:
+                async with http.post(stack.ingress_url + "/v1/completions", json=body) as r:
+                    await r.read()
+                    statuses.append(r.status)
+
+            burst = asyncio.gather(*(one({"model": MODEL, "prompt": f"burst {i} " * 20,
+                                          "max_tokens": 120, "ignore_eos": True})
+                                     for i in range(20)))
+            await wait_until(lambda: sum(ready.values()) == 3, 60, "three engines ready")
+            await burst
+            # A trickle of requests while the pool scales back down: none may fail.
+            trickle_on = True
+
+            async def trickle() -> None:
+                i = 0
+                while trickle_on:
+                    await one({"model": MODEL, "prompt": f"small {i}", "max_tokens": 4})
+                    i += 1
+                    await asyncio.sleep(0.1)
+
+            task = asyncio.create_task(trickle())
+            await wait_until(lambda: [s.running for s in actuator.slots] == [True, False, False],
+                             60, "back to one engine")
+            trickle_on = False
+            await task
+        assert statuses and set(statuses) == {200}, statuses
+        for slot in actuator.slots[1:]:
+            what = [w for _, w in slot.history]
+            assert what == ["started", "draining", "stopped"], (slot.pod, what)
+        assert not ready["sim-1"] and not ready["sim-2"]
+    finally:
+        await nc.close()
+
+
+async def test_from_zero_a_held_request_is_served_and_the_pool_goes_back_to_zero(
+        stack_factory) -> None:
+    """A pool at zero: the ingress holds the request and tells its demand, the autoscaler asks
+    for one engine, the actuator starts it, the request is answered; idle again, the engine is
+    drained and stopped."""
+    fast = {"interval_s": 0.25, "warmup_s": 0.5, "min_replicas": 0, "max_replicas": 2,
+            "scale_to_zero_after_s": 2, "scale_down_cooldown_s": 1,
+            "scale_down_stabilization_s": 1}
+    stack = stack_factory(engines=0, time_scale=0.05, autoscale=True,
+                          settings={"autoscaler": fast, "ingress": {"no_pod_wait_s": 60}})
+    actuator = stack.system.actuator
+    assert not any(s.running for s in actuator.slots)
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.ingress_url + "/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 5}) as r:
+            body = await r.json()
+            status = r.status
+    waited = time.monotonic() - t0
+    assert status == 200 and body["choices"][0]["message"]["content"], body
+    print(f"request at zero replicas answered after {waited:.2f} s (engine start included)")
+    assert actuator.slots[0].running
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack.ingress_url + "/metrics") as r:
+            text = await r.text()
+    assert 'infermesh_ingress_holds_total{outcome="released"} 1.0' in text
+    await wait_until(lambda: not actuator.slots[0].running, 60, "back to zero")
+    assert [w for _, w in actuator.slots[0].history] == ["started", "draining", "stopped"]

@@ -12,12 +12,14 @@ import asyncio
 import time
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from infermesh.libs.bus import connect
 from infermesh.libs.process.ports import free_port_range
 from infermesh.proto import codec
 from infermesh.proto.messages import PodState
+from infermesh.services.system.plan import command
 
 from .helpers import wait_until
 
@@ -129,6 +131,48 @@ async def test_heartbeat_stays_ready_while_metrics_stall_then_says_not_ready(
         await wait_until(lambda: not beats[-1][1].ready, timeout=GRACE_S + 15,
                          what="ready=False once the port refuses")
         assert beats[-1][0] - t_gone < GRACE_S - 0.5
+    finally:
+        await nc.close()
+        await stub.stop()
+
+
+async def test_drain_takes_the_pod_out_of_routing_and_keeps_reporting_its_load(
+        nats_server, procs):
+    """POST /drain: the heartbeats say ready=False with the label draining, and go on carrying
+    the engine's running and waiting counts (what says when it is idle)."""
+    stub = await StubEngine().start()
+    beats: list[PodState] = []
+
+    async def on_pod(msg: Any) -> None:
+        beats.append(codec.decode(msg.data, PodState))
+
+    nc = await connect(nats_server.url, "test")
+    await nc.subscribe("im.pod.*.pod-d", cb=on_pod)
+    await nc.flush()
+    port = free_port_range(1)
+    try:
+        eng = {"http": stub.url, "kv": f"tcp://127.0.0.1:{free_port_range(1)}", "replay": ""}
+        agent = procs.start("agent-pod-d", [
+            *command("agent"), "--nats-url", nats_server.url, "--pod", "pod-d",
+            "--engine-url", eng["http"], "--kv-endpoint", eng["kv"], "--http-port", str(port),
+            "--labels", "zone=a"])
+        await wait_until(lambda: bool(beats) and beats[-1].ready, what="ready heartbeat")
+        assert "draining" not in beats[-1].labels
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}/drain") as r:
+                assert r.status == 200
+                body = await r.json()
+            assert body["draining"] is True and body["running"] == 3
+            n = len(beats)
+            await wait_until(lambda: len(beats) >= n + 3, what="heartbeats after the drain")
+            after = beats[n:]
+            assert all(not b.ready and b.labels == {"zone": "a", "draining": "true"}
+                       and b.running == 3 and b.waiting == 1 for b in after)
+            async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                assert (await r.json())["draining"] is True
+            async with http.post(f"http://127.0.0.1:{port}/drain") as r:  # idempotent
+                assert r.status == 200
+        assert agent.alive()
     finally:
         await nc.close()
         await stub.stop()

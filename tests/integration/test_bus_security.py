@@ -264,8 +264,11 @@ async def test_events_tail_with_the_observer_credentials(secured) -> None:
 async def test_the_whole_stack_runs_under_its_identities(secured, procs) -> None:
     srv, auth = secured
     t0 = time.monotonic()
+    # The autoscaler runs under its identity too (held at two engines: the routing checks
+    # below need both).
     stack = start_stack(procs, srv, engines=2, auth=auth, autoscale=True,
-                        settings={"autoscaler": {"interval_s": 0.2, "warmup_s": 0.2}})
+                        settings={"autoscaler": {"interval_s": 0.2, "warmup_s": 0.2,
+                                                 "min_replicas": 2, "max_replicas": 2}})
     print(f"stack up under auth in {time.monotonic() - t0:.1f} s")
     client = openai.AsyncOpenAI(base_url=stack.ingress_url + "/v1", api_key="unused")
     raw = await client.chat.completions.with_raw_response.create(
