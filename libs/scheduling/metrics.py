@@ -54,6 +54,13 @@ class SchedulerMetrics:
             ["plugin", "outcome"],
             registry=r,
         )
+        self.speculative = Counter(
+            "infermesh_scheduler_speculative_matches",
+            "Pods a precise prefix scorer credited with a recently routed prompt's blocks "
+            "beyond what the index held yet (its KV events still on their way)",
+            ["plugin"],
+            registry=r,
+        )
         self.bus_messages = Counter(
             "infermesh_scheduler_bus_messages",
             "Pod states and request events received, per kind and outcome",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Sequence
+
 from infermesh.libs.bus import BusTimeout, NoResponders, RemoteError
 from infermesh.libs.telemetry import get_logger
 from infermesh.proto.codec import DecodeError
@@ -10,17 +14,35 @@ from infermesh.proto.messages import (
     TIER_GPU,
     TIER_SHARED,
     LookupRequest,
+    RequestEvent,
     ScheduleRequest,
 )
 
-from ..framework import CycleState, Handle, Parameters, Pod, Scorer
+from ..framework import CycleState, Handle, Parameters, Pod, RequestObserver, Scorer
 
 log = get_logger("scheduler.precise_prefix")
 
 DEFAULT_TIER_WEIGHTS = {TIER_GPU: 1.0, TIER_CPU: 0.8, TIER_SHARED: 0.5}
 
 
-class PrecisePrefixCacheScorer(Scorer):
+# Recently routed prompts kept for speculative matches, at most.
+_MAX_RECENT = 4096
+
+
+def _shared_blocks(a: Sequence[int], b: Sequence[int]) -> int:
+    """Leading blocks two prompts' keys share. Keys chain over the whole prefix, so once they
+    differ they differ for good: bisection finds where."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] == b[mid]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class PrecisePrefixCacheScorer(Scorer, RequestObserver):
     """Score = the pod's consecutive matched blocks from the prompt start, each weighted by the
     tier it lives in, over the prompt's blocks.
 
@@ -30,8 +52,16 @@ class PrecisePrefixCacheScorer(Scorer):
     than failing the request. The blocks matched per pod are left in the cycle state
     (``cached_blocks``) for the decision.
 
+    **Speculative matches.** An engine's KV events reach the index some milliseconds after the
+    request that stored the blocks was routed, so a second request with the same new prefix,
+    arriving in between, would find no pod holding it and go elsewhere. For
+    ``speculative_s`` after a ``routed`` event (from any replica), the pod it names is credited
+    with the blocks that prompt shares with the request (as GPU blocks), when the index knows
+    fewer; a routed request that failed is taken back. Counted in
+    ``infermesh_scheduler_speculative_matches_total``.
+
     Parameters: ``tier_weights`` (tier → weight in [0, 1]; GPU 1.0, CPU 0.8, SHARED_STORAGE 0.5),
-    ``timeout_s`` (indexer timeout, 0.05).
+    ``timeout_s`` (indexer timeout, 0.05), ``speculative_s`` (2.0; 0: off).
     """
 
     type_name = "precise-prefix-cache-scorer"
@@ -43,8 +73,12 @@ class PrecisePrefixCacheScorer(Scorer):
         *,
         tier_weights: dict[str, float] | None = None,
         timeout_s: float = 0.05,
+        speculative_s: float = 2.0,
     ) -> None:
         super().__init__(name)
+        self.speculative_s = speculative_s
+        # (when, request id, pod, keys) of recently routed prompts, oldest first.
+        self._recent: deque[tuple[float, str, str, Sequence[int]]] = deque()
         self.handle = handle
         self.tier_weights = dict(DEFAULT_TIER_WEIGHTS if tier_weights is None else tier_weights)
         self.timeout_s = timeout_s
@@ -58,6 +92,7 @@ class PrecisePrefixCacheScorer(Scorer):
         self.failures = 0
         outcomes = ("ok", "retried", "timeout", "no_responders", "error")
         self._outcome = {o: handle.metrics.index_lookups.labels(name, o) for o in outcomes}
+        self._speculative = handle.metrics.speculative.labels(name)
 
     @classmethod
     def create(cls, name: str, params: Parameters, handle: Handle) -> PrecisePrefixCacheScorer:
@@ -67,8 +102,57 @@ class PrecisePrefixCacheScorer(Scorer):
             if w > 1.0:
                 raise params.error("tier_weights", f"has {w} for {tier!r}; weights are <= 1")
         timeout_s = params.number("timeout_s", 0.05, min=0.0, min_exclusive=True, max=10.0)
+        speculative_s = params.number("speculative_s", 2.0, min=0.0, max=60.0)
         params.done()
-        return cls(name, handle, tier_weights=weights, timeout_s=timeout_s)
+        return cls(name, handle, tier_weights=weights, timeout_s=timeout_s,
+                   speculative_s=speculative_s)
+
+    # ------------------------------------------------------------------ speculative matches
+
+    def on_request_event(self, event: RequestEvent) -> None:
+        """Keep routed prompts for ``speculative_s``; drop a request's when it failed."""
+        if not self.speculative_s:
+            return
+        recent = self._recent
+        if event.kind == "routed":
+            if event.block_keys and event.pod:
+                recent.append((time.monotonic(), event.request_id, event.pod,
+                               event.block_keys))
+                if len(recent) > _MAX_RECENT:
+                    recent.popleft()
+        elif event.kind == "finished" and event.status != "ok" and recent:
+            kept = [r for r in recent if not (r[1] == event.request_id and r[2] == event.pod)]
+            if len(kept) != len(recent):
+                self._recent = deque(kept)
+
+    def on_pod_removed(self, pod: str) -> None:
+        """A pod that left holds nothing."""
+        if self._recent:
+            self._recent = deque(r for r in self._recent if r[2] != pod)
+
+    def _speculate(self, keys: Sequence[int], pods: list[Pod], cached: dict[str, int],
+                   out: dict[str, float]) -> None:
+        """Credit pods with the blocks recently routed prompts share with ``keys``."""
+        recent = self._recent
+        cutoff = time.monotonic() - self.speculative_s
+        while recent and recent[0][0] < cutoff:
+            recent.popleft()
+        if not recent:
+            return
+        names = {p.name for p in pods}
+        best: dict[str, int] = {}
+        first = keys[0]
+        for _, _, pod, other in recent:
+            if pod in names and other and other[0] == first:
+                n = _shared_blocks(keys, other)
+                if n > best.get(pod, 0):
+                    best[pod] = n
+        total = len(keys)
+        for pod, n in best.items():
+            if n > cached.get(pod, 0):
+                cached[pod] = n
+                out[pod] = max(out.get(pod, 0.0), n * self._gpu / total)
+                self._speculative.inc()
 
     def _failed(self, outcome: str, error: Exception) -> dict[str, float]:
         self.failures += 1
@@ -130,5 +214,7 @@ class PrecisePrefixCacheScorer(Scorer):
                 left -= n
             cached[m.pod] = blocks
             out[m.pod] = weighted / total
+        if self.speculative_s:
+            self._speculate(keys, pods, cached, out)
         cycle.cached_blocks = cached
         return out

@@ -51,8 +51,8 @@ def test_default_pipeline_has_the_benchmark_profiles(handle):
     assert isinstance(d.picker, MaxScorePicker)
     assert p.profiles["random"].scorers == [] and p.profiles["round-robin"].scorers == []
     assert isinstance(p.handler, SingleProfileHandler)
-    # The approximate scorer follows request events; nothing else does.
-    assert [o.name for o in p.observers()] == ["approx-prefix"]
+    # Both prefix scorers follow routed requests (precise: its speculative matches).
+    assert [o.name for o in p.observers()] == ["precise-prefix", "approx-prefix"]
     # One instance per YAML entry, shared by the profiles that refer to it.
     assert p.profiles["precise-prefix"].scorers[0][0] is d.scorers[0][0]
     assert load_pipeline(DEPLOY, handle).profiles.keys() == p.profiles.keys()

@@ -115,6 +115,49 @@ def routed(rid: str, pod_name: str, keys: list[int]) -> RequestEvent:
                         ts=0.0, block_keys=keys)
 
 
+async def test_precise_prefix_credits_recently_routed_prompts_until_their_events_come(
+        handle, monkeypatch):
+    """A new prefix routed to ``b`` a moment ago is not in the index yet (its KV events are on
+    their way): ``b`` is credited with the blocks that prompt shares, as GPU blocks, for
+    ``speculative_s``; a failed request is taken back; the index wins when it knows more."""
+    from infermesh.libs.scheduling.plugins import precise_prefix_scorer as mod
+
+    now = [100.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    scorer, _ = precise(handle, [PodMatch(pod="a", blocks=2)], speculative_s=2.0)
+    keys = [1, 2, 3, 4, 5, 6, 7, 8]
+    scorer.on_request_event(routed("r1", "b", [1, 2, 3, 4, 5, 6, 70, 80]))
+    scorer.on_request_event(routed("r2", "c", [9, 9, 9]))  # another prefix: nothing shared
+    scorer.on_request_event(routed("r3", "z", keys))  # not a candidate
+    cycle = CycleState()
+    pods = [pod("a"), pod("b"), pod("c")]
+    scores = await scorer.score(req(keys=keys), cycle, pods)
+    assert scores == pytest.approx({"a": 2 / 8, "b": 6 / 8})
+    assert cycle.cached_blocks == {"a": 2, "b": 6}
+    assert handle.metrics.speculative.labels("precise")._value.get() == 1
+    # Past speculative_s the credit is gone (the events had time to come).
+    now[0] += 2.5
+    assert await scorer.score(req(keys=keys), CycleState(), pods) == pytest.approx(
+        {"a": 2 / 8})
+    # A routed request that failed is taken back at once; so is a pod that left.
+    scorer.on_request_event(routed("r4", "b", keys))
+    scorer.on_request_event(routed("r5", "c", keys))
+    scorer.on_request_event(RequestEvent(kind="finished", request_id="r4", pod="b",
+                                         pool="default", model="m", ts=0.0, status="failed"))
+    scorer.on_pod_removed("c")
+    assert await scorer.score(req(keys=keys), CycleState(), pods) == pytest.approx(
+        {"a": 2 / 8})
+    # The index already knows more than the routed prompt shares: the index's count stands.
+    scorer2, _ = precise(handle, [PodMatch(pod="b", blocks=7)], speculative_s=2.0)
+    scorer2.on_request_event(routed("r1", "b", [1, 2, 3, 70]))
+    assert await scorer2.score(req(keys=keys), CycleState(), pods) == pytest.approx(
+        {"b": 7 / 8})
+    # Off with 0.
+    off, _ = precise(handle, [], speculative_s=0)
+    off.on_request_event(routed("r1", "b", keys))
+    assert await off.score(req(keys=keys), CycleState(), pods) == {}
+
+
 async def test_approx_prefix_scores_the_longest_routed_prefix():
     s = ApproxPrefixCacheScorer("approx")
     s.on_request_event(routed("r1", "a", [1, 2, 3, 4]))
