@@ -216,17 +216,19 @@ async def test_precise_prefix_routing_and_load_shifts_choices(nc, replicas):
                                 profile="llm-d")
         assert d.scores["queue"]["pod-b"] == 0.0 and d.scores["kv-utilization"]["pod-b"] < 0.1
 
-        # With no prefix anywhere: the shortest queue wins, then the emptiest KV cache.
+        # With no prefix anywhere (prompts without full blocks: the requests above, routed a
+        # moment ago, would credit their pods with KEYS as speculative matches): the shortest
+        # queue wins, then the emptiest KV cache.
         indexer.matches = {}
         pods.set("pod-b", waiting=0, kv_usage=0.5)
         pods.set("pod-a", waiting=9, kv_usage=0.5)
         pods.set("pod-c", waiting=9, kv_usage=0.5)
         await until_decided(nc, lambda d: d.pod == "pod-b", "queue to pick pod-b",
-                            profile="llm-d")
+                            profile="llm-d", block_keys=[])
         pods.set("pod-b", waiting=9)
         pods.set("pod-c", kv_usage=0.05)
         await until_decided(nc, lambda d: d.pod == "pod-c", "kv utilization to pick pod-c",
-                            profile="llm-d")
+                            profile="llm-d", block_keys=[])
 
         # The random baseline scatters whatever the cache holds.
         indexer.matches = {"pod-b": 8}
