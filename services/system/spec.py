@@ -61,8 +61,9 @@ class SystemSpec:
     schedulers: int = knob(1, "Scheduler replicas (active-active)")
     ingresses: int = knob(1, "Ingress replicas (replica j serves the API on ingress_port + j)")
     autoscale: bool = knob(
-        False, "Start the autoscaler: desired replicas per pool on im.scale.<pool> and its "
-        "/metrics (docs/autoscaler.md; its knobs with --set autoscaler.FIELD=VALUE)")
+        False, "Start the autoscaler (desired replicas on im.scale.<pool>) and act on it here: "
+        "engine slots up to its max_replicas, started and drained on its decisions "
+        "(docs/autoscaler.md; its knobs with --set autoscaler.FIELD=VALUE)")
     # ------------------------------------------------------------------ the bus
     nats_url: str = knob(
         "", "Use this NATS (comma-separated URLs) instead of starting nats-server; empty: "
