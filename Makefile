@@ -11,7 +11,7 @@ ARGS ?=
 NATS_CLUSTER ?=
 VLLM_VENV := .venv-vllm
 
-.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-peers lint venv clean schema
+.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-peers lint venv clean schema keda-stubs
 
 venv: $(STAMP)
 
@@ -78,3 +78,13 @@ schema: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+
+# The autoscaler's KEDA external-scaler stubs, from the proto beside them (committed; run this
+# after changing the proto). grpcio-tools comes with the test extra.
+KEDA := services/autoscaler/keda
+keda-stubs: $(STAMP)
+	rm -rf .keda-gen && mkdir -p .keda-gen
+	$(BIN)/python -m grpc_tools.protoc -Iinfermesh/$(KEDA)=$(KEDA) --python_out=.keda-gen \
+		--grpc_python_out=.keda-gen --pyi_out=.keda-gen infermesh/$(KEDA)/externalscaler.proto
+	cp .keda-gen/infermesh/$(KEDA)/externalscaler_pb2*.py* $(KEDA)/
+	rm -rf .keda-gen

@@ -68,6 +68,11 @@ class AutoscalerConfig(BusKnobs):
         10.0, "A pod silent this long (while others speak) is no longer counted"
     )
     pod_late_s: float = knob(1.0, "Heard from within this long: a pod on time")
+    keda_host: str = knob("127.0.0.1", "Address of the KEDA external scaler (gRPC)")
+    keda_port: int = knob(
+        -1, "Port of KEDA's external-scaler gRPC service (ExternalScaler: IsActive, "
+        "StreamIsActive, GetMetricSpec, GetMetrics; docs/autoscaler.md); 0: a free port, -1: none"
+    )
     http_host: str = knob("127.0.0.1", "Address of the autoscaler's /health and /metrics")
     http_port: int = knob(0, "Port of /health and /metrics (0: a free port, -1: none)")
 

@@ -89,6 +89,8 @@ class AutoscalerService:
         self._tasks: list[asyncio.Task[None]] = []
         self._ops: OpsServer | None = None
         self.http_port: int | None = None
+        self._keda: Any = None  # grpc.aio.Server of the KEDA external scaler
+        self.keda_port: int | None = None
         self.started = time.monotonic()
 
     def _pool(self, name: str) -> _Pool:
@@ -117,14 +119,24 @@ class AutoscalerService:
         if self.cfg.http_port >= 0:
             self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
+        if self.cfg.keda_port >= 0:
+            from .keda.server import serve
+
+            self._keda, self.keda_port = await serve(
+                lambda: self.decisions, self.cfg.keda_host, self.cfg.keda_port,
+                poll_s=min(0.5, self.cfg.interval_s))
         log.info("autoscaler_started", mode=self.cfg.mode, pools=sorted(self.pools),
                  min_replicas=self.cfg.min_replicas, max_replicas=self.cfg.max_replicas,
-                 http_port=self.http_port)
+                 http_port=self.http_port, keda_port=self.keda_port)
 
     async def stop(self) -> None:
         """Stop deciding and everything this replica started."""
         await cancel_tasks(self._tasks)
         self._tasks = []
+        if self._keda is not None:
+            with contextlib.suppress(Exception):
+                await self._keda.stop(grace=0.5)
+            self._keda = None
         await release(subs=self._subs, ops=self._ops, nc=self._nc if self._own_nc else None)
         self._subs, self._ops = [], None
 

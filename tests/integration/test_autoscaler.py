@@ -1,7 +1,8 @@
 """The autoscaler as a real process on a real nats-server, fed heartbeats of pods that do not
 exist (their load set by the test), request events and an ingress's demand: it scales a
 saturated pool up to the computed count, back down when the load goes, from zero when requests
-are held, to zero after idling, counts garbage and keeps deciding, and exports its gauges."""
+are held, to zero after idling, counts garbage and keeps deciding, exports its gauges, and
+serves KEDA's external scaler."""
 
 from __future__ import annotations
 
@@ -187,3 +188,82 @@ async def test_from_zero_on_demand_and_to_zero_when_idle(procs: ProcessManager,
         await pods.drop("p0")
     finally:
         await pods.stop()
+
+
+async def test_keda_external_scaler_follows_the_decisions(procs: ProcessManager,
+                                                          nats_server: NatsServer,
+                                                          bus: Any) -> None:
+    """A grpc client speaking KEDA's externalscaler.proto: the metric spec, the desired
+    replicas as the metric (following the load), IsActive 0 ↔ 1 and its stream, and clear
+    errors for a trigger without a pool or a pool not decided."""
+    import grpc
+
+    from infermesh.services.autoscaler.keda import externalscaler_pb2 as pb
+    from infermesh.services.autoscaler.keda import externalscaler_pb2_grpc as pb_grpc
+
+    keda = free_port()
+    seen = Decisions()
+    await bus.subscribe("im.scale.*", cb=seen.cb)
+    pods = Pods(bus).start()
+    start_autoscaler(procs, nats_server.url, free_port(), "--min-replicas", "0",
+                     "--pools", "default", "--scale-to-zero-after-s", "1.5",
+                     "--keda-port", str(keda))
+    ref = pb.ScaledObjectRef(name="vllm", namespace="ml", scalerMetadata={"pool": "default"})
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{keda}") as channel:
+            stub = pb_grpc.ExternalScalerStub(channel)
+
+            async def metric() -> float:
+                r = await stub.GetMetrics(pb.GetMetricsRequest(
+                    scaledObjectRef=ref, metricName="infermesh-default-desired-replicas"))
+                (v,) = r.metricValues
+                assert v.metricName == "infermesh-default-desired-replicas"
+                assert v.metricValue == int(v.metricValueFloat)
+                return v.metricValueFloat
+
+            async def decided() -> bool:
+                try:
+                    await stub.IsActive(ref)
+                    return True
+                except grpc.aio.AioRpcError as e:
+                    assert e.code() in (grpc.StatusCode.NOT_FOUND,
+                                        grpc.StatusCode.UNAVAILABLE), e
+                    return False
+
+            await wait_until(decided, 20, "the scaler answering")
+            spec = (await stub.GetMetricSpec(ref)).metricSpecs
+            assert [(s.metricName, s.targetSizeFloat, s.targetSize) for s in spec] == [
+                ("infermesh-default-desired-replicas", 1.0, 1)]
+            # At zero: inactive, metric 0.
+            assert not (await stub.IsActive(ref)).result and await metric() == 0.0
+            stream = stub.StreamIsActive(ref)
+            assert (await stream.read()).result is False  # the current answer, at once
+            # Demand: active (streamed), metric 1.
+            await bus.publish("im.scale.default", codec.encode(ScaleDemand(
+                pool="default", model=MODEL, ts=0.0, queued=2, replica="ing")))
+            assert (await asyncio.wait_for(stream.read(), 10)).result is True
+            assert (await stub.IsActive(ref)).result and await metric() == 1.0
+            # The pod serves, and saturates: the metric follows the decision.
+            pods.set("p0", kv_usage=0.95, waiting=8)
+            await bus.publish("im.scale.default", codec.encode(ScaleDemand(
+                pool="default", model=MODEL, ts=0.0, queued=0, replica="ing")))
+            await wait_until(lambda: (seen.target() or 0) > 1, 20, "scale-up")
+            want = float(seen.target() or 0)
+            await wait_until(lambda: _eq(metric(), want), 10, "the metric following")
+            # Idle: back to zero, the stream says inactive.
+            pods.set("p0", kv_usage=0.0, waiting=0)
+            assert (await asyncio.wait_for(stream.read(), 30)).result is False
+            assert await metric() == 0.0
+            stream.cancel()
+            # Errors: no pool in the metadata; a pool not decided.
+            for meta, code in (({}, grpc.StatusCode.INVALID_ARGUMENT),
+                               ({"pool": "nope"}, grpc.StatusCode.NOT_FOUND)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.GetMetricSpec(pb.ScaledObjectRef(name="x", scalerMetadata=meta))
+                assert err.value.code() == code and err.value.details()
+    finally:
+        await pods.stop()
+
+
+async def _eq(value: Any, want: float) -> bool:
+    return await value == want
