@@ -109,6 +109,20 @@ class Subjects:
         """Subscribe: every pool's demand and decisions."""
         return f"{self.prefix}.scale.*"
 
+    @property
+    def autoscaler_lease_bucket(self) -> str:
+        """The JetStream key-value bucket of the autoscalers' leader lease (key ``leader``):
+        ``<prefix>_autoscaler``, dots of the prefix as ``_`` (bucket names take no dots)."""
+        return f"{self.prefix.replace('.', '_')}_autoscaler"
+
+    def autoscaler_lease_subjects(self) -> tuple[str, ...]:
+        """What a lease holder publishes to: the bucket's JetStream API (info, create, direct
+        and plain reads) and its keys."""
+        stream = f"KV_{self.autoscaler_lease_bucket}"
+        return (f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
+                f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
+                f"$KV.{self.autoscaler_lease_bucket}.>")
+
     def parse_kv(self, subject: str) -> tuple[str, str] | None:
         """Return ``(pool, pod)`` for a KV event subject, ``None`` for any other subject."""
         head = f"{self.prefix}.kv."

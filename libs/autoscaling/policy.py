@@ -110,6 +110,17 @@ class PoolDecider:
             rec, why = 0, f"idle for {x.idle_s:.0f}s"
         return min(max(rec, b.min_replicas), b.max_replicas), why
 
+    def follow(self, now: float, target: int) -> None:
+        """Adopt another replica's decision (the leader's, heard on the bus), cooldowns
+        included, so that a follower taking over goes on from where the leader was."""
+        if self.target is not None and target != self.target:
+            if target > self.target:
+                self.last_up = now
+            self.last_change = now
+        if self.started is None:
+            self.started = now
+        self.target = target
+
     def tick(self, now: float, x: Inputs) -> Decision:
         """The pool's target after this tick."""
         b = self.bounds

@@ -146,8 +146,9 @@ def identities(prefix: str, pods: Iterable[tuple[str, str]]) -> list[Identity]:
             subscribe=(s.pod_state_all, s.req_all, s.kv_all, inbox_prefix(INGRESS) + ".>"),
         )),
         Identity(AUTOSCALER, Permissions(
-            # Decisions out; heartbeats, request events and the ingresses' demand in.
-            publish=(s.scale_all,),
+            # Decisions out; heartbeats, request events and the ingresses' demand in; the
+            # leader lease (JetStream KV: its API and its keys; answers come to the inbox).
+            publish=(s.scale_all, *s.autoscaler_lease_subjects()),
             subscribe=(s.pod_state_all, s.req_all, s.scale_all, inbox_prefix(AUTOSCALER) + ".>"),
         )),
         Identity(OBSERVER, Permissions(

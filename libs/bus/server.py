@@ -34,12 +34,22 @@ def nats_server_binary() -> str:
 
 
 def nats_server_argv(host: str, port: int, monitor_port: int,
-                     config_file: str | Path | None = None) -> list[str]:
-    """The command line of one node (the config file holds everything else)."""
+                     config_file: str | Path | None = None,
+                     store_dir: str | Path | None = None) -> list[str]:
+    """The command line of one node (the config file holds everything else). With
+    ``store_dir`` the node runs JetStream (the autoscalers' leader lease lives there)."""
     argv = [nats_server_binary(), "-a", host, "-p", str(port), "-m", str(monitor_port)]
     if config_file:
         argv += ["-c", str(config_file)]
+    if store_dir:
+        argv += ["-js", "-sd", str(store_dir)]
     return argv
+
+
+# The readiness check of a node. With JetStream, plain /healthz also waits for the cluster's
+# meta leader, which a cluster's first node never has alone (nodes start one by one); whether
+# the server runs with JetStream enabled is what a node's readiness means.
+HEALTH_PATH = "/healthz?js-enabled-only=true"
 
 
 def node_config(
@@ -83,7 +93,8 @@ def _get_json(url: str, timeout: float = 0.5) -> dict[str, object] | None:
 def healthy(host: str, monitor_port: int) -> bool:
     """Whether the node's monitor answers ``/healthz`` with 200."""
     try:
-        with urllib.request.urlopen(f"http://{host}:{monitor_port}/healthz", timeout=0.5) as r:
+        with urllib.request.urlopen(f"http://{host}:{monitor_port}{HEALTH_PATH}",
+                                    timeout=0.5) as r:
             return bool(r.status == 200)
     except OSError:
         return False
@@ -114,8 +125,10 @@ class NatsServer:
         config_file: str | None = None,
         max_payload: int | None = None,
         work_dir: str | Path | None = None,
+        jetstream: bool = True,
     ) -> None:
         self.host = host
+        self.jetstream = jetstream
         self.port = port or free_port(host)
         self.monitor_port = monitor_port or free_port(host)
         self.config_file = config_file
@@ -153,8 +166,9 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> NatsServer:
         """Start the process and wait for ``/healthz``; raise if it does not come up."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.process.argv = nats_server_argv(self.host, self.port, self.monitor_port,
-                                             self._config())
+        self.process.argv = nats_server_argv(
+            self.host, self.port, self.monitor_port, self._config(),
+            store_dir=self.dir / "jetstream" if self.jetstream else None)
         self.process.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

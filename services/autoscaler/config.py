@@ -68,6 +68,20 @@ class AutoscalerConfig(BusKnobs):
         10.0, "A pod silent this long (while others speak) is no longer counted"
     )
     pod_late_s: float = knob(1.0, "Heard from within this long: a pod on time")
+    lease: bool = knob(
+        True, "Publish decisions only while holding the leader lease (NATS JetStream key-value "
+        "bucket <prefix>_autoscaler, key leader): of several replicas exactly one acts, the "
+        "others follow its decisions and take over when it is gone. False: this replica always "
+        "publishes (one replica only; no JetStream needed)"
+    )
+    lease_ttl_s: float = knob(
+        3.0, "A leader that has not renewed the lease for this long is replaced (it renews "
+        "every third of it); a leader that cannot renew stops publishing after it"
+    )
+    lease_replicas: int = knob(
+        1, "Copies of the lease bucket in a JetStream cluster (3 in a cluster of 3 or more "
+        "nodes, so the lease outlives a node)"
+    )
     keda_host: str = knob("127.0.0.1", "Address of the KEDA external scaler (gRPC)")
     keda_port: int = knob(
         -1, "Port of KEDA's external-scaler gRPC service (ExternalScaler: IsActive, "
@@ -92,6 +106,8 @@ class AutoscalerConfig(BusKnobs):
             raise ValueError("slo_window_s, slo_min_samples and demand_timeout_s must be "
                              "positive")
         liveness.check_times(self.pod_late_s, self.pod_timeout_s)
+        if self.lease_ttl_s <= 0 or not 1 <= self.lease_replicas <= 5:
+            raise ValueError("lease_ttl_s must be positive and lease_replicas within 1..5")
         self.bounds()
         self.saturation_model()
 

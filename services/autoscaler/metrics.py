@@ -41,6 +41,15 @@ class AutoscalerMetrics:
         self.decisions = Counter(
             "infermesh_autoscaler_changes", "Changes of the desired replicas, by direction",
             ["pool", "direction"], registry=r)
+        self.leader = Gauge(
+            "infermesh_autoscaler_leader", "1 while this replica holds the leader lease and "
+            "publishes decisions (always 1 with the lease off), else 0", registry=r)
+        self.lease_changes = Counter(
+            "infermesh_autoscaler_lease_changes", "Leader lease changes of this replica "
+            "(acquired, lost)", ["event"], registry=r)
+        self.lease_errors = Counter(
+            "infermesh_autoscaler_lease_errors", "Lease steps that got no answer from JetStream",
+            registry=r)
         self.messages = Counter(
             "infermesh_autoscaler_bus_messages", "Bus messages read, by kind and outcome "
             "(bad: not a valid message, counted and dropped)", ["kind", "outcome"], registry=r)

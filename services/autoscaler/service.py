@@ -30,6 +30,7 @@ from infermesh.libs.autoscaling import (
     analyze,
 )
 from infermesh.libs.bus import BUS_REGISTRY, cancel_tasks, connect, release, settle
+from infermesh.libs.bus.lease import Lease
 from infermesh.libs.scheduling.state import PodTable
 from infermesh.libs.telemetry import get_logger
 from infermesh.libs.telemetry.ops import OpsServer
@@ -61,6 +62,7 @@ class _Pool:
         self.demand: dict[str, tuple[float, ScaleDemand]] = {}  # ingress replica → (arrived, msg)
         self.last_request = time.monotonic()  # a pool starts as if just used: no early zero
         self.open: set[str] = set()  # requests routed, not finished (bounded by the window's)
+        self.followed_at = float("-inf")  # when the leader's last decision was heard
 
     def held(self, now: float, timeout_s: float) -> int:
         """Requests the ingresses hold for this pool (fresh demand only)."""
@@ -82,7 +84,9 @@ class AutoscalerService:
         for name in cfg.pools:
             self._pool(check_token(name, "pool"))
         self.metrics = AutoscalerMetrics()
-        self.decisions: dict[str, ScaleDecision] = {}  # the last one per pool
+        self.decisions: dict[str, ScaleDecision] = {}  # the one in effect per pool
+        self.lease: Lease | None = None  # None: lease off, this replica always publishes
+        self._leading = False  # the lease's verdict at the last step
         self._nc = nc
         self._own_nc = nc is None
         self._subs: list[Any] = []
@@ -115,7 +119,13 @@ class AutoscalerService:
         ]
         await settle(nc)
         self.started = time.monotonic()
-        self._tasks = [asyncio.create_task(self._loop(), name="autoscaler-loop")]
+        self.metrics.leader.set(0 if self.cfg.lease else 1)
+        if self.cfg.lease:
+            self.lease = Lease(nc, s.autoscaler_lease_bucket, LEASE_KEY, self.replica,
+                               ttl_s=self.cfg.lease_ttl_s, replicas=self.cfg.lease_replicas)
+            await self.lease_step()  # the first one now: a lone replica leads from the start
+            self._tasks.append(asyncio.create_task(self._lease_loop(), name="autoscaler-lease"))
+        self._tasks.append(asyncio.create_task(self._loop(), name="autoscaler-loop"))
         if self.cfg.http_port >= 0:
             self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health)
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
@@ -126,6 +136,7 @@ class AutoscalerService:
                 lambda: self.decisions, self.cfg.keda_host, self.cfg.keda_port,
                 poll_s=min(0.5, self.cfg.interval_s))
         log.info("autoscaler_started", mode=self.cfg.mode, pools=sorted(self.pools),
+                 replica=self.replica, lease=self.cfg.lease,
                  min_replicas=self.cfg.min_replicas, max_replicas=self.cfg.max_replicas,
                  http_port=self.http_port, keda_port=self.keda_port)
 
@@ -133,6 +144,8 @@ class AutoscalerService:
         """Stop deciding and everything this replica started."""
         await cancel_tasks(self._tasks)
         self._tasks = []
+        if self.lease is not None:
+            await self.lease.release()  # the next replica takes over at once
         if self._keda is not None:
             with contextlib.suppress(Exception):
                 await self._keda.stop(grace=0.5)
@@ -142,8 +155,13 @@ class AutoscalerService:
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
         ok = self._nc is not None and self._nc.is_connected
+        lease = self.lease.state if self.lease is not None else None
         return ok, {
             "mode": self.cfg.mode,
+            "replica": self.replica,
+            "role": "leader" if self.is_leader() else "follower",
+            "lease_holder": lease.holder if lease else self.replica,
+            "lease_error": lease.error if lease else "",
             "pools": {name: {"desired": d.target_replicas, "ready": d.ready_replicas,
                              "reason": d.reason} for name, d in self.decisions.items()},
         }
@@ -193,7 +211,8 @@ class AutoscalerService:
         try:
             kind = _kind_decoder.decode(msg.data).kind
             if kind == "decision":
-                return  # ours, or another replica's
+                self._follow(codec.decode(msg.data, ScaleDecision))
+                return
             d = codec.decode(msg.data, ScaleDemand)
             check_token(d.pool, "pool")
         except (msgspec.DecodeError, codec.DecodeError, ValueError):
@@ -206,6 +225,54 @@ class AutoscalerService:
         pool.demand[_source(d)] = (now, d)
         if d.queued or d.in_flight:
             pool.last_request = now
+
+    def _follow(self, d: ScaleDecision) -> None:
+        """Another replica's decision: a follower adopts it (the leader's is the one in
+        effect); a leader ignores it."""
+        check_token(d.pool, "pool")
+        if d.replica == self.replica:
+            return  # our own
+        self.metrics.messages.labels("scale_decision", "ok").inc()
+        if self.is_leader():
+            log.warning("decision_from_another_replica", pool=d.pool, replica=d.replica)
+            return
+        now = time.monotonic()
+        pool = self._pool(d.pool)
+        pool.model = pool.model or d.model
+        pool.followed_at = now
+        pool.decider.follow(now, d.target_replicas)
+        self._export(d)
+
+    # ------------------------------------------------------------------ the lease
+
+    def is_leader(self) -> bool:
+        """Whether this replica publishes decisions now."""
+        return self.lease is None or self.lease.is_leader(time.monotonic())
+
+    async def _lease_loop(self) -> None:
+        assert self.lease is not None
+        while True:
+            await asyncio.sleep(self.cfg.lease_ttl_s / 3)
+            await self.lease_step()
+
+    async def lease_step(self) -> bool:
+        """Renew, take or watch the lease once; whether this replica leads after it."""
+        assert self.lease is not None
+        was = self._leading
+        try:
+            leader = await self.lease.step(time.monotonic())
+        except Exception:  # a bug in one step must not end the lease loop
+            log.exception("autoscaler_lease_step_failed")
+            leader = self.is_leader()
+        if self.lease.state.error:
+            self.metrics.lease_errors.inc()
+        self._leading = leader
+        if leader != was:
+            self.metrics.lease_changes.labels("acquired" if leader else "lost").inc()
+            self.metrics.leader.set(1 if leader else 0)
+            log.info("autoscaler_leader" if leader else "autoscaler_follower",
+                     replica=self.replica, holder=self.lease.state.holder or None)
+        return leader
 
     # ------------------------------------------------------------------ deciding
 
@@ -225,6 +292,8 @@ class AutoscalerService:
         for gone in self.pods.prune():
             log.info("pod_no_longer_counted", pod=gone, reason="no heartbeat")
         out = [self.decide(pool, now) for pool in list(self.pools.values())]
+        if not self.is_leader():
+            return []  # a follower decides in the shadow of the leader, and publishes nothing
         if self._nc is not None:
             for d in out:
                 with contextlib.suppress(Exception):  # best effort; the next tick says it again
@@ -256,25 +325,38 @@ class AutoscalerService:
                 inputs["ttft_p90_s"] = slo.ttft_p90_s
             if slo.itl_p90_s is not None:
                 inputs["itl_p90_s"] = slo.itl_p90_s
-        previous = self.decisions.get(pool.name)
         decision = ScaleDecision(
             pool=pool.name, model=pool.model, ts=time.time(), target_replicas=d.target,
             reason=d.reason, ready_replicas=len(ready), recommended=d.recommended,
             mode=cfg.mode, replica=self.replica, inputs=inputs,
         )
-        self.decisions[pool.name] = decision
-        m = self.metrics
-        m.desired.labels(pool.name).set(d.target)
-        m.recommended.labels(pool.name).set(d.recommended)
-        m.ready.labels(pool.name).set(len(ready))
-        for k, v in inputs.items():
-            m.inputs[k].labels(pool.name).set(v)
-        if previous is not None and previous.target_replicas != d.target:
-            direction = "up" if d.target > previous.target_replicas else "down"
-            m.decisions.labels(pool.name, direction).inc()
-            log.info("scale_decision", pool=pool.name, target=d.target,
-                     was=previous.target_replicas, ready=len(ready), reason=d.reason)
+        # A follower's own decision is in effect only while no leader is heard (KEDA asking a
+        # follower gets the leader's answer).
+        if self.is_leader() or now - pool.followed_at > cfg.lease_ttl_s:
+            self._export(decision)
         return decision
+
+    def _export(self, decision: ScaleDecision) -> None:
+        """Make ``decision`` the one in effect: answers (KEDA, /health) and gauges."""
+        name = decision.pool
+        previous = self.decisions.get(name)
+        self.decisions[name] = decision
+        m = self.metrics
+        m.desired.labels(name).set(decision.target_replicas)
+        m.recommended.labels(name).set(decision.recommended)
+        m.ready.labels(name).set(decision.ready_replicas)
+        for k, v in decision.inputs.items():
+            if k in m.inputs:
+                m.inputs[k].labels(name).set(v)
+        if previous is not None and previous.target_replicas != decision.target_replicas:
+            direction = "up" if decision.target_replicas > previous.target_replicas else "down"
+            m.decisions.labels(name, direction).inc()
+            log.info("scale_decision", pool=name, target=decision.target_replicas,
+                     was=previous.target_replicas, ready=decision.ready_replicas,
+                     reason=decision.reason, by=decision.replica)
+
+
+LEASE_KEY = "leader"
 
 
 def _source(d: ScaleDemand) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from infermesh.libs.bus import credentials_path
 from infermesh.libs.bus.security import agent_user
-from infermesh.libs.bus.server import nats_server_argv
+from infermesh.libs.bus.server import HEALTH_PATH, nats_server_argv
 from infermesh.libs.config import ConfigError, default_of, to_argv
 from infermesh.libs.process.ports import free_port, free_port_range
 from infermesh.libs.process.runfile import default_state_dir
@@ -223,7 +223,8 @@ def layout(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> Layout
     nodes = 0 if spec.nats_url else spec.nats_cluster
     one_sim = spec.engine == "sim" and not sim_per_process(spec)
     n_engines = engine_slots(spec)
-    n_ops = n_engines + spec.tokenizers + spec.indexers + spec.schedulers + spec.autoscale
+    n_ops = n_engines + spec.tokenizers + spec.indexers + spec.schedulers + \
+        (spec.autoscalers if spec.autoscale else 0)
     ops = (-1,) * n_ops if spec.ops_port < 0 else seq(spec.ops_port, n_ops)
     return Layout(
         nats=seq(spec.nats_port, nodes),
@@ -314,8 +315,10 @@ class _Builder:
                                   "--nats-route-port"))
             self.procs.append(ProcessSpec(
                 name=name, kind="nats",
-                argv=tuple(nats_server_argv(self.host, self.lay.nats[i], mon, conf)),
-                ports=tuple(ports), health_url=f"http://{self.host}:{mon}/healthz",
+                argv=tuple(nats_server_argv(self.host, self.lay.nats[i], mon, conf,
+                                            store_dir=self.state_dir / "bus" / "jetstream"
+                                            / name)),
+                ports=tuple(ports), health_url=f"http://{self.host}:{mon}{HEALTH_PATH}",
                 links={"NATS": self.nats_urls[i], "monitor": f"http://{self.host}:{mon}"},
             ))
 
@@ -445,17 +448,22 @@ class _Builder:
                 ))
 
     def autoscaler(self) -> None:
-        """The autoscaler (``autoscale``), deciding the plan's pool from the start."""
-        port = self.ops_port()
-        ports, health, links = self.ops(port)
-        values: dict[str, Any] = {**self.bus(), "http_host": self.host, "http_port": port,
-                                  "pools": [self.spec.pool]}
-        self.procs.append(ProcessSpec(
-            name="autoscaler-0", kind="autoscaler",
-            argv=tuple(command("autoscaler") + self.argv("autoscaler", values)),
-            env=self.bus_env("autoscaler", "autoscaler"), after=self.nats_names(), ports=ports,
-            health_url=health, links=links, watch=_watch("autoscaler"),
-        ))
+        """The autoscalers (``autoscale``), deciding the plan's pool from the start; one leads
+        (the lease), the others follow."""
+        nodes = len(self.lay.nats)
+        for i in range(self.spec.autoscalers):
+            port = self.ops_port()
+            ports, health, links = self.ops(port)
+            values: dict[str, Any] = {**self.bus(), "http_host": self.host, "http_port": port,
+                                      "pools": [self.spec.pool]}
+            if nodes >= 3:  # the lease outlives a node of the cluster
+                values["lease_replicas"] = 3
+            self.procs.append(ProcessSpec(
+                name=f"autoscaler-{i}", kind="autoscaler",
+                argv=tuple(command("autoscaler") + self.argv("autoscaler", values)),
+                env=self.bus_env("autoscaler", "autoscaler"), after=self.nats_names(),
+                ports=ports, health_url=health, links=links, watch=_watch("autoscaler"),
+            ))
 
     def ingresses(self) -> None:
         s = self.spec

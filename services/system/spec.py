@@ -64,6 +64,9 @@ class SystemSpec:
         False, "Start the autoscaler (desired replicas on im.scale.<pool>) and act on it here: "
         "engine slots up to its max_replicas, started and drained on its decisions "
         "(docs/autoscaler.md; its knobs with --set autoscaler.FIELD=VALUE)")
+    autoscalers: int = knob(
+        1, "Autoscaler replicas with autoscale: the one holding the leader lease (NATS "
+        "JetStream) publishes decisions, the others follow and take over when it is gone")
     # ------------------------------------------------------------------ the bus
     nats_url: str = knob(
         "", "Use this NATS (comma-separated URLs) instead of starting nats-server; empty: "
@@ -115,7 +118,7 @@ class SystemSpec:
         if self.engines < (0 if self.autoscale else 1):
             raise ValueError("engines must be at least 1 (0 only with autoscale: a pool that "
                              "starts at zero)")
-        for name in ("tokenizers", "indexers", "schedulers", "ingresses"):
+        for name in ("tokenizers", "indexers", "schedulers", "ingresses", "autoscalers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.nats_cluster < 1:

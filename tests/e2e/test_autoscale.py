@@ -23,11 +23,17 @@ MODEL = "infermesh/tiny-llama"
 
 
 async def test_a_burst_scales_the_pool_up_and_its_end_back_down(stack_factory) -> None:
+    """Two autoscaler replicas (one leads: the lease); the leader is killed once the burst has
+    scaled the pool up, and the other carries on: its decisions, the scale-down included."""
     fast = {"interval_s": 0.25, "warmup_s": 0.5, "scale_up_cooldown_s": 1,
-            "scale_down_cooldown_s": 1, "scale_down_stabilization_s": 2, "max_replicas": 6}
+            "scale_down_cooldown_s": 1, "scale_down_stabilization_s": 2, "max_replicas": 6,
+            "lease_ttl_s": 1.5}
     # Two engines running 2 sequences each (the rest wait), 7 ms a token in real time.
-    stack = stack_factory(engines=2, time_scale=1.0, autoscale=True,
+    stack = stack_factory(engines=2, time_scale=1.0, autoscale=True, autoscalers=2,
                           settings={"autoscaler": fast, "sim": {"max_num_seqs": 2}})
+    replicas = {p.pid: p for name, p in stack.system.supervisor.procs.items()
+                if name.startswith("autoscaler-")}
+    assert len(replicas) == 2
     decisions: list[ScaleDecision] = []
 
     async def on_scale(msg: Any) -> None:
@@ -58,10 +64,21 @@ async def test_a_burst_scales_the_pool_up_and_its_end_back_down(stack_factory) -
             up = decisions[-1]
             assert up.reason.startswith("saturated"), up.reason
             assert up.inputs["waiting"] >= 5 and up.inputs["spare_queue"] < 3
+            # Exactly one replica publishes; kill it (the supervisor brings it back later,
+            # as a follower).
+            assert len({d.replica for d in decisions}) == 1
+            leader = up.replica
+            replicas[int(leader.rsplit("-", 1)[1])].kill()
+            n = len(decisions)
+            await wait_until(lambda: any(d.replica != leader for d in decisions[n:]), 15,
+                             "the other replica taking over")
             statuses = await burst
         assert statuses == [200] * 28
         await wait_until(lambda: decisions[-1].target_replicas == 1, 30,
                          "back down to min_replicas once served")
+        successor = next(d.replica for d in decisions[n:] if d.replica != leader)
+        assert decisions[-1].replica == successor
+        assert {d.replica for d in decisions[n:]} <= {leader, successor}
         # Up, then only down: no flapping on the way.
         targets = [d.target_replicas for d in decisions]
         peak = targets.index(max(targets))

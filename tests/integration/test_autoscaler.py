@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -267,3 +268,72 @@ async def test_keda_external_scaler_follows_the_decisions(procs: ProcessManager,
 
 async def _eq(value: Any, want: float) -> bool:
     return await value == want
+
+
+async def test_two_replicas_one_leader_and_takeover_mid_ramp(procs: ProcessManager,
+                                                             nats_server: NatsServer,
+                                                             bus: Any) -> None:
+    """Two autoscaler replicas on one bus: only the lease holder publishes decisions; the
+    leader is SIGKILLed while the pool is scaling up, and the other takes the lease over and
+    goes on with the ramp from where the leader was (not from scratch); a leader stopped
+    cleanly hands the lease over at once."""
+    seen = Decisions()
+    await bus.subscribe("im.scale.*", cb=seen.cb)
+    pods = Pods(bus)
+    pods.set("p0", kv_usage=0.85, waiting=6)  # saturated: a replica more at every cooldown
+    pods.start()
+    ttl = 1.5
+    common = ("--lease-ttl-s", str(ttl), "--max-replicas", "8", "--scale-up-cooldown-s", "1")
+    by_replica: dict[str, Any] = {}
+    for i in range(2):
+        p = procs.service("autoscaler", "--nats-url", nats_server.url, "--http-port", "-1",
+                          "--interval-s", "0.2", "--warmup-s", "0.5", *common,
+                          name=f"autoscaler-{i}")
+        by_replica[p.pid] = p
+    try:
+        # The ramp: each new target arrives as saturated replicas, so it keeps climbing.
+        def follow_ramp() -> None:
+            t = seen.target() or 0
+            for i in range(t):
+                pods.set(f"p{i}", kv_usage=0.85, waiting=6)
+
+        async def ramp_to(n: int, timeout: float, what: str) -> None:
+            async def check() -> bool:
+                follow_ramp()
+                return (seen.target() or 0) >= n
+            await wait_until(check, timeout, what)
+
+        await ramp_to(3, 30, "the ramp under the first leader")
+        leaders = {d.replica for d in seen.all}
+        assert len(leaders) == 1, f"both replicas published: {leaders}"
+        (leader,) = leaders
+        pid = int(leader.rsplit("-", 1)[1])
+        assert pid in by_replica, f"{leader} is not one of the replicas started"
+        before = seen.target() or 0
+        n_before = len(seen.all)
+        killed_at = time.time()
+        by_replica[pid].kill()  # mid-ramp, as a crash would
+        await wait_until(lambda: any(d.replica != leader for d in seen.all[n_before:]), 15,
+                         "the other replica takes over")
+        first = next(d for d in seen.all[n_before:] if d.replica != leader)
+        print(f"takeover: first decision of the new leader {first.ts - killed_at:.2f} s after "
+              f"the kill (lease TTL {ttl} s), target {first.target_replicas} (was {before})")
+        # It goes on from the leader's target (it followed the decisions), not from scratch.
+        assert first.target_replicas >= before, (first.target_replicas, before)
+        await ramp_to(min(8, before + 2), 30, "the ramp under the new leader")
+        successor = first.replica
+        after = seen.all[seen.all.index(first):]
+        assert {d.replica for d in after} == {successor}
+        # A clean stop releases the lease: a third replica, started now, follows until the
+        # successor stops and then takes over without waiting out the TTL.
+        third = procs.service("autoscaler", "--nats-url", nats_server.url, "--http-port", "-1",
+                              "--interval-s", "0.2", "--warmup-s", "0.5", *common,
+                              name="autoscaler-2")
+        await asyncio.sleep(1.0)  # let it follow a few decisions (it must not publish)
+        assert {d.replica for d in seen.all[seen.all.index(first):]} == {successor}
+        n_stop = len(seen.all)
+        next(p for pid_, p in by_replica.items() if pid_ != pid).stop()
+        await wait_until(lambda: any(d.replica.endswith(f"-{third.pid}")
+                                     for d in seen.all[n_stop:]), 10, "handover on a clean stop")
+    finally:
+        await pods.stop()

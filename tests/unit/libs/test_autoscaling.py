@@ -64,12 +64,18 @@ def test_needed_is_the_fewest_replicas_that_keep_both_spares(pairs: list) -> Non
     triggers; over one fewer it does not (computed, not guessed)."""
     v = analyze(WVA, loads(*pairs))
 
-    def fits(m: int) -> bool:
-        if m == 0:  # (a load within rounding of nothing needs no replica)
-            return v.total_kv < 1e-6 and v.total_waiting == 0
+    def spares_hold(m: int) -> bool:  # the load spread over m replicas keeps both spares
+        if m == 0:
+            return v.total_kv == 0 and v.total_waiting == 0
         return (WVA.kv_threshold - v.total_kv / m >= WVA.kv_spare_trigger - 1e-6
                 and WVA.queue_threshold - v.total_waiting / m >= WVA.queue_spare_trigger - 1e-6)
 
+    def fits(m: int) -> bool:  # the same, solved for m, with the module's rounding tolerance
+        kv = v.total_kv / (WVA.kv_threshold - WVA.kv_spare_trigger)
+        queue = v.total_waiting / (WVA.queue_threshold - WVA.queue_spare_trigger)
+        return m >= kv - 1e-9 and m >= queue - 1e-9
+
+    assert v.needed == 0 or spares_hold(v.needed)
     assert fits(v.needed)
     assert v.needed == 0 or not fits(v.needed - 1)
 
@@ -272,3 +278,25 @@ def test_bounds_clamp_and_validate() -> None:
         Bounds(max_replicas=0)
     with pytest.raises(ValueError):
         Bounds(scale_up_cooldown_s=-1)
+
+
+def test_a_follower_adopts_the_leaders_decisions_cooldowns_included() -> None:
+    """A standby replica that adopted the leader's target goes on from it when it takes over:
+    no jump back to the ready count, and the leader's last scale-up still cools down."""
+    leader, follower = PoolDecider(FAST), PoolDecider(FAST)
+    warm = inputs((0.75, 0), (0.78, 0))  # needs 3
+    follower.tick(0, inputs((0.3, 0), (0.3, 0)))
+    leader.tick(0, inputs((0.3, 0), (0.3, 0)))
+    up = leader.tick(1, warm)
+    assert up.target == 3
+    follower.follow(1, up.target)
+    # The leader dies; the follower decides from the same inputs: still 3 (it adopted it),
+    # and the scale-up cooldown from the leader's step at t=1 still holds at t=3.
+    hotter = inputs((0.79, 0), (0.79, 0), (0.79, 0))  # needs 4
+    held = follower.tick(3, hotter)
+    assert held.target == 3 and "cooldown" in held.reason
+    assert follower.tick(6.5, hotter).target == 4
+    # Without adopting, the same replica would have started from its own last target (2).
+    alone = PoolDecider(FAST)
+    alone.tick(0, inputs((0.3, 0), (0.3, 0)))
+    assert alone.target == 2

@@ -66,7 +66,13 @@ def test_one_identity_per_pod_and_per_service() -> None:
 
 def test_autoscaler_rights() -> None:
     a = by_user()["autoscaler"].permissions
-    assert set(a.publish) == {"im.scale.*"}  # decisions; nothing else
+    # Decisions, and the lease bucket's JetStream API and keys; nothing else of JetStream.
+    assert set(a.publish) == {
+        "im.scale.*", "$JS.API.STREAM.INFO.KV_im_autoscaler",
+        "$JS.API.STREAM.CREATE.KV_im_autoscaler", "$JS.API.STREAM.MSG.GET.KV_im_autoscaler",
+        "$JS.API.DIRECT.GET.KV_im_autoscaler.>", "$KV.im_autoscaler.>"}
+    assert not any(matches(p, "$JS.API.STREAM.DELETE.KV_im_autoscaler") or
+                   matches(p, "$KV.other.leader") for p in a.publish)
     assert set(a.subscribe) == {"im.pod.*.*", "im.req.*", "im.scale.*", "_INBOX.autoscaler.>"}
     assert a.responses == 0
 
@@ -143,6 +149,9 @@ def test_prefix_is_applied_everywhere() -> None:
     for ident in identities("prod.a", PODS):
         p = ident.permissions
         for subject in (*p.publish, *p.subscribe):
+            if subject.startswith(("$JS.", "$KV.")):  # the lease bucket, named by the prefix
+                assert "prod_a_autoscaler" in subject, (ident.user, subject)
+                continue
             assert subject.startswith(("prod.a.", "$SRV.", "_INBOX.")), (ident.user, subject)
 
 

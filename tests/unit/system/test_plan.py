@@ -192,3 +192,26 @@ def test_autoscale_adds_the_autoscaler_deciding_the_pool(tmp_path: Path) -> None
     assert len(set(ops)) == len(ops) and ops[-1] == cfg.http_port
     with pytest.raises(ConfigError, match="slo mode needs"):
         plan(dataclasses.replace(p.spec, settings={"autoscaler": {"mode": "slo"}}))
+    assert cfg.lease and cfg.lease_replicas == 1
+
+
+def test_autoscaler_replicas_and_their_lease(tmp_path: Path) -> None:
+    """`--autoscalers 2`: two replicas, ports of their own; on a NATS cluster of 3 the lease
+    bucket gets 3 copies (unless set); every NATS node runs JetStream with a store of its own."""
+    spec = SystemSpec(engines=1, autoscale=True, autoscalers=2, nats_cluster=3,
+                      state_dir=str(tmp_path))
+    p = plan(spec)
+    reps = p.of_kind("autoscaler")
+    assert [a.name for a in reps] == ["autoscaler-0", "autoscaler-1"]
+    cfgs = [parsed("autoscaler", a.argv) for a in reps]
+    assert len({c.http_port for c in cfgs}) == 2 and {c.lease_replicas for c in cfgs} == {3}
+    stores = [a.argv[a.argv.index("-sd") + 1] for a in p.of_kind("nats")]
+    assert len(set(stores)) == 3 and all("-js" in a.argv for a in p.of_kind("nats"))
+    assert all(a.health_url.endswith("/healthz?js-enabled-only=true")
+               for a in p.of_kind("nats"))
+    one = plan(dataclasses.replace(spec, nats_cluster=1,
+                                   settings={"autoscaler": {"lease_ttl_s": 2}}))
+    assert {parsed("autoscaler", a.argv).lease_replicas for a in one.of_kind("autoscaler")} \
+        == {1}
+    with pytest.raises(ValueError, match="autoscalers must be at least 1"):
+        SystemSpec(engines=1, autoscale=True, autoscalers=0)
