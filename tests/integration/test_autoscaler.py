@@ -326,14 +326,29 @@ async def test_two_replicas_one_leader_and_takeover_mid_ramp(procs: ProcessManag
         assert {d.replica for d in after} == {successor}
         # A clean stop releases the lease: a third replica, started now, follows until the
         # successor stops and then takes over without waiting out the TTL.
-        third = procs.service("autoscaler", "--nats-url", nats_server.url, "--http-port", "-1",
-                              "--interval-s", "0.2", "--warmup-s", "0.5", *common,
+        port = free_port()
+        third = procs.service("autoscaler", "--nats-url", nats_server.url, "--http-port",
+                              str(port), "--interval-s", "0.2", "--warmup-s", "0.5", *common,
                               name="autoscaler-2")
-        await asyncio.sleep(1.0)  # let it follow a few decisions (it must not publish)
-        assert {d.replica for d in seen.all[seen.all.index(first):]} == {successor}
-        n_stop = len(seen.all)
-        next(p for pid_, p in by_replica.items() if pid_ != pid).stop()
-        await wait_until(lambda: any(d.replica.endswith(f"-{third.pid}")
-                                     for d in seen.all[n_stop:]), 10, "handover on a clean stop")
+        health: dict[str, Any] = {}
+        async with aiohttp.ClientSession() as http:
+            async def following() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                        health.update(await r.json())
+                return health.get("pools", {}).get("default", {}).get("desired") == \
+                    seen.target()
+            # A follower: it names the leader, and what it shows (and would tell KEDA) is the
+            # leader's decision.
+            await wait_until(following, 15, "the third replica following the leader")
+            assert health["role"] == "follower" and health["lease_holder"] == successor
+            assert {d.replica for d in seen.all[seen.all.index(first):]} == {successor}
+            n_stop = len(seen.all)
+            next(p for pid_, p in by_replica.items() if pid_ != pid).stop()
+            await wait_until(lambda: any(d.replica.endswith(f"-{third.pid}")
+                                         for d in seen.all[n_stop:]), 10,
+                             "handover on a clean stop")
+            async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                assert (await r.json())["role"] == "leader"
     finally:
         await pods.stop()
