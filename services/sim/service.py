@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from dataclasses import dataclass
@@ -54,8 +55,13 @@ class SimService:
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
-        """Start every engine and its HTTP server."""
+        """Start every engine and its HTTP server, after the modelled start-up delay."""
         cfg = self.cfg
+        if cfg.startup_delay_s > 0 and cfg.time_scale > 0:
+            # A booting vLLM does not answer yet: nothing listens until its start is over, so
+            # an agent sees a refused connection (not ready), as it does for a launched vLLM.
+            log.info("sim_starting", delay_s=cfg.startup_delay_s * cfg.time_scale)
+            await asyncio.sleep(cfg.startup_delay_s * cfg.time_scale)
         for i in range(cfg.engines):
             http_port = cfg.http_port + i if cfg.http_port else 0
             sock = self._bind_http(http_port)
