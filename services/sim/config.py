@@ -56,8 +56,9 @@ class SimConfig:
     )
     time_scale: float = knob(1.0, "Multiply every modelled delay (0: as fast as possible)")
     startup_delay_s: float = knob(
-        0.0, "Modelled seconds before the engines listen (HTTP and ZMQ), as a real vLLM loads "
-        "its weights and warms up first (≈ 25 s on the CPU machines); × time_scale"
+        0.0, "Modelled seconds from the process's start until the engines listen (HTTP and "
+        "ZMQ), as a real vLLM loads its weights and warms up first (≈ 25 s on the CPU "
+        "machines); × time_scale"
     )
     failure_rate: float = knob(0.0, "Fraction of requests answered with an injected error")
     failure_codes: list[int] = knob(None, "Status codes injected errors use", factory=lambda: [500])

@@ -1,10 +1,13 @@
-"""The simulator's start-up delay (``--startup-delay-s``, × time_scale): until it has passed
-nothing listens, so the agent's scrape of /metrics is refused (its heartbeat: not ready); then
-the engine serves at once."""
+"""The simulator's start-up delay (``--startup-delay-s``, × time_scale, counted from the
+process's start as vLLM's is from its launch): until it has passed nothing listens, so the
+agent's scrape of /metrics is refused (its heartbeat: not ready); then the engine serves at
+once."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -12,6 +15,7 @@ import pytest
 
 from infermesh.libs.process.ports import free_port
 from infermesh.services.agent.scrape import scrape_engine
+from infermesh.services.sim import service
 from infermesh.services.sim.config import SimConfig
 from infermesh.services.sim.service import SimService
 
@@ -44,7 +48,9 @@ async def _wait_serving(http: aiohttp.ClientSession, url: str, timeout: float) -
         await asyncio.sleep(0.05)
 
 
-async def test_nothing_listens_until_the_scaled_delay_has_passed() -> None:
+async def test_nothing_listens_until_the_scaled_delay_has_passed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "process_age_s", lambda: 0.0)  # as if just launched
     # 4 modelled seconds at time scale 0.25: 1 s of wall clock.
     svc, task, url, t0 = await _start(4.0, 0.25)
     try:
@@ -70,6 +76,26 @@ async def test_no_delay_by_default() -> None:
             assert await _wait_serving(http, url, 5) == 0
     finally:
         await svc.stop()
+
+
+async def test_the_process_start_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Launched 0.8 s ago: of a 1 s delay 0.2 s are left.
+    monkeypatch.setattr(service, "process_age_s", lambda: 0.8)
+    svc, task, url, t0 = await _start(4.0, 0.25)
+    try:
+        await asyncio.wait_for(task, 10)
+        waited = time.monotonic() - t0
+    finally:
+        await svc.stop()
+    assert 0.2 <= waited < 0.8, waited
+
+
+def test_process_age_of_a_fresh_process() -> None:
+    code = "from infermesh.services.sim.service import process_age_s; print(process_age_s())"
+    t0 = time.monotonic()
+    age = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                               text=True).stdout)
+    assert 0 < age <= time.monotonic() - t0 + 0.05  # clock ticks: 10 ms resolution
 
 
 def test_a_negative_delay_is_refused() -> None:
