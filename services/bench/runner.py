@@ -13,6 +13,11 @@ each time) and reports the median and the spread. Every row also reports the CPU
 1,000 requests of its control plane (our services and nats-server, or the peer router) and of
 its engines.
 
+A fleet preset (``--preset autoscale``) compares fleets instead: the same day of load on fixed
+fleets and on the autoscaler from zero, engines taking ``--startup-delay-s`` to start; it reports
+engine-seconds, replicas over time (replicas.csv, replicas.svg) and the requests that arrived at
+zero replicas (docs/bench.md).
+
 With ``--url`` the same requests go to any OpenAI endpoint instead (a bare vLLM, another router);
 the profile then only travels as the ``x-infermesh-profile`` header. The preset's time scale
 still sets the arrival moments and converts latencies to modelled seconds: give
