@@ -11,7 +11,7 @@ ARGS ?=
 NATS_CLUSTER ?=
 VLLM_VENV := .venv-vllm
 
-.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-peers lint venv clean schema keda-stubs
+.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-autoscale bench-peers lint venv clean schema keda-stubs
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ bench: $(STAMP)
 
 bench-llmd: $(STAMP)
 	$(BIN)/infermesh bench --preset llmd-kvcache-wins --out .bench/llmd-kvcache-wins $(ARGS)
+
+# A compressed day (idle, ramp, peak, trough, idle) on fixed fleets and on the autoscaler from
+# zero, engines taking 25 s (modelled) to start; ≈ 3.5 min (docs/bench.md).
+bench-autoscale: $(STAMP)
+	$(BIN)/infermesh bench --preset autoscale --out .bench/autoscale $(ARGS)
 
 # Peer routers (sglang-router, vllm-router) next to our profiles, 3 repeats each
 # (docs/bench.md): quick with every peer policy (≈ 13 min on 2 cores), then llmd-kvcache-wins

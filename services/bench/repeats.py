@@ -122,6 +122,8 @@ def _fmt(value: Any, spec: str, mult: float) -> str:
 
 def _cell(summaries: Sequence[Mapping[str, Any]], key: str, spec: str, mult: float,
           show_spread: bool) -> str:
+    if spec == "s":  # text (a sparkline): the first repeat's
+        return next((str(s[key]) for s in summaries if s.get(key) is not None), "-")
     if key == "load_spread":
         values = [s.get(key, {}).get("cv") if isinstance(s.get(key), Mapping) else None
                   for s in summaries]
@@ -135,7 +137,11 @@ def _cell(summaries: Sequence[Mapping[str, Any]], key: str, spec: str, mult: flo
     return text
 
 
-def format_table(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+Column = tuple[str, str, str, float, bool]
+
+
+def format_table(rows: Mapping[str, Sequence[Mapping[str, Any]]],
+                 columns: Sequence[Column] = _COLUMNS) -> str:
     """An aligned table, one line per row name (in the mapping's order) from its repeats'
     summaries. One repeat: the values. Several: the median, and ``[min–max]`` after TTFT p50
     and p90, output tok/s, hit rate, failed requests and the CPU columns. ``-``: no data.
@@ -143,11 +149,12 @@ def format_table(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     Columns: TTFT p50/p90/mean (modelled s), ITL mean (modelled ms), output tokens per modelled
     second, prefix-cache hit rate (%), load spread (CV of requests per engine), failed requests,
     CPU seconds per 1,000 requests of the control plane (CP: our services and nats-server, or
-    the peer router) and of the engines.
+    the peer router) and of the engines. Other ``columns``: (header, summary key, format — ``s``
+    for text —, multiplier, whether the spread is shown).
     """
-    header = ["row", *(c[0] for c in _COLUMNS)]
+    header = ["row", *(c[0] for c in columns)]
     lines = [[name, *(_cell(reps, key, spec, mult, show)
-                      for _, key, spec, mult, show in _COLUMNS)]
+                      for _, key, spec, mult, show in columns)]
              for name, reps in rows.items()]
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
 

@@ -13,6 +13,11 @@ each time) and reports the median and the spread. Every row also reports the CPU
 1,000 requests of its control plane (our services and nats-server, or the peer router) and of
 its engines.
 
+A fleet preset (``--preset autoscale``) compares fleets instead: the same day of load on fixed
+fleets and on the autoscaler from zero, engines taking ``--startup-delay-s`` to start; it reports
+engine-seconds, replicas over time (replicas.csv, replicas.svg) and the requests that arrived at
+zero replicas (docs/bench.md).
+
 With ``--url`` the same requests go to any OpenAI endpoint instead (a bare vLLM, another router);
 the profile then only travels as the ``x-infermesh-profile`` header. The preset's time scale
 still sets the arrival moments and converts latencies to modelled seconds: give
@@ -42,10 +47,12 @@ import aiohttp
 from infermesh.libs.telemetry import configure_logging
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, ensure_model_folder
 from infermesh.libs.tokenization import ModelTokenizer
+from infermesh.proto.subjects import Subjects
 from infermesh.services.system.plan import plan
 from infermesh.services.system.run import LocalSystem
 from infermesh.services.system.spec import SystemSpec
 
+from . import fleets as F
 from . import metrics as M
 from . import peers as P
 from . import repeats as R
@@ -58,7 +65,12 @@ ALL_PROFILES = ["random", "round-robin", "load", "approx-prefix", "llm-d", "defa
 
 @dataclass
 class Preset:
-    """A named benchmark: workload, arrivals, fleet and profiles."""
+    """A named benchmark: workload, arrivals, fleet and profiles.
+
+    With ``fleets`` the rows are fleets instead of profiles (the ``autoscale`` preset): each
+    runs the preset's first profile on its own engines, fixed or autoscaled, with the
+    simulator's ``startup_delay_s``.
+    """
 
     name: str
     description: str
@@ -66,6 +78,14 @@ class Preset:
     stages: list[W.Stage]  # modelled time
     system: SystemSpec  # the fleet; ports, state folder and timeouts are the bench's
     profiles: list[str] = field(default_factory=lambda: list(ALL_PROFILES))
+    fleets: list[F.Fleet] = field(default_factory=list)
+    startup_delay_s: float = 0.0  # the engines' start (modelled s), for fleet rows
+
+    @property
+    def baseline(self) -> F.Fleet | None:
+        """The fleet the others are compared with: the largest fixed one."""
+        fixed = [f for f in self.fleets if not f.autoscaled]
+        return max(fixed, key=lambda f: f.engines) if fixed else None
 
 
 def _quick_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
@@ -79,6 +99,26 @@ def _llmd_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
     return W.shared_prefix(tok, num_groups=150, prompts_per_group=5, system_prompt_len=6000,
                            question_len=1200, output_len=32, seed=seed)
 
+
+def _autoscale_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
+    # Unique prompts: no prefix to route on, so the rows differ only in their engines.
+    return W.low_sharing(tok, num_prompts=400, prompt_len=200, output_len=20, seed=seed)
+
+
+# Real vLLM on the CPU machines answers /v1/models 23-27 s after it starts (--enforce-eager).
+VLLM_STARTUP_S = 25.0
+AUTOSCALE_MAX = 4
+# The autoscaler for a compressed day (modelled seconds, scaled by the time scale): decisions
+# every 2 s, a scale-up at most every 10 s, a scale-down only to the highest need of the last
+# 30 s (a dip at the peak must not drain an engine that takes 25 s to come back) and not
+# within 30 s of a change (longer than an engine's start: a replica still booting
+# is not judged idle), zero after 10 s without a request. Scale up when the engines' mean KV
+# usage passes 0.45 (spare < 0.35) instead of 0.70: an engine takes 25 s to start, and the
+# headroom must carry the ramp meanwhile.
+_AUTOSCALER = {"min_replicas": 0, "max_replicas": AUTOSCALE_MAX, "interval_s": 2.0,
+               "warmup_s": 5.0, "scale_up_cooldown_s": 10.0, "scale_down_cooldown_s": 30.0,
+               "scale_down_stabilization_s": 30.0, "scale_to_zero_after_s": 10.0,
+               "kv_spare_trigger": 0.35}
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
@@ -110,6 +150,32 @@ PRESETS: dict[str, Preset] = {
                           engine_args="--prefill-tokens-per-s 20000"),
         profiles=["random", "approx-prefix", "llm-d", "default"],
     ),
+    "autoscale": Preset(
+        name="autoscale",
+        description=("a day in 8.5 minutes (modelled): idle, ramp, peak, trough, idle, on "
+                     "engines that take 25 s to start; fixed max, fixed min and the "
+                     "autoscaler (saturation, SLO) from zero"),
+        workload=_autoscale_workload,
+        # Night, morning ramp, midday peak, afternoon trough, night (modelled seconds).
+        stages=[W.Stage(0, 90), W.Stage(0.1, 30), W.Stage(0.3, 30), W.Stage(0.6, 30),
+                W.Stage(1.0, 30), W.Stage(1.4, 30), W.Stage(1.9, 90), W.Stage(0.5, 90),
+                W.Stage(0, 90)],
+        # A big model on a small accelerator: 4 sequences at once (the KV cache holds 4
+        # requests of 200 + 20 tokens, 14 blocks each: usage = running / 4), prefill at 2,000
+        # tok/s (0.1 s a prompt), 200 ms a token: ≈ 4 s a request, ≈ 1 request/s an engine.
+        # The peak (1.9/s ≈ 8 sequences) needs 3-4 engines; one is overrun. Time scale 0.1:
+        # the 8.5-minute day takes 51 s, an engine's start 2.5 s.
+        # The agents scrape every 0.2 s (2 modelled s), so a started engine is seen ready soon.
+        system=SystemSpec(engines=AUTOSCALE_MAX, num_gpu_blocks=56, time_scale=0.1,
+                          engine_args="--max-num-seqs 4 --itl-s 0.2 --prefill-tokens-per-s 2000",
+                          settings={"agent": {"scrape_interval_s": 0.2}}),
+        profiles=["default"],
+        fleets=[F.Fleet("fixed-max", AUTOSCALE_MAX), F.Fleet("fixed-min", 1),
+                F.Fleet("autoscale-saturation", 0, {**_AUTOSCALER, "mode": "saturation"}),
+                F.Fleet("autoscale-slo", 0, {**_AUTOSCALER, "mode": "slo",
+                                             "ttft_p90_target_s": 1.0, "slo_window_s": 20.0})],
+        startup_delay_s=VLLM_STARTUP_S,
+    ),
 }
 
 
@@ -124,13 +190,16 @@ def local_system(spec: SystemSpec, state_dir: Path) -> LocalSystem:
 
 async def run_requests(url: str, requests: list[W.BenchRequest], *, profile: str, model: str,
                        stages: list[W.Stage], header_profile: bool = True,
+                       start: float | None = None,
                        ) -> tuple[list[M.RequestResult], float]:
-    """Send every request at its arrival offset (wall seconds); return results and duration."""
+    """Send every request at its arrival offset (wall seconds from ``start``, a
+    ``time.perf_counter()`` moment; default: now); return results and duration. The run lasts
+    at least through the stages (idle ones at the end included)."""
     headers = {"x-infermesh-profile": profile} if header_profile else {}
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
-        start = time.perf_counter()
+        start = time.perf_counter() if start is None else start
         tasks = []
         for req in requests:
             delay = start + req.arrival_s - time.perf_counter()
@@ -140,6 +209,9 @@ async def run_requests(url: str, requests: list[W.BenchRequest], *, profile: str
                 http, url, req, model=model, profile=profile, run_start=start,
                 offered_rate=W.rate_at(stages, req.arrival_s) or 0.0, headers=headers)))
         results = await asyncio.gather(*tasks)
+        rest = start + W.total_duration(stages) - time.perf_counter()
+        if rest > 0:
+            await asyncio.sleep(rest)
         return list(results), time.perf_counter() - start
 
 
@@ -166,14 +238,17 @@ def peak_stage_output_tok_s(results: list[M.RequestResult], wall_stages: list[W.
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: one of our profiles, or one policy of a peer router."""
+    """One line of the table: one of our profiles, one policy of a peer router, or a fleet."""
 
     name: str
     peer: P.PeerPlan | None = None
     policy: str = ""
+    fleet: F.Fleet | None = None
 
     @property
     def kind(self) -> str:
+        if self.fleet is not None:
+            return "fleet"
         return "peer" if self.peer is not None else "profile"
 
     @property
@@ -191,6 +266,7 @@ class RowRun:
     results: list[M.RequestResult]
     wall_s: float  # start of its system to its stop
     note: str | None = None
+    replicas: list[dict[str, float]] | None = None  # fleets: the replicas over time
 
 
 @dataclass(frozen=True)
@@ -301,6 +377,77 @@ def run_peer(spec: SystemSpec, peer: P.PeerPlan, policy: str, work: Workload,
                   results=results, wall_s=time.monotonic() - t0, note=note)
 
 
+def run_fleet(spec: SystemSpec, fleet: F.Fleet, work: Workload, state_dir: Path, *,
+              profile: str, startup_delay_s: float) -> RowRun:
+    """One fleet on a fresh local system: a fixed number of engines, or the autoscaler from
+    zero. Besides the usual summary: engine-seconds, replicas over time and the requests that
+    arrived while no replica was ready."""
+    t0 = time.monotonic()
+    fspec = F.fleet_spec(spec, fleet, work.time_scale, startup_delay_s)
+    system = local_system(fspec, state_dir).start()
+    try:
+        actuator = system.actuator
+        results, duration, m0, samples = asyncio.run(_measure_fleet(system, fleet, work,
+                                                                    profile))
+        if actuator is not None:
+            intervals = [F.running_intervals(list(slot.history)) for slot in actuator.slots]
+            used = F.engine_seconds(intervals, m0, m0 + duration)
+        else:
+            used = fleet.engines * duration
+    finally:
+        system.stop()
+        system.remove_secrets()
+    scale = work.time_scale
+    summary = _summarize(results, duration, work, {}, list(system.plan.pods))
+    summary.update({
+        "engines": fleet.engines, "autoscaled": fleet.autoscaled,
+        "mode": (fleet.autoscaler or {}).get("mode"),
+        "engine_seconds": used / scale, "engine_seconds_wall": used,
+        "ready_mean": F.time_mean(samples, duration, "ready"),
+        "started_mean": F.time_mean(samples, duration, "started"),
+        "ready_max": max((x.ready for x in samples), default=None),
+        "replicas": F.sparkline(samples, duration, fleet.max_engines or 1),
+        **F.zero_stats(results, samples, scale),
+    })
+    return RowRun(summary=summary, per_rate=M.by_offered_rate(results, scale), results=results,
+                  wall_s=time.monotonic() - t0, replicas=F.series(samples, scale))
+
+
+async def _measure_fleet(system: LocalSystem, fleet: F.Fleet, work: Workload, profile: str
+                         ) -> tuple[list[M.RequestResult], float, float, list[F.Sample]]:
+    """The requests, with the replicas sampled meanwhile; also the run's start on the
+    monotonic clock (the actuator's)."""
+    actuator = system.actuator
+    prefix = Subjects(system.plan.spec.subject_prefix).prefix
+    sampler = F.ReplicaSampler(
+        system.nats_url, f"{prefix}.pod.{system.plan.spec.pool}.*",
+        (lambda: sum(s.running for s in actuator.slots)) if actuator is not None
+        else (lambda: fleet.engines), security=system.security())
+    await sampler.connect(expect=len(system.plan.active_pods))
+    start, m0 = time.perf_counter(), time.monotonic()
+    sampler.begin(start)
+    try:
+        results, duration = await run_requests(
+            system.url, work.requests, profile=profile, model=work.model,
+            stages=work.wall_stages, start=start)
+    finally:
+        await sampler.stop()
+    return results, duration, m0, sampler.samples
+
+
+def compare_fleets(rep: dict[str, RowRun], baseline: str) -> None:
+    """Each fleet's TTFT p90 and engine-seconds relative to the baseline's (same repeat)."""
+    base = rep.get(baseline)
+    if base is None:
+        return
+    b = base.summary
+    for r in rep.values():
+        s = r.summary
+        for key, out in (("ttft_p90_s", "ttft_p90_vs_baseline"),
+                         ("engine_seconds", "engine_seconds_vs_baseline")):
+            s[out] = s[key] / b[key] if s.get(key) is not None and b.get(key) else None
+
+
 def resolve_time_scale(preset: Preset, override: float | None) -> float:
     """The time scale of a run: ``override`` (``--time-scale``) or the preset's, whatever the
     target (a local system, a peer, or ``--url``)."""
@@ -329,19 +476,29 @@ def _fmt(value: float | None, spec: str) -> str:
 def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: str | None = None,
         model: str = DEFAULT_MODEL_NAME, seed: int = 0, peers: Sequence[str] = (),
         peer_policies: Sequence[str] | None = None, repeat: int = 1,
-        time_scale: float | None = None) -> dict[str, Any]:
+        time_scale: float | None = None, startup_delay_s: float | None = None,
+        ) -> dict[str, Any]:
     """Run ``preset`` for each profile (``profiles``: the preset's when None; ``[]``: none) and
-    each peer policy, ``repeat`` times; write results.json, requests.json and plots into
-    ``out``. Raises :class:`peers.PeerError` when a requested peer is not installed."""
+    each peer policy, or for each of its fleets, ``repeat`` times; write results.json,
+    requests.json and plots into ``out``. Raises :class:`peers.PeerError` when a requested peer
+    is not installed."""
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1, got {repeat}")
     if peers and url:
         raise ValueError("peers run in front of their own fleet; they cannot go with a url")
+    if preset.fleets and (peers or url or profiles is not None):
+        raise ValueError(f"{preset.name} compares fleets of its own: no profiles, peers or url")
+    delay = preset.startup_delay_s if startup_delay_s is None else startup_delay_s
+    if not (math.isfinite(delay) and delay >= 0):
+        raise ValueError(f"startup delay must be finite and >= 0, got {delay}")
     scale = resolve_time_scale(preset, time_scale)
     spec = dataclasses.replace(preset.system, time_scale=scale)
     plans = P.resolve(list(peers), list(peer_policies) if peer_policies else None,
                       spec.engines) if peers else []
     rows = [Row(p) for p in (preset.profiles if profiles is None else profiles)]
+    if preset.fleets:
+        rows = [Row(f.name, fleet=f) for f in preset.fleets]
+    baseline = preset.baseline
     for pp in plans:
         for policy, why in pp.skipped.items():
             print(f"[bench] skipping {pp.peer.name}:{policy}: {why}", flush=True)
@@ -359,12 +516,21 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
             tag = f" (repeat {k + 1}/{repeat})" if repeat > 1 else ""
             print(f"[bench] {preset.name}: {row.name}{tag}: {len(work.requests)} requests",
                   flush=True)
-            if row.peer is None:
+            if row.fleet is not None:
+                r = run_fleet(spec, row.fleet, work, logs / row.folder,
+                              profile=preset.profiles[0], startup_delay_s=delay)
+            elif row.peer is None:
                 r = run_profile(spec, row.name, work, logs / row.folder, url=url)
             else:
                 r = run_peer(spec, row.peer, row.policy, work, logs / row.folder)
             rep[row.name] = r
             s = r.summary
+            if row.fleet is not None:
+                print(f"[bench]   ttft p50 {_fmt(s['ttft_p50_s'], '.3f')}s p90 "
+                      f"{_fmt(s['ttft_p90_s'], '.3f')}s, failed {s['errors']}, engine-s "
+                      f"{s['engine_seconds']:.0f}, ready {s['replicas']}, at zero "
+                      f"{s['zero_arrivals']}; {r.wall_s:.0f} s", flush=True)
+                continue
             print(f"[bench]   ttft p90 {_fmt(s['ttft_p90_s'], '.3f')}s, "
                   f"{s['output_tok_s']:.0f} tok/s (peak stage {s['peak_output_tok_s']:.0f}), "
                   f"hit rate {_fmt(s['cache_hit_rate'], '.2f')}, errors {s['errors']}, "
@@ -373,6 +539,8 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
                   f"{_fmt(s['engines_cpu_s_per_1k'], '.1f')}; {r.wall_s:.0f} s", flush=True)
             if r.note:
                 print(f"[bench]   note: {r.note}", flush=True)
+        if baseline is not None:
+            compare_fleets(rep, baseline.name)
         runs.append(rep)
     names = [row.name for row in rows]
     by_row = {n: [rep[n].summary for rep in runs] for n in names}
@@ -387,6 +555,11 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         "stages": [{"rate_qps": s.rate_qps, "duration_s": s.duration_s} for s in preset.stages],
         "engines": spec.engines if not url else None,
         "repeat": repeat,
+        "startup_delay_s": delay if preset.fleets else None,
+        "fleets": {f.name: {"engines": f.engines, "autoscaler": dict(f.autoscaler or {}) or None,
+                            "system": dataclasses.asdict(F.fleet_spec(spec, f, scale, delay))}
+                   for f in preset.fleets},
+        "baseline": baseline.name if baseline is not None else None,
         "rows": names,
         "kinds": {row.name: row.kind for row in rows},
         # Every row (profiles and peer policies): the median over the repeats.
@@ -395,7 +568,9 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         "spread": {n: R.spread(by_row[n]) for n in names},
         "repeats": [{"profiles": {n: rep[n].summary for n in names},
                      "per_rate": {n: rep[n].per_rate for n in names},
-                     "wall_s": {n: rep[n].wall_s for n in names}} for rep in runs],
+                     "wall_s": {n: rep[n].wall_s for n in names},
+                     **({"replicas": {n: rep[n].replicas for n in names}}
+                        if preset.fleets else {})} for rep in runs],
         "peers": {pp.peer.name: {"package": pp.peer.package, "version": pp.version,
                                  "executable": str(pp.executable), "policies": pp.policies,
                                  "skipped": pp.skipped} for pp in plans},
@@ -407,7 +582,14 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
                for r in rep[n].results] for n in names}
     (out / "requests.json").write_text(json.dumps(raw, default=str))
     plots = M.write_plots(summaries, per_rate, out)
-    print(R.format_table(by_row))
+    if preset.fleets:
+        plots += _write_replicas(runs, names, preset, out)
+        print(R.format_table(by_row, columns=F.TABLE_COLUMNS))
+        print(f"replicas: ready over the run (· none, ▁…█ up to "
+              f"{max(f.max_engines for f in preset.fleets)}); at zero: requests that arrived "
+              "with no replica ready; added s: their median TTFT minus the others'")
+    else:
+        print(R.format_table(by_row))
     for n, v in kept_notes.items():
         for note in v:
             print(f"note: {n}: {note}")
@@ -417,6 +599,21 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
     print(f"[bench] {len(rows)} rows x {repeat} in {doc['elapsed_s']:.0f} s; wrote "
           f"{out / 'results.json'} and {', '.join(str(p) for p in plots)}")
     return doc
+
+
+def _write_replicas(runs: list[dict[str, RowRun]], names: list[str], preset: Preset,
+                    out: Path) -> list[Path]:
+    """replicas.csv (every repeat) and replicas.svg (the first repeat)."""
+    rows: dict[str, list[dict[str, float]]] = {}
+    for k, rep in enumerate(runs):
+        for n in names:
+            tag = n if len(runs) == 1 else f"{n}#{k + 1}"
+            rows[tag] = rep[n].replicas or []
+    first = {n: runs[0][n].replicas or [] for n in names}
+    top = max(f.max_engines for f in preset.fleets)
+    return [F.write_csv(rows, out / "replicas.csv"),
+            F.write_svg(first, [(s.rate_qps, s.duration_s) for s in preset.stages],
+                        out / "replicas.svg", top=top)]
 
 
 # --------------------------------------------------------------------------- command line
@@ -439,6 +636,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -479,6 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "preset's; 1 for a real engine behind --url)")
     p.add_argument("--url", default="", help="an OpenAI endpoint to measure instead of a local "
                    "system (profiles then only travel as a header)")
+    p.add_argument("--startup-delay-s", type=_non_negative_float, default=None,
+                   help="fleet presets (autoscale): the simulated engines' start, in modelled "
+                   "seconds, scaled by the time scale (default: the preset's; autoscale: 25, "
+                   "real vLLM's on the CPU machines)")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -493,6 +704,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "--url")
     if args.peer_policies and not args.peers:
         parser.error("--peer-policies needs --peers")
+    fleets = bool(PRESETS[args.preset].fleets)
+    if fleets and (args.peers or args.url or args.profiles):
+        parser.error(f"--preset {args.preset} compares fleets (its rows): --profiles, --peers "
+                     "and --url do not apply")
+    if args.startup_delay_s is not None and not fleets:
+        parser.error("--startup-delay-s applies to fleet presets (autoscale)")
     if args.profiles.strip() == "none":
         args.profile_list = []
         if not args.peers:
@@ -531,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             run(preset, out, profiles=args.profile_list, url=args.url or None,
                 model=args.model, seed=args.seed, peers=args.peers,
                 peer_policies=args.peer_policies, repeat=args.repeat,
-                time_scale=args.time_scale)
+                time_scale=args.time_scale, startup_delay_s=args.startup_delay_s)
     except P.PeerError as e:
         print(f"infermesh bench: {e}", file=sys.stderr)
         return 2

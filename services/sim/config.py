@@ -55,6 +55,11 @@ class SimConfig:
         1.0, "Decode steps slow by this fraction while a prefill is in progress"
     )
     time_scale: float = knob(1.0, "Multiply every modelled delay (0: as fast as possible)")
+    startup_delay_s: float = knob(
+        0.0, "Modelled seconds from the process's start until the engines listen (HTTP and "
+        "ZMQ), as a real vLLM loads its weights and warms up first (≈ 25 s on the CPU "
+        "machines); × time_scale"
+    )
     failure_rate: float = knob(0.0, "Fraction of requests answered with an injected error")
     failure_codes: list[int] = knob(None, "Status codes injected errors use", factory=lambda: [500])
     loras: list[str] = knob(None, "LoRA adapters served (NAME or NAME=PATH)", factory=list)
@@ -86,6 +91,8 @@ class SimConfig:
             raise ValueError("failure_rate must be within [0, 1]")
         if self.time_scale < 0:
             raise ValueError("time_scale must be >= 0")
+        if self.startup_delay_s < 0:
+            raise ValueError("startup_delay_s must be >= 0")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         for code in self.failure_codes:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,18 @@ from .metrics import EngineMetrics, vllm_cache_config_labels
 from .publisher import ZmqKVPublisher
 
 log = get_logger("sim")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere 0)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError):
+        return 0.0
+    # Field 22 (starttime, clock ticks after boot) follows the command name in parentheses.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
 
 
 @dataclass
@@ -54,8 +68,15 @@ class SimService:
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
-        """Start every engine and its HTTP server."""
+        """Start every engine and its HTTP server, after the modelled start-up delay."""
         cfg = self.cfg
+        wait = cfg.startup_delay_s * cfg.time_scale - process_age_s()
+        if wait > 0:
+            # A booting vLLM does not answer yet: nothing listens until its start is over, so
+            # an agent sees a refused connection (not ready), as it does for a launched vLLM.
+            # vLLM's start is timed from its launch: this process's own start counts.
+            log.info("sim_starting", wait_s=round(wait, 3))
+            await asyncio.sleep(wait)
         for i in range(cfg.engines):
             http_port = cfg.http_port + i if cfg.http_port else 0
             sock = self._bind_http(http_port)
