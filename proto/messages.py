@@ -288,6 +288,9 @@ class RequestEvent(Message, kw_only=True):
     output_tokens: int = 0
     cached_tokens: int = 0
     status: str = "ok"
+    # Seconds the ingress's activator held the request for a ready engine before routing it
+    # (part of ttft_s; more replicas would not have shortened it).
+    held_s: float = 0.0
 
 
 class ScaleDemand(Message, kw_only=True):

@@ -178,7 +178,8 @@ class AgentService:
         self._service = svc
         if self.cfg.http_port >= 0:
             self._ops = OpsServer([self.metrics.registry, BUS_REGISTRY], self._health,
-                                  actions={"drain": self.drain})
+                                  actions={"drain": self.drain,
+                                           "undrain": self.undrain})
             self.http_port = await self._ops.start(self.cfg.http_host, self.cfg.http_port)
         self._tasks = [  # the KV loop first: stop() ends it before the engine
             asyncio.create_task(self._kv_loop(), name="agent-kv"),
@@ -239,7 +240,8 @@ class AgentService:
         Kubernetes preStop hook): from now on its heartbeats say ``ready: false`` with the label
         ``draining``, so ingresses and schedulers send it nothing new, while the requests it has
         finish. The heartbeats keep the engine's running and waiting counts, which say when it
-        is idle. There is no undrain: a drained pod is stopped, and a new one starts fresh."""
+        is idle. ``POST /undrain`` takes it back (a scale-down undone before the pod was
+        stopped)."""
         if not self.draining:
             self.draining = True
             log.info("pod_draining", pod=self.pod, running=self.load.running,
@@ -249,6 +251,20 @@ class AgentService:
                     await self._nc.publish(self.subjects.pod_state(self.cfg.pool, self.pod),
                                            codec.encode(self.pod_state()))
         return {"pod": self.pod, "draining": True, "running": self.load.running,
+                "waiting": self.load.waiting}
+
+    async def undrain(self) -> dict[str, Any]:
+        """Back into routing after :meth:`drain` (the local actuator does it when the target
+        rises again while the pod drains: a warm engine instead of a cold start). Its blocks
+        never left the indexes (its heartbeats went on), so routing by prefix resumes as it was."""
+        if self.draining:
+            self.draining = False
+            log.info("pod_undrained", pod=self.pod, running=self.load.running)
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.publish(self.subjects.pod_state(self.cfg.pool, self.pod),
+                                           codec.encode(self.pod_state()))
+        return {"pod": self.pod, "draining": False, "running": self.load.running,
                 "waiting": self.load.waiting}
 
     # ------------------------------------------------------------------ KV events

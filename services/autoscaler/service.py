@@ -202,7 +202,9 @@ class AutoscalerService:
                 pool.open.add(ev.request_id)
         elif ev.kind == "first_token":
             if ev.ttft_s is not None:
-                w.first_token(now, ev.request_id, ev.ttft_s)
+                # Without the time the activator held it for a first engine: more replicas
+                # would not have shortened that (the scale from zero did).
+                w.first_token(now, ev.request_id, max(0.0, ev.ttft_s - max(0.0, ev.held_s)))
         else:
             pool.open.discard(ev.request_id)
             w.finished(now, ev.request_id, ev.ts, ev.output_tokens, ev.status == "ok")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import random
 import re
@@ -64,6 +65,9 @@ from .config import IngressConfig
 from .metrics import IngressMetrics
 
 log = get_logger("ingress")
+
+# Seconds the request being served (this task) was held by the activator so far.
+_HELD_S: contextvars.ContextVar[float] = contextvars.ContextVar("held_s", default=0.0)
 
 ENDPOINT_HEADER = "x-infermesh-endpoint"
 ROUTING_HEADER = "x-infermesh-routing-ms"  # request received → first byte sent to the engine
@@ -305,12 +309,16 @@ class IngressService:
 
     async def _wait_for_pod(self, why: str) -> bool:
         """Hold the request (the activator) up to ``no_pod_wait_s`` for a ready heartbeat;
-        True when one came. A full hold queue is the 429, with Retry-After."""
+        True when one came. A full hold queue is the 429, with Retry-After. The time held goes
+        on the request's events (``held_s``)."""
+        t0 = time.perf_counter()
         try:
             released = await self.activator.hold()
         except HoldRefused as e:
             raise ClientError(429, f"{e}; retry in {e.retry_after_s} s",
                               headers={"Retry-After": str(e.retry_after_s)}) from None
+        finally:
+            _HELD_S.set(_HELD_S.get() + time.perf_counter() - t0)
         if not released:
             if self.cfg.no_pod_wait_s > 0:
                 self.metrics.no_pod_waits.labels("timed_out").inc()
@@ -421,6 +429,7 @@ class IngressService:
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         received = time.perf_counter()
+        _HELD_S.set(0.0)
         endpoint = "chat" if chat else "completions"
         media = request.headers.get("Content-Type", "").lower().split(";", 1)[0].strip()
         if media != "application/json":  # as vLLM answers it
@@ -789,7 +798,7 @@ class IngressService:
         assert self.nc is not None
         ev = RequestEvent(kind=kind, request_id=route.request_id, pod=pod,  # type: ignore[arg-type]
                           pool=self.cfg.pool, model=route.model, ts=time.time(),
-                          replica=self.instance, **kw)
+                          replica=self.instance, held_s=_HELD_S.get(), **kw)
         with contextlib.suppress(Exception):  # events are best effort; never fail a request
             await self.nc.publish(self.subjects.req(self.cfg.pool), codec.encode(ev))
 

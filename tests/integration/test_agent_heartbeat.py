@@ -172,6 +172,12 @@ async def test_drain_takes_the_pod_out_of_routing_and_keeps_reporting_its_load(
                 assert (await r.json())["draining"] is True
             async with http.post(f"http://127.0.0.1:{port}/drain") as r:  # idempotent
                 assert r.status == 200
+            # Undrain: ready again, the label gone, at once (not at the next beat only).
+            async with http.post(f"http://127.0.0.1:{port}/undrain") as r:
+                assert r.status == 200 and (await r.json())["draining"] is False
+            n = len(beats)
+            await wait_until(lambda: len(beats) >= n + 2, what="heartbeats after the undrain")
+            assert all(b.ready and b.labels == {"zone": "a"} for b in beats[-2:])
         assert agent.alive()
     finally:
         await nc.close()

@@ -368,11 +368,24 @@ async def test_the_activator_holds_in_order_tells_demand_and_bounds_the_queue(wo
     err = json.loads(body)["error"]
     assert status == 429 and err["code"] == 429 and "waiting for an engine" in err["message"]
     assert int(headers["Retry-After"]) >= 1
+    n_events = len(world.events)
     await world.add_engine("a")
     results = await asyncio.gather(*sent)
     assert [r[0] for r in results] == [200] * 5
     assert world.engines["a"].prompts == [f"p{i}" for i in range(5)]  # oldest first
     assert b"data: [DONE]" in results[1][2]  # a held stream streams
+    # Their events say how long they were held (the autoscaler's SLO window leaves it out);
+    # the first was held longest, and every TTFT includes its hold.
+    await wait_until(lambda: sum(e.kind == "finished" for e in world.events[n_events:]) == 5,
+                     what="the held requests' events")
+    done = [e for e in world.events[n_events:] if e.kind in ("first_token", "finished")]
+    assert all(e.held_s > 0 and (e.ttft_s or 0) >= e.held_s for e in done)
+    after = await post(world.url, {"model": MODEL, "prompt": "not held"})
+    assert after[0] == 200
+    await wait_until(lambda: sum(e.kind == "finished" for e in world.events[n_events:]) == 6,
+                     what="its events")
+    last = [e for e in world.events[n_events:] if e.kind == "finished"][-1]
+    assert last.held_s == 0.0
     await wait_until(lambda: demand[-1].queued == 0, what="the hold over, told")
     text = await _metrics(world.url)
     for line in ('infermesh_ingress_holds_total{outcome="released"} 5.0',
