@@ -22,6 +22,7 @@ Over time (what keeps it from flapping):
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,6 +41,9 @@ class Bounds:
     scale_down_stabilization_s: float = 30.0
     scale_to_zero_after_s: float = 300.0
     slo_margin: float = 0.2  # scale down only with every target met by this fraction
+    # From zero, one replica per this many requests held (the saturation model's queue
+    # threshold: a replica handed more would start saturated).
+    held_per_replica: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -49,6 +53,8 @@ class Bounds:
             raise ValueError("cooldowns, stabilization and scale_to_zero_after_s must be >= 0")
         if not 0 <= self.slo_margin < 1:
             raise ValueError("slo_margin must be in [0, 1)")
+        if self.held_per_replica <= 0:
+            raise ValueError("held_per_replica must be positive")
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,10 @@ class PoolDecider:
             floor = 1  # serving (or starting its first replica): zero only after idling
         if n == 0:
             if x.queued:
-                return max(1, b.min_replicas), f"scale from zero: {x.queued} held"
+                # Sized from the queue, as Knative's activator counts its queue as concurrency:
+                # one engine handed every held request would start saturated.
+                want = max(1, b.min_replicas, math.ceil(x.queued / b.held_per_replica))
+                return min(want, b.max_replicas), f"scale from zero: {x.queued} held"
             rec, why = floor, ("idle" if floor == 0 else "no ready replica")
         elif sat.scale_up:
             rec, why = max(n + 1, sat.needed), f"saturated: {sat.why}"

@@ -119,6 +119,7 @@ class AutoscalerConfig(BusKnobs):
             scale_down_cooldown_s=self.scale_down_cooldown_s,
             scale_down_stabilization_s=self.scale_down_stabilization_s,
             scale_to_zero_after_s=self.scale_to_zero_after_s, slo_margin=self.slo_margin,
+            held_per_replica=self.queue_threshold,
         )
 
     def saturation_model(self) -> SaturationModel:

@@ -3,6 +3,7 @@ step, and the per-pool policy (bounds, cooldowns, stabilization, scale from and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -226,6 +227,12 @@ def test_scale_from_zero_at_once_and_to_zero_after_idle() -> None:
     held = Inputs(ready=0, saturation=sat(), slo=None, queued=3, idle_s=0)
     up = d.tick(1, held)
     assert up.target == 1 and up.reason.startswith("scale from zero")
+    # More held than one replica takes before it is saturated (queue threshold 5): the first
+    # step is sized from the queue (11 held: 3 replicas), still at once, within max_replicas.
+    d2 = PoolDecider(b)
+    d2.tick(0, zero)
+    assert d2.tick(1, dataclasses.replace(held, queued=11)).target == 3
+    assert PoolDecider(b).tick(1, dataclasses.replace(held, queued=99)).target == 4
     # Serving, then idle: one replica kept until scale_to_zero_after_s, then zero.
     assert d.tick(10, inputs((0.0, 0), idle_s=5)).target == 1
     assert d.tick(40, inputs((0.0, 0), idle_s=35)).target == 1
