@@ -113,9 +113,9 @@ AUTOSCALE_MAX = 4
 # 20 s (a dip at the peak must not drain an engine that takes 25 s to come back; 30 s held the
 # trough's engines longer for no gain in TTFT once scale from zero was sized from the held
 # queue, docs/bench.md) and not within 30 s of a change (longer than an engine's start: a
-# replica still booting is not judged idle), zero after 10 s without a request. Scale up when the engines' mean KV
-# usage passes 0.45 (spare < 0.35) instead of 0.70: an engine takes 25 s to start, and the
-# headroom must carry the ramp meanwhile.
+# replica still booting is not judged idle), zero after 10 s without a request. Scale up when
+# the engines' mean KV usage passes 0.45 (spare < 0.35) instead of 0.70: an engine takes 25 s
+# to start, and the headroom must carry the ramp meanwhile.
 _AUTOSCALER = {"min_replicas": 0, "max_replicas": AUTOSCALE_MAX, "interval_s": 2.0,
                "warmup_s": 5.0, "scale_up_cooldown_s": 10.0, "scale_down_cooldown_s": 30.0,
                "scale_down_stabilization_s": 20.0, "scale_to_zero_after_s": 10.0,
