@@ -93,10 +93,17 @@ class Lease:
                 await self._renew(kv, now)
             else:
                 await self._watch(kv, now)
+            if st.error:
+                log.info("lease_available", bucket=self.bucket, holder=self.holder)
             st.error = ""
         except (JetStreamError, NatsError, TimeoutError) as e:
             # No answer: a leader keeps its claim until ttl_s after its last renewal.
-            st.error = f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {e}"
+            if error != st.error:  # once per new kind of failure, not every step
+                log.warning("lease_unavailable", bucket=self.bucket, holder=self.holder,
+                            error=error, hint="is JetStream enabled on this NATS? "
+                            "(nats-server -js); one replica may run without the lease")
+            st.error = error
             self._kv = None  # look the bucket up again (a restarted server may have none)
         st.leader = self.is_leader(now)
         if st.leader != was:

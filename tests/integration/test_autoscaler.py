@@ -352,3 +352,31 @@ async def test_two_replicas_one_leader_and_takeover_mid_ramp(procs: ProcessManag
                 assert (await r.json())["role"] == "leader"
     finally:
         await pods.stop()
+
+
+async def test_on_a_nats_without_jetstream_only_no_lease_acts(procs: ProcessManager,
+                                                              tmp_path: Path) -> None:
+    """With the lease on and no JetStream, the replica publishes nothing and /health names the
+    lease error; with --no-lease it publishes (a single replica's setup)."""
+    srv = NatsServer(work_dir=tmp_path / "nats", jetstream=False).start()
+    procs.cleanups.append(srv.stop)
+    nc = await connect(srv.url, "test")
+    seen = Decisions()
+    await nc.subscribe("im.scale.*", cb=seen.cb)
+    try:
+        port = free_port()
+        start_autoscaler(procs, srv.url, port, "--pools", "default")
+        health: dict[str, Any] = {}
+        async with aiohttp.ClientSession() as http:
+            async def answered() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                        health.update(await r.json())
+                return bool(health.get("lease_error"))
+            await wait_until(answered, 20, "the lease error in /health")
+        assert health["role"] == "follower" and not seen.all
+        start_autoscaler(procs, srv.url, free_port(), "--pools", "default", "--no-lease")
+        await wait_until(lambda: seen.target() is not None, 20, "decisions without the lease")
+        assert {d.replica for d in seen.all} == {seen.all[0].replica}
+    finally:
+        await nc.close()

@@ -85,3 +85,17 @@ async def test_server_gone_and_back_without_the_bucket(tmp_path: Any) -> None:
     finally:
         await nc.close()
         srv.stop()
+
+
+async def test_without_jetstream_no_leader_and_a_clear_error(tmp_path: Any) -> None:
+    """A NATS without JetStream: nobody can hold the lease, so nobody acts — and the step says
+    why (the autoscaler's /health shows it; `--no-lease` runs a single replica there)."""
+    srv = NatsServer(work_dir=tmp_path / "nats", jetstream=False).start()
+    nc = await connect(srv.url, "lease-a")
+    try:
+        a = Lease(nc, "t_nojs", "leader", "a", ttl_s=TTL, timeout_s=0.3)
+        assert await a.step(0.0) is False
+        assert a.state.error and not a.is_leader(0.0)
+    finally:
+        await nc.close()
+        srv.stop()
