@@ -100,6 +100,12 @@ def _convert(raw: Any, tp: Any, name: str) -> Any:
     return raw
 
 
+def convert(raw: Any, tp: Any, name: str) -> Any:
+    """``raw`` (a string from a flag or the environment, or a YAML value) as type ``tp``, as a
+    field of that type is read; :class:`ConfigError` naming ``name`` when it is not one."""
+    return _convert(raw, tp, name)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     """Add one ``--flag`` per field of ``cls`` (all default to "not given")."""
     hints = typing.get_type_hints(cls)

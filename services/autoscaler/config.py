@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 from infermesh.libs import liveness
 from infermesh.libs.autoscaling import Bounds, SaturationModel, SLOTargets
 from infermesh.libs.bus import BusKnobs
-from infermesh.libs.config import knob
+from infermesh.libs.config import ConfigError, convert, knob
+from infermesh.proto.subjects import check_token
+
+# The knobs a pool may set for itself (`pool_overrides`); the others are the replica's.
+POOL_KNOBS = (
+    "min_replicas", "max_replicas", "scale_up_cooldown_s", "scale_down_cooldown_s",
+    "scale_down_stabilization_s", "scale_to_zero_after_s", "kv_threshold", "queue_threshold",
+    "kv_spare_trigger", "queue_spare_trigger", "ttft_p90_target_s", "itl_p90_target_s",
+    "slo_margin",
+)
 
 MODES = ("saturation", "slo")
 
@@ -82,6 +92,11 @@ class AutoscalerConfig(BusKnobs):
         1, "Copies of the lease bucket in a JetStream cluster (3 in a cluster of 3 or more "
         "nodes, so the lease outlives a node)"
     )
+    pool_overrides: dict[str, str] = knob(
+        None, "Knobs of one pool, as POOL.KNOB=VALUE pairs (YAML: a mapping of them), over the "
+        "ones above: " + ", ".join(POOL_KNOBS) + " (e.g. chat.ttft_p90_target_s=0.5,"
+        "chat.min_replicas=0)", factory=dict,
+    )
     keda_host: str = knob("127.0.0.1", "Address of the KEDA external scaler (gRPC)")
     keda_port: int = knob(
         -1, "Port of KEDA's external-scaler gRPC service (ExternalScaler: IsActive, "
@@ -95,39 +110,69 @@ class AutoscalerConfig(BusKnobs):
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.interval_s <= 0 or self.warmup_s < 0:
             raise ValueError("interval_s must be positive and warmup_s not negative")
-        if self.mode == "slo" and self.ttft_p90_target_s is None and \
-                self.itl_p90_target_s is None:
-            raise ValueError("slo mode needs ttft_p90_target_s or itl_p90_target_s")
-        for name in ("ttft_p90_target_s", "itl_p90_target_s"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"{name} must be positive")
+        self._pools: dict[str, dict[str, typing.Any]] = self._parse_overrides()
+        views = [self.knobs(pool) for pool in ("", *self._pools)]
+        if self.mode == "slo" and all(k["ttft_p90_target_s"] is None and
+                                      k["itl_p90_target_s"] is None for k in views):
+            raise ValueError("slo mode needs ttft_p90_target_s or itl_p90_target_s (for every "
+                             "pool, or in pool_overrides for some)")
+        for k in views:
+            for name in ("ttft_p90_target_s", "itl_p90_target_s"):
+                if k[name] is not None and k[name] <= 0:
+                    raise ValueError(f"{name} must be positive")
         if self.slo_window_s <= 0 or self.slo_min_samples < 1 or self.demand_timeout_s <= 0:
             raise ValueError("slo_window_s, slo_min_samples and demand_timeout_s must be "
                              "positive")
         liveness.check_times(self.pod_late_s, self.pod_timeout_s)
         if self.lease_ttl_s <= 0 or not 1 <= self.lease_replicas <= 5:
             raise ValueError("lease_ttl_s must be positive and lease_replicas within 1..5")
-        self.bounds()
-        self.saturation_model()
+        for pool in ("", *self._pools):
+            self.bounds(pool)
+            self.saturation_model(pool)
 
-    def bounds(self) -> Bounds:
-        """Every pool's limits and timings."""
+    def _parse_overrides(self) -> dict[str, dict[str, typing.Any]]:
+        """pool → its knobs from ``pool_overrides``, each converted as its field is."""
+        hints = typing.get_type_hints(AutoscalerConfig)
+        per: dict[str, dict[str, typing.Any]] = {}
+        for key, raw in self.pool_overrides.items():
+            pool, _, name = key.partition(".")
+            if not pool or name not in POOL_KNOBS:
+                raise ValueError(f"pool_overrides: {key!r} is not POOL.KNOB with KNOB one of "
+                                 f"{', '.join(POOL_KNOBS)}")
+            check_token(pool, "pool")
+            try:
+                per.setdefault(pool, {})[name] = convert(raw, hints[name], key)
+            except ConfigError as e:
+                raise ValueError(f"pool_overrides: {e}") from None
+        return per
+
+    def knobs(self, pool: str = "") -> dict[str, typing.Any]:
+        """The per-pool knobs ``pool`` runs with: its overrides over the common ones."""
+        return {**{name: getattr(self, name) for name in POOL_KNOBS},
+                **self._pools.get(pool, {})}
+
+    def bounds(self, pool: str = "") -> Bounds:
+        """A pool's limits and timings."""
+        k = self.knobs(pool)
         return Bounds(
-            min_replicas=self.min_replicas, max_replicas=self.max_replicas,
-            scale_up_cooldown_s=self.scale_up_cooldown_s,
-            scale_down_cooldown_s=self.scale_down_cooldown_s,
-            scale_down_stabilization_s=self.scale_down_stabilization_s,
-            scale_to_zero_after_s=self.scale_to_zero_after_s, slo_margin=self.slo_margin,
-            held_per_replica=self.queue_threshold,
+            min_replicas=k["min_replicas"], max_replicas=k["max_replicas"],
+            scale_up_cooldown_s=k["scale_up_cooldown_s"],
+            scale_down_cooldown_s=k["scale_down_cooldown_s"],
+            scale_down_stabilization_s=k["scale_down_stabilization_s"],
+            scale_to_zero_after_s=k["scale_to_zero_after_s"], slo_margin=k["slo_margin"],
+            held_per_replica=k["queue_threshold"],
         )
 
-    def saturation_model(self) -> SaturationModel:
+    def saturation_model(self, pool: str = "") -> SaturationModel:
+        """A pool's saturation thresholds and triggers."""
+        k = self.knobs(pool)
         return SaturationModel(
-            kv_threshold=self.kv_threshold, queue_threshold=self.queue_threshold,
-            kv_spare_trigger=self.kv_spare_trigger, queue_spare_trigger=self.queue_spare_trigger,
+            kv_threshold=k["kv_threshold"], queue_threshold=k["queue_threshold"],
+            kv_spare_trigger=k["kv_spare_trigger"], queue_spare_trigger=k["queue_spare_trigger"],
         )
 
-    def slo_targets(self) -> SLOTargets:
-        return SLOTargets(ttft_p90_s=self.ttft_p90_target_s, itl_p90_s=self.itl_p90_target_s,
+    def slo_targets(self, pool: str = "") -> SLOTargets:
+        """A pool's SLO targets (none: the SLO analyzer has no verdict for it)."""
+        k = self.knobs(pool)
+        return SLOTargets(ttft_p90_s=k["ttft_p90_target_s"], itl_p90_s=k["itl_p90_target_s"],
                           min_samples=self.slo_min_samples)

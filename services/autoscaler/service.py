@@ -57,7 +57,8 @@ class _Pool:
     def __init__(self, name: str, cfg: AutoscalerConfig) -> None:
         self.name = name
         self.model = ""
-        self.decider = PoolDecider(cfg.bounds(), cfg.slo_targets())
+        self.decider = PoolDecider(cfg.bounds(name), cfg.slo_targets(name))
+        self.saturation = cfg.saturation_model(name)  # its thresholds (pool_overrides)
         self.window = SLOWindow(cfg.slo_window_s)
         self.demand: dict[str, tuple[float, ScaleDemand]] = {}  # ingress replica → (arrived, msg)
         self.last_request = time.monotonic()  # a pool starts as if just used: no early zero
@@ -78,7 +79,6 @@ class AutoscalerService:
         self.cfg = cfg
         self.subjects = Subjects(cfg.subject_prefix)
         self.replica = f"{socket.gethostname()}-{os.getpid()}"
-        self.model = cfg.saturation_model()
         self.pods = PodTable(cfg.pod_timeout_s, late_s=cfg.pod_late_s)
         self.pools: dict[str, _Pool] = {}
         for name in cfg.pools:
@@ -306,7 +306,7 @@ class AutoscalerService:
         """One pool's decision now (no I/O)."""
         cfg = self.cfg
         ready = self.pods.pods(pool.name)
-        sat = analyze(self.model, (ReplicaLoad(p.kv_usage, p.waiting, p.running)
+        sat = analyze(pool.saturation, (ReplicaLoad(p.kv_usage, p.waiting, p.running)
                                    for p in ready))
         held = pool.held(now, cfg.demand_timeout_s)
         busy = bool(pool.open) or held > 0
