@@ -11,7 +11,7 @@ ARGS ?=
 NATS_CLUSTER ?=
 VLLM_VENV := .venv-vllm
 
-.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-autoscale bench-peers lint venv clean schema keda-stubs
+.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-autoscale bench-peers lint venv clean schema keda-stubs dashboards
 
 venv: $(STAMP)
 
@@ -93,3 +93,7 @@ keda-stubs: $(STAMP)
 		--grpc_python_out=.keda-gen --pyi_out=.keda-gen infermesh/$(KEDA)/externalscaler.proto
 	cp .keda-gen/infermesh/$(KEDA)/externalscaler_pb2*.py* $(KEDA)/
 	rm -rf .keda-gen
+
+# The Grafana dashboards (deploy/grafana/*.json) from deploy/grafana/dashboards.py.
+dashboards: $(STAMP)
+	$(BIN)/python deploy/grafana/dashboards.py
