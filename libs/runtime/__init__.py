@@ -20,7 +20,12 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from infermesh.libs.config import ConfigError, add_arguments, load_config
-from infermesh.libs.telemetry import configure_logging, get_logger
+from infermesh.libs.telemetry import (
+    configure_logging,
+    get_logger,
+    setup_from_env,
+    shutdown_tracing,
+)
 
 C = TypeVar("C")
 
@@ -161,12 +166,15 @@ class ServiceMain:
             print(f"{self.prog}: {e}", file=sys.stderr)
             return 2
         configure_logging(self.name)
+        setup_from_env(f"infermesh-{self.name}")  # spans to OTLP when OTEL_* ask for it
         try:
             with asyncio.Runner(loop_factory=loop_factory()) as runner:
                 runner.run(_serve(self.name, service, args.ready_file))
         except StartupError as e:
             print(f"{self.prog}: {e}", file=sys.stderr)
             return 2
+        finally:
+            shutdown_tracing()
         return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from opentelemetry import trace
+
 from infermesh.proto.messages import ScheduleDecision, ScheduleRequest
 
 from .config import TOTAL_SCORES
@@ -66,6 +68,13 @@ class Scheduler:
         if h is None:
             h = self._decision_hist[name] = self.metrics.decision_seconds.labels(name)
         h.observe(time.perf_counter() - t0)
+        span = trace.get_current_span()
+        if span.is_recording():  # (the bus handler's span, when tracing is on)
+            span.set_attributes({"infermesh.profile": result.profile,
+                                 "infermesh.pod": pod.name,
+                                 "infermesh.cached_blocks": cached,
+                                 "infermesh.num_tokens": request.num_tokens,
+                                 "infermesh.candidates": len(pods)})
         return ScheduleDecision(
             request_id=request.request_id,
             pod=pod.name,

@@ -30,6 +30,8 @@ import aiohttp
 import msgspec
 from aiohttp import web
 from nats.aio.client import Client
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import generate_latest
 
 from infermesh.libs import liveness
@@ -44,7 +46,13 @@ from infermesh.libs.bus import (
     request,
 )
 from infermesh.libs.scheduling.core import ScheduleError, SchedulerCore
-from infermesh.libs.telemetry import get_logger
+from infermesh.libs.telemetry import (
+    extract_context,
+    get_logger,
+    inject_context,
+    tracer,
+    tracing_configured,
+)
 from infermesh.libs.tokenization.prompts import PromptError, PromptTokenizer
 from infermesh.proto import codec
 from infermesh.proto.messages import (
@@ -172,6 +180,7 @@ class IngressService:
         self.cfg = cfg
         self.subjects = Subjects(cfg.subject_prefix)
         self.instance = cfg.instance or f"{socket.gethostname()}-{os.getpid()}"
+        self._tracing = tracing_configured()  # OTEL_* ask for spans (docs/observability.md)
         self.metrics = IngressMetrics()
         self.pods: dict[str, _Pod] = {}
         self.nc: Client | None = None
@@ -422,10 +431,35 @@ class IngressService:
     # ------------------------------------------------------------------ HTTP: generation
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, chat=False)
+        return await self._traced(request, chat=False)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, chat=True)
+        return await self._traced(request, chat=True)
+
+    async def _traced(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        """One trace per request: a server span (the client's trace continued when it sent a
+        ``traceparent``) around everything, whose context the bus requests and the engine
+        requests carry on."""
+        if not self._tracing:  # (no exporter: no spans, no cost on the request path)
+            return await self._serve(request, chat)
+        ctx = extract_context(dict(request.headers))
+        with tracer().start_as_current_span(
+                f"POST {request.path}", context=ctx, kind=SpanKind.SERVER) as span:
+            try:
+                resp = await self._serve(request, chat)
+            except ClientError as e:
+                span.set_attribute("http.response.status_code", e.status)
+                raise
+            span.set_attribute("http.response.status_code", resp.status)
+            return resp
+
+    def _fallback(self, reason: str) -> None:
+        """A request routed another way than planned: counted, and said on its span."""
+        self.metrics.fallbacks.labels(reason).inc()
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event("fallback", {"infermesh.reason": reason})
+            span.set_attribute("infermesh.fallback", reason)
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         received = time.perf_counter()
@@ -591,11 +625,11 @@ class IngressService:
         except PromptError as e:
             if 400 <= e.status < 500:
                 raise ClientError(e.status, e.message) from None
-            self.metrics.fallbacks.labels("tokenizer_error").inc()
+            self._fallback("tokenizer_error")
             log.warning("tokenizer_failed", error=e.message)
             return
         except Exception as e:  # noqa: BLE001 - route by load rather than fail the request
-            self.metrics.fallbacks.labels("tokenizer_error").inc()
+            self._fallback("tokenizer_error")
             log.warning("tokenizer_failed", error=repr(e))
             return
         finally:
@@ -626,10 +660,10 @@ class IngressService:
         except ScheduleError as e:
             if e.status == 400:
                 raise ClientError(400, e.message) from None
-            self.metrics.fallbacks.labels("scheduled_here_no_engine").inc()
+            self._fallback("scheduled_here_no_engine")
             return
         except Exception as e:  # noqa: BLE001 - the scheduler service can still decide
-            self.metrics.fallbacks.labels("scheduled_here_failed").inc()
+            self._fallback("scheduled_here_failed")
             log.warning("schedule_here_failed", error=repr(e))
             return
         finally:
@@ -657,12 +691,12 @@ class IngressService:
             status = int(e.code) if e.code.isdigit() else 500
             if 400 <= status < 500:
                 raise ClientError(status, e.description) from None
-            self.metrics.fallbacks.labels("tokenizer_error").inc()
+            self._fallback("tokenizer_error")
             log.warning("tokenizer_failed", error=str(e))
             return
         except BusError as e:
             # Route without block keys (load only) rather than fail the request.
-            self.metrics.fallbacks.labels("tokenizer_unavailable").inc()
+            self._fallback("tokenizer_unavailable")
             log.warning("tokenizer_unavailable", error=str(e))
             self._tokenizer_ok = 0.0  # an outage, not a blip: later requests do not wait
             return
@@ -675,7 +709,7 @@ class IngressService:
     def _too_large_for_bus(self, route: _Route, size: int) -> None:
         """Count and log a prompt that goes without tokenizing: one bus message cannot hold it."""
         assert self.nc is not None
-        self.metrics.fallbacks.labels("too_large_for_bus").inc()
+        self._fallback("too_large_for_bus")
         log.warning("prompt_too_large_for_bus_routing_by_load", request_id=route.request_id,
                     bytes=size, max_payload=self.nc.max_payload)
 
@@ -751,7 +785,7 @@ class IngressService:
                     self._scheduler_ok = time.monotonic()
                     return d.pod, d.url, announce
                 except PayloadTooLarge as e:  # block keys of a prompt near the bus's limit
-                    self.metrics.fallbacks.labels("too_large_for_bus").inc()
+                    self._fallback("too_large_for_bus")
                     log.warning("schedule_request_too_large_routing_by_load", error=str(e),
                                 request_id=route.request_id)
                     break
@@ -766,12 +800,12 @@ class IngressService:
                             attempt -= 1
                             continue
                         raise ClientError(503, e.description) from None
-                    self.metrics.fallbacks.labels("scheduler_error").inc()
+                    self._fallback("scheduler_error")
                     log.warning("scheduler_failed", error=str(e))
                     break
                 except BusError as e:
                     if attempt == 2:
-                        self.metrics.fallbacks.labels("scheduler_unavailable").inc()
+                        self._fallback("scheduler_unavailable")
                         log.warning("scheduler_unavailable_routing_by_load", error=str(e))
                         self._scheduler_ok = 0.0  # an outage: later requests do not wait
                     elif isinstance(e, NoResponders) and self._recently(self._scheduler_ok):
@@ -822,28 +856,44 @@ class IngressService:
             if attempt == 0:
                 route.routing_s = time.perf_counter() - route.received
                 self.metrics.routing.observe(route.routing_s)
-            try:
-                upstream = await self.http.post(
-                    url + request.path, data=raw,
-                    headers={"Content-Type": "application/json",
-                             "X-Request-Id": route.request_id})
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                last_error = f"engine {pod} unreachable: {type(e).__name__}"
-                if isinstance(e, aiohttp.ClientConnectorError):
-                    self._refused[pod] = time.monotonic()
-                await self._failed_attempt(route, pod, tracked, last_error)
-                continue
-            if upstream.status >= 500 and attempt + 1 < self.cfg.max_attempts:
-                last_error = f"engine {pod} answered {upstream.status}"
-                upstream.release()
-                await self._failed_attempt(route, pod, tracked, last_error)
-                continue
-            try:
-                return await self._relay(request, route, pod, upstream, stream)
-            finally:
-                if tracked is not None:
-                    tracked.in_flight -= 1
-                upstream.release()
+            root = trace.get_current_span()
+            if self._tracing and root.is_recording():
+                root.set_attributes({"infermesh.pod": pod, "infermesh.attempts": attempt + 1,
+                                     "infermesh.request_id": route.request_id,
+                                     "infermesh.num_tokens": route.num_tokens,
+                                     "infermesh.profile": route.profile or "",
+                                     "infermesh.held_s": _HELD_S.get()})
+            # One client span per attempt; its context goes to the engine (traceparent).
+            with (tracer().start_as_current_span(
+                    f"engine {pod}", kind=SpanKind.CLIENT,
+                    attributes={"infermesh.pod": pod, "infermesh.attempt": attempt + 1,
+                                "server.address": url}) if self._tracing
+                  else contextlib.nullcontext(trace.INVALID_SPAN)) as span:
+                try:
+                    upstream = await self.http.post(
+                        url + request.path, data=raw,
+                        headers=inject_context({"Content-Type": "application/json",
+                                                "X-Request-Id": route.request_id}))
+                except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                    last_error = f"engine {pod} unreachable: {type(e).__name__}"
+                    span.set_status(StatusCode.ERROR, last_error)
+                    if isinstance(e, aiohttp.ClientConnectorError):
+                        self._refused[pod] = time.monotonic()
+                    await self._failed_attempt(route, pod, tracked, last_error)
+                    continue
+                span.set_attribute("http.response.status_code", upstream.status)
+                if upstream.status >= 500 and attempt + 1 < self.cfg.max_attempts:
+                    last_error = f"engine {pod} answered {upstream.status}"
+                    span.set_status(StatusCode.ERROR, last_error)
+                    upstream.release()
+                    await self._failed_attempt(route, pod, tracked, last_error)
+                    continue
+                try:
+                    return await self._relay(request, route, pod, upstream, stream)
+                finally:
+                    if tracked is not None:
+                        tracked.in_flight -= 1
+                    upstream.release()
         raise ClientError(503, f"No engine could serve the request: {last_error}")
 
     async def _failed_attempt(self, route: _Route, pod: str, tracked: _Pod | None,

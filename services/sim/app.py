@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from infermesh.libs.telemetry import get_logger
+from infermesh.libs.telemetry import extract_context, get_logger, tracer, tracing_configured
 from infermesh.libs.tokenization import (
     ChatTemplateError,
     IncrementalDetokenizer,
@@ -74,6 +75,9 @@ if TYPE_CHECKING:
     from .service import SimService
 
 __all__ = ["OFFLOAD_MIN_BYTES", "EngineApp"]
+
+_GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+_TRACING = tracing_configured()  # OTEL_* ask for spans: a span per generation request
 
 log = get_logger("sim.api")
 
@@ -173,7 +177,7 @@ class EngineApp:
     def app(self) -> web.Application:
         """The aiohttp application."""
         app = web.Application(client_max_size=self.cfg.max_body_bytes,
-                              middlewares=[self._errors])
+                              middlewares=[self._traced, self._errors])
         r = app.router
         r.add_get("/health", self.health)
         r.add_get("/version", self.version)
@@ -196,6 +200,22 @@ class EngineApp:
         r.add_get("/sim/cache", self.sim_cache)
         r.add_get("/sim/metrics", self.sim_metrics)
         return app
+
+    @web.middleware
+    async def _traced(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """A generation request continues its caller's trace (``traceparent``) with a span
+        of its own, as vLLM does with ``--otlp-traces-endpoint`` (its span name)."""
+        if not _TRACING or request.method != "POST" or request.path not in _GENERATION_PATHS:
+            return await handler(request)  # type: ignore[no-any-return]
+        with tracer().start_as_current_span(
+                "llm_request", context=extract_context(dict(request.headers)),
+                kind=SpanKind.SERVER) as span:
+            resp: web.StreamResponse = await handler(request)
+            if span.is_recording():
+                span.set_attributes({"http.response.status_code": resp.status,
+                                     "gen_ai.request.id": request.headers.get(
+                                         "X-Request-Id", "")})
+            return resp
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
