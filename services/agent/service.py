@@ -246,12 +246,16 @@ class AgentService:
             self.draining = True
             log.info("pod_draining", pod=self.pod, running=self.load.running,
                      waiting=self.load.waiting)
-            if self._nc is not None:
-                with contextlib.suppress(Exception):
-                    await self._nc.publish(self.subjects.pod_state(self.cfg.pool, self.pod),
-                                           codec.encode(self.pod_state()))
+            await self._announce()
         return {"pod": self.pod, "draining": True, "running": self.load.running,
                 "waiting": self.load.waiting}
+
+    async def _announce(self) -> None:
+        """A heartbeat now (a change of readiness must not wait for the next beat)."""
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.publish(self.subjects.pod_state(self.cfg.pool, self.pod),
+                                       codec.encode(self.pod_state()))
 
     async def undrain(self) -> dict[str, Any]:
         """Back into routing after :meth:`drain` (the local actuator does it when the target
@@ -260,10 +264,7 @@ class AgentService:
         if self.draining:
             self.draining = False
             log.info("pod_undrained", pod=self.pod, running=self.load.running)
-            if self._nc is not None:
-                with contextlib.suppress(Exception):
-                    await self._nc.publish(self.subjects.pod_state(self.cfg.pool, self.pod),
-                                           codec.encode(self.pod_state()))
+            await self._announce()
         return {"pod": self.pod, "draining": False, "running": self.load.running,
                 "waiting": self.load.waiting}
 
