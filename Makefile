@@ -11,7 +11,7 @@ ARGS ?=
 NATS_CLUSTER ?=
 VLLM_VENV := .venv-vllm
 
-.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-autoscale bench-peers lint venv clean schema keda-stubs dashboards
+.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-autoscale bench-peers lint venv clean schema keda-stubs dashboards helm-schemas
 
 venv: $(STAMP)
 
@@ -97,3 +97,7 @@ keda-stubs: $(STAMP)
 # The Grafana dashboards (deploy/grafana/*.json) from deploy/grafana/dashboards.py.
 dashboards: $(STAMP)
 	$(BIN)/python deploy/grafana/dashboards.py
+
+# The charts' values.schema.json (deploy/helm/*/) from the services' config classes.
+helm-schemas: $(STAMP)
+	$(BIN)/python deploy/helm/schema.py

@@ -84,6 +84,12 @@ def _chaos(argv: list[str]) -> int:
     return main(argv)
 
 
+def _nats_auth(argv: list[str]) -> int:
+    from infermesh.services.tools.natsauth import main
+
+    return main(argv)
+
+
 def _model(argv: list[str]) -> int:
     from infermesh.libs.tinymodel.__main__ import main
 
@@ -104,6 +110,8 @@ COMMANDS = {
     "schema": (_schema, "`schema export DIR` writes a JSON Schema per bus message"),
     "chaos": (_chaos, "fault-injecting hop between agents and the bus (drops, duplicates, "
               "reorders KV batches)"),
+    "nats-auth": (_nats_auth, "NATS users for Kubernetes: a Secret of passwords and the official "
+                  "NATS chart's values (docs/kubernetes.md)"),
     "model": (_model, "build the deterministic tiny model folder"),
     "tilt-plan": (_tilt_plan, "print the processes `up` runs, for the Tiltfile (JSON)"),
 }

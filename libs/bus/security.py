@@ -161,6 +161,31 @@ def identities(prefix: str, pods: Iterable[tuple[str, str]]) -> list[Identity]:
     return out
 
 
+def pool_agent_user(pool: str) -> str:
+    """The NATS user shared by the agents of ``pool`` where pod names are not known ahead."""
+    return f"agent-{check_token(pool, 'pool')}"
+
+
+def cluster_identities(prefix: str, pools: Iterable[str]) -> list[Identity]:
+    """Every identity of a Kubernetes deployment (``infermesh nats-auth``, docs/kubernetes.md).
+
+    Pods come and go under names nobody knows ahead, so the agents of one pool share one user,
+    ``agent-<pool>``, which may publish the KV streams and heartbeats of any pod of that pool
+    (and of no other pool): the unit of trust is the pool, where :func:`identities` makes it
+    the pod. The services' identities are those of :func:`identities`.
+    """
+    s = Subjects(prefix)
+    out: list[Identity] = []
+    for pool in dict.fromkeys(pools):
+        user = pool_agent_user(pool)
+        out.append(Identity(user, Permissions(
+            publish=(f"{s.prefix}.kv.{check_token(pool, 'pool')}.*", f"{s.prefix}.pod.{pool}.*"),
+            subscribe=(s.kv_snapshot_all, *_DISCOVERY, inbox_prefix(user) + ".>"),
+            responses=AGENT_MAX_RESPONSES,
+        )))
+    return out + identities(prefix, ())
+
+
 def _q(value: str) -> str:
     """A quoted string of the nats-server config language (JSON escapes are understood)."""
     return json.dumps(value)
