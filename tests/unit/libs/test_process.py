@@ -16,6 +16,15 @@ from infermesh.libs.process.supervisor import Supervisor
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
 
+def _pid_in(path: Path) -> int | None:
+    """The pid a child wrote to ``path``, once it is all there (never a half-written file)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _wait_dead(pid: int, timeout: float = 10.0) -> None:
     wait_for(lambda: not pid_alive(pid), f"pid {pid} gone", timeout)
 
@@ -26,7 +35,7 @@ def test_stop_takes_the_whole_group(tmp_path: Path) -> None:
               f"p = subprocess.Popen({SLEEPER!r}); open({str(pidfile)!r}, 'w').write(str(p.pid)); "
               "time.sleep(600)")
     p = Process("parent", [sys.executable, "-c", script], log=tmp_path / "p.log").start()
-    grandchild = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), "pid", 20))
+    grandchild = wait_for(lambda: _pid_in(pidfile), "pid", 20)
     p.stop()
     assert not p.alive()
     _wait_dead(grandchild)
@@ -40,7 +49,7 @@ def test_children_die_with_their_parent_even_on_sigkill(tmp_path: Path) -> None:
               f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(600)")
     parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     try:
-        child = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), "child", 30))
+        child = wait_for(lambda: _pid_in(pidfile), "child", 30)
         assert pid_alive(child)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
