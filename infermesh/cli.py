@@ -105,8 +105,7 @@ COMMANDS = {
     "indexer": (_indexer, "run the KV-block indexer (im.index.lookup)"),
     "scheduler": (_scheduler, "run the scheduler (im.schedule)"),
     "autoscaler": (_autoscaler, "run the autoscaler (desired replicas per pool on im.scale.*)"),
-    "console": (_console, "serve the live fleet console (pods, routing decisions, hit rate, "
-                "autoscaler) at /console"),
+    "console": (_console, "serve the live fleet console web page (/console)"),
     "bench": (_bench, "benchmark scheduler profiles on one workload (presets: quick, ...)"),
     "events": (_events, "bus tools: `events tail SUBJECT` prints live messages"),
     "schema": (_schema, "`schema export DIR` writes a JSON Schema per bus message"),
