@@ -130,6 +130,9 @@ def summary(plan_: SystemPlan) -> list[str]:
     for url in plan_.ingress_urls:
         lines.append(f"  OpenAI API      {url}/v1  (ingress; header x-infermesh-endpoint names "
                      "the engine)")
+    for p in plan_.of_kind("console"):
+        lines.append(f"  {'console':<15} {p.links['console']}  (the fleet, live: pods, routing "
+                     "decisions, hit rate, autoscaler)")
     for p in plan_.of_kind("nats"):
         lines.append(f"  {p.name:<15} {p.links['NATS']}  (monitor {p.links['monitor']})")
     if not plan_.of_kind("nats"):
