@@ -7,6 +7,7 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from selenium import webdriver
@@ -27,9 +28,26 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
+# The page redraws up to 4 times a second: each read is one script, atomic in the page, rather
+# than element handles that a redraw makes stale.
+PODS_JS = "return [...document.querySelectorAll('#pods .pod.ready')].map(e => e.dataset.pod)"
+CARD_JS = "const c = document.querySelector(`#pods .pod[data-pod='${arguments[0]}']`);" \
+    "return c ? c.innerText : ''"
+ROW_JS = """
+const r = document.querySelector(`#decisions tbody tr[data-request-id='${arguments[0]}']`);
+if (!r) return null;
+const chosen = r.querySelector(".score.chosen");
+return {pod: r.dataset.pod, cells: [...r.cells].map((c) => c.innerText.trim()),
+        chosen: chosen ? chosen.innerText : ""};
+"""
+
+
 def _pods_shown(driver: webdriver.Chrome) -> set[str]:
-    return {e.get_attribute("data-pod") or "" for e in
-            driver.find_elements(By.CSS_SELECTOR, "#pods .pod.ready")}
+    return set(driver.execute_script(PODS_JS))
+
+
+def _row(driver: webdriver.Chrome, request_id: str) -> dict[str, Any] | None:
+    return driver.execute_script(ROW_JS, request_id)  # type: ignore[no-any-return]
 
 
 def _complete(ingress: str, request_id: str) -> str:
@@ -53,22 +71,17 @@ def test_the_page_shows_the_pods_and_each_routed_request(stack_factory, browser,
     wait.until(lambda d: _pods_shown(d) == set(stack.pods))
     assert browser.find_element(By.ID, "status").text == "live"
     assert browser.find_element(By.ID, "t-pods").text == "2 / 2"
-    assert not browser.find_elements(By.CSS_SELECTOR, "#decisions tbody tr")
+    assert browser.execute_script("return document.querySelector('#decisions tbody').rows"
+                                  ".length") == 0
 
     pod = _complete(stack.ingress_url, "console-e2e-1")
     assert pod in stack.pods
-    row = wait.until(lambda d: d.find_element(
-        By.CSS_SELECTOR, '#decisions tbody tr[data-request-id="console-e2e-1"]'))
-    assert row.get_attribute("data-pod") == pod
-    cells = row.find_elements(By.TAG_NAME, "td")
-    assert cells[2].text == pod and cells[3].text == "default"
+    row = wait.until(lambda d: _row(d, "console-e2e-1"))
+    assert row["pod"] == pod
+    assert row["cells"][2] == pod and row["cells"][3] == "default"
     # The scores of the candidates, the chosen pod's marked.
-    chosen = row.find_element(By.CSS_SELECTOR, ".score.chosen")
-    assert chosen.text.startswith(pod + " ")
+    assert row["chosen"].startswith(pod + " ")
     # Its outcome follows on the same row, and the pod's card counts it.
-    wait.until(lambda d: d.find_element(
-        By.CSS_SELECTOR, '#decisions tbody tr[data-request-id="console-e2e-1"] td:last-child'
-    ).text == "ok")
-    card = browser.find_element(By.CSS_SELECTOR, f'#pods .pod[data-pod="{pod}"]')
-    assert "routed 1" in card.text
+    wait.until(lambda d: (_row(d, "console-e2e-1") or {"cells": [""]})["cells"][-1] == "ok")
+    assert "routed 1" in " ".join(browser.execute_script(CARD_JS, pod).split())
     browser.save_screenshot(str(tmp_path / "console.png"))  # kept with the test's logs
