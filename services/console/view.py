@@ -8,6 +8,7 @@ history are rings, and each pod remembers a few prefixes.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import OrderedDict, deque
@@ -28,6 +29,12 @@ RECENT_S = 10
 def natural_key(name: str) -> tuple[Any, ...]:
     """Sort key that puts ``sim-2`` before ``sim-10``."""
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def finite(x: float | None) -> float | None:
+    """``x``, or None when it is not a finite number (a message may say anything; the page
+    and JSON want numbers)."""
+    return x if x is not None and math.isfinite(x) else None
 
 
 def prefix_id(block_key: int) -> str:
@@ -114,7 +121,7 @@ class FleetView:
             self._routed(ev)
         elif ev.kind == "first_token":
             row = self._by_request.get(ev.request_id)
-            if row is not None and row["pod"] == ev.pod and ev.ttft_s is not None:
+            if row is not None and row["pod"] == ev.pod and finite(ev.ttft_s) is not None:
                 row["ttft_s"] = ev.ttft_s
         else:
             ok = ev.status == "ok"
@@ -128,20 +135,20 @@ class FleetView:
                 row["status"] = ev.status
                 row["output_tokens"] = ev.output_tokens
                 row["cached_tokens"] = ev.cached_tokens
-                if row["ttft_s"] is None and ev.ttft_s is not None and ok:
+                if row["ttft_s"] is None and finite(ev.ttft_s) is not None and ok:
                     row["ttft_s"] = ev.ttft_s  # not streamed: the whole answer's time
         self.version += 1
 
     def _routed(self, ev: RequestEvent) -> None:
         prefix = prefix_id(ev.block_keys[0]) if ev.block_keys else ""
         row = {
-            "ts": ev.ts, "request_id": ev.request_id, "pool": ev.pool, "pod": ev.pod,
+            "ts": finite(ev.ts) or 0.0, "request_id": ev.request_id, "pool": ev.pool, "pod": ev.pod,
             "model": ev.model, "replica": ev.replica, "profile": ev.profile,
             "num_tokens": ev.num_tokens, "cached_blocks": ev.cached_blocks,
-            "scores": sorted(([pod, float(s)] for pod, s in ev.scores.items()),
-                             key=lambda ps: -ps[1]),
+            "scores": sorted(([pod, float(s)] for pod, s in ev.scores.items()
+                              if finite(s) is not None), key=lambda ps: -ps[1]),
             "prefix": prefix, "ttft_s": None, "status": "", "output_tokens": 0,
-            "cached_tokens": 0, "held_s": ev.held_s,
+            "cached_tokens": 0, "held_s": finite(ev.held_s),
         }
         if len(self.decisions) == self.decisions.maxlen:
             old = self.decisions[0]
@@ -259,12 +266,13 @@ class FleetView:
     def _pod(self, p: _Pod, now: float) -> dict[str, Any]:
         st = p.state
         silent = now - p.seen
+        kv = min(1.0, max(0.0, finite(st.kv_usage) or 0.0))
         return {
             "pod": st.pod, "pool": st.pool, "model": st.model, "url": st.url, "role": st.role,
             "ready": st.ready, "late": silent > self.pod_late_s, "silent_s": silent,
-            "running": st.running, "waiting": st.waiting, "kv_usage": st.kv_usage,
+            "running": st.running, "waiting": st.waiting, "kv_usage": kv,
             "block_size": st.block_size, "num_gpu_blocks": st.num_gpu_blocks,
-            "blocks_used": round(st.kv_usage * st.num_gpu_blocks),
+            "blocks_used": round(kv * st.num_gpu_blocks),
             "num_cpu_blocks": st.num_cpu_blocks,
             "prefix_cache_queries": st.prefix_cache_queries,
             "prefix_cache_hits": st.prefix_cache_hits,
@@ -299,6 +307,7 @@ class FleetView:
             out["decision"] = {
                 "target_replicas": d.target_replicas, "ready_replicas": d.ready_replicas,
                 "recommended": d.recommended, "reason": d.reason, "mode": d.mode,
-                "replica": d.replica, "ts": d.ts, "inputs": dict(d.inputs),
+                "replica": d.replica, "ts": finite(d.ts) or 0.0,
+                "inputs": {k: finite(v) for k, v in d.inputs.items()},
             }
         return out

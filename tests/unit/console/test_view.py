@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from infermesh.proto.messages import PodState, RequestEvent, ScaleDecision, ScaleDemand
 from infermesh.services.console.config import ConsoleConfig
-from infermesh.services.console.service import BadQuery, parse_query
+from infermesh.services.console.service import BadQuery, _Follower, parse_query
 from infermesh.services.console.view import PREFIXES_SHOWN, FleetView, natural_key, prefix_id
 
 
@@ -207,3 +208,30 @@ def test_config_bounds() -> None:
                 {"pod_late_s": 20}, {"http_port": -1}):
         with pytest.raises(ValueError):
             ConsoleConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_absurd_numbers_never_reach_the_page() -> None:
+    """A message may carry NaN or infinities: the snapshot stays finite JSON (the page's
+    arithmetic and msgspec's encoder both want numbers)."""
+    c = Clocks()
+    v = make(c)
+    nan, inf = float("nan"), float("inf")
+    v.on_pod_state(beat("a", kv_usage=nan))
+    v.on_pod_state(beat("b", kv_usage=inf))
+    v.on_request_event(event("routed", "r", "a", scores={"a": nan, "b": inf, "c": 1.0},
+                             held_s=nan))
+    v.on_request_event(event("finished", "r", "a", ttft_s=inf))
+    v.on_scale_decision(ScaleDecision(pool="default", model="m", ts=nan, target_replicas=1,
+                                      inputs={"spare_kv": inf}))
+    s = v.snapshot()
+    assert [(p["kv_usage"], p["blocks_used"]) for p in s["pods"]] == [(0.0, 0), (0.0, 0)]
+    (d,) = s["decisions"]
+    assert d["scores"] == [["c", 1.0]] and d["ttft_s"] is None and d["held_s"] is None
+    assert s["autoscaler"]["default"]["decision"]["inputs"] == {"spare_kv": None}
+    assert "NaN" not in msgspec.json.encode(s).decode()
+
+
+async def test_a_slow_browser_gets_the_newest_snapshot_only() -> None:
+    f = _Follower((None, None))
+    assert f.offer(b"one") and not f.offer(b"two") and not f.offer(b"three")
+    assert f.queue.get_nowait() == b"three" and f.queue.empty()
