@@ -11,7 +11,7 @@ ARGS ?=
 NATS_CLUSTER ?=
 VLLM_VENV := .venv-vllm
 
-.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-autoscale bench-peers lint venv clean schema keda-stubs dashboards helm-schemas
+.PHONY: up test unit integration e2e vllm-test vllm-env bench bench-llmd bench-autoscale bench-peers lint venv clean schema keda-stubs dashboards chromium console-screenshot helm-schemas
 
 venv: $(STAMP)
 
@@ -30,10 +30,10 @@ up: $(STAMP) $(if $(filter vllm,$(ENGINE)),vllm-env)
 	$(BIN)/infermesh up --engines $(ENGINES) --engine $(ENGINE) \
 		$(if $(NATS_CLUSTER),--nats-cluster $(NATS_CLUSTER)) $(ARGS)
 
-test: $(STAMP) vllm-env
+test: $(STAMP) vllm-env chromium
 	$(BIN)/python -m pytest -q tests/unit tests/integration tests/e2e tests/vllm $(ARGS)
 
-vllm-test: $(STAMP) vllm-env
+vllm-test: $(STAMP) vllm-env chromium
 	$(BIN)/python -m pytest -q tests/vllm $(ARGS)
 
 unit: $(STAMP)
@@ -42,8 +42,23 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration $(ARGS)
 
-e2e: $(STAMP)
+e2e: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests/e2e $(ARGS)
+
+# Headless Chromium and its driver, Debian's packages, for the console's browser test
+# (tests/e2e/test_console.py) and screenshot; installed once, when missing.
+CHROMIUM_PACKAGES := chromium chromium-driver
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(SUDO) apt-get install -y --no-install-recommends $(CHROMIUM_PACKAGES) || { \
+			$(SUDO) apt-get update && \
+			$(SUDO) apt-get install -y --no-install-recommends $(CHROMIUM_PACKAGES); }; }
+
+# docs/img/console.png: the fleet console on 4 simulated engines under load (≈ 1 min).
+console-screenshot: $(STAMP) chromium
+	$(BIN)/python -m tests.e2e.screenshot_console docs/img/console.png
 
 # The quick preset of `infermesh bench` (every scheduler profile on one workload, ≤ 3 min),
 # then the component benchmarks in tests/bench.

@@ -60,6 +60,12 @@ def _autoscaler(argv: list[str]) -> int:
     return main(argv)
 
 
+def _console(argv: list[str]) -> int:
+    from infermesh.services.console.__main__ import main
+
+    return main(argv)
+
+
 def _bench(argv: list[str]) -> int:
     from infermesh.services.bench.runner import main
 
@@ -105,6 +111,7 @@ COMMANDS = {
     "indexer": (_indexer, "run the KV-block indexer (im.index.lookup)"),
     "scheduler": (_scheduler, "run the scheduler (im.schedule)"),
     "autoscaler": (_autoscaler, "run the autoscaler (desired replicas per pool on im.scale.*)"),
+    "console": (_console, "serve the live fleet console web page (/console)"),
     "bench": (_bench, "benchmark scheduler profiles on one workload (presets: quick, ...)"),
     "events": (_events, "bus tools: `events tail SUBJECT` prints live messages"),
     "schema": (_schema, "`schema export DIR` writes a JSON Schema per bus message"),

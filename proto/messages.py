@@ -16,6 +16,9 @@ import msgspec
 
 SCHEMA_VERSION = 1
 
+# The most candidates a `routed` RequestEvent lists the scores of (the best ones).
+ROUTED_SCORES_MAX = 8
+
 # Storage tiers a block can live in, best first.
 TIER_GPU = "GPU"
 TIER_CPU = "CPU"
@@ -291,6 +294,13 @@ class RequestEvent(Message, kw_only=True):
     # Seconds the ingress's activator held the request for a ready engine before routing it
     # (part of ttft_s; more replicas would not have shortened it).
     held_s: float = 0.0
+    # `routed` only, for people watching (the fleet console, `events tail`): the profile that
+    # decided (empty: routed by load, the scheduler away), the total score of the best
+    # candidates (pod → weighted sum, at most ROUTED_SCORES_MAX of them) and the blocks of the
+    # prompt the chosen pod already held.
+    profile: str = ""
+    scores: dict[str, float] = {}
+    cached_blocks: int = 0
 
 
 class ScaleDemand(Message, kw_only=True):

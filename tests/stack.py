@@ -42,14 +42,16 @@ def start_stack(procs: ProcessManager, nats: NatsServer, *, engines: int = 4,
 
     With ``auth`` (from ``write_bus_auth``; the server runs its config) every process connects
     as its own identity: the plan's state folder is the one ``auth`` was written to, so the plan
-    reuses its passwords. ``settings`` and ``spec`` go to :class:`SystemSpec`.
+    reuses its passwords. ``settings`` and ``spec`` go to :class:`SystemSpec`; the fleet
+    console only when asked for (``console=True``): a process the other tests do not need.
     """
     state = auth.config_file.parent.parent if auth else procs.tmp / "system"
     sim = {"hash_seed": "0", **(settings or {}).get("sim", {})}
     system = LocalSystem(plan(SystemSpec(
         engines=engines, schedulers=schedulers, indexers=indexers, nats_url=nats.url,
         nats_auth=auth is not None, free_ports=True, time_scale=spec.pop("time_scale", 0.02),
-        state_dir=str(state), settings={**(settings or {}), "sim": sim}, **spec)))
+        state_dir=str(state), settings={**(settings or {}), "sim": sim},
+        console=spec.pop("console", False), **spec)))
     # Stopped at teardown with the test's other processes (ingress first).
     procs.procs += system.supervisor.procs.values()
     system.start(timeout)

@@ -2,11 +2,11 @@
 
 The server side is a nats-server config file written from the list of pods: one user per
 identity (``agent-<pod>`` for each pod, ``tokenizer``, ``indexer``, ``scheduler``, ``ingress``,
-``autoscaler``, and a read-only ``observer``), each allowed exactly the subjects its service
-publishes and subscribes to (docs/security.md has the table). Every identity reads replies on
-its own inbox prefix (``_INBOX.<user>``), so one cannot read another's replies; responders
-answer through ``allow_responses`` rather than a publish right on inboxes, so none can forge a
-reply to a request it did not receive.
+``autoscaler``, ``console``, and a read-only ``observer``), each allowed exactly the subjects its
+service publishes and subscribes to (docs/security.md has the table). Every identity that sends
+requests reads replies on its own inbox prefix (``_INBOX.<user>``), so one cannot read another's
+replies; responders answer through ``allow_responses`` rather than a publish right on inboxes,
+so none can forge a reply to a request it did not receive.
 
 The client side is :class:`BusClientKnobs`, the knobs every service config inherits, and
 :class:`ClientSecurity`, which turns them into nats-py ``connect`` options. Passwords travel in a
@@ -36,7 +36,8 @@ INDEXER = "indexer"
 SCHEDULER = "scheduler"
 INGRESS = "ingress"
 AUTOSCALER = "autoscaler"
-SERVICE_IDENTITIES = (TOKENIZER, INDEXER, SCHEDULER, INGRESS, AUTOSCALER)
+CONSOLE = "console"
+SERVICE_IDENTITIES = (TOKENIZER, INDEXER, SCHEDULER, INGRESS, AUTOSCALER, CONSOLE)
 
 # nats-py micro answers discovery on `$SRV.<VERB>`, `$SRV.<VERB>.<name>` and `.<name>.<id>`.
 _DISCOVERY = tuple(
@@ -150,6 +151,11 @@ def identities(prefix: str, pods: Iterable[tuple[str, str]]) -> list[Identity]:
             # leader lease (JetStream KV: its API and its keys; answers come to the inbox).
             publish=(s.scale_all, *s.autoscaler_lease_subjects()),
             subscribe=(s.pod_state_all, s.req_all, s.scale_all, inbox_prefix(AUTOSCALER) + ".>"),
+        )),
+        Identity(CONSOLE, Permissions(
+            # Reads what it shows (heartbeats, request events, scale decisions and demand),
+            # and nothing else: it publishes nothing, sends no request, so reads no inbox.
+            subscribe=(s.pod_state_all, s.req_all, s.scale_all),
         )),
         Identity(OBSERVER, Permissions(
             # Read-only: every subject of the deployment, and discovery pings (whose answers

@@ -37,7 +37,7 @@ from .config import SchedulingKnobs, load_pipeline
 from .framework import Handle, NoCandidates, Pipeline
 from .metrics import SchedulerMetrics
 from .plugins.precise_prefix_scorer import PrecisePrefixCacheScorer
-from .scheduler import Scheduler, UnknownProfile
+from .scheduler import Scheduler, UnknownProfile, total_scores
 from .state import InFlight, PodTable
 
 log = get_logger("scheduler")
@@ -282,6 +282,9 @@ class SchedulerCore:
             replica=self.replica,
             num_tokens=req.num_tokens,
             block_keys=req.block_keys,
+            profile=decision.profile,
+            scores=total_scores(decision),
+            cached_blocks=decision.cached_blocks,
         )
         self.apply_event(routed)
         if req.announce and self._nc is not None:

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from typing import Any
 
 from opentelemetry import trace
 
-from infermesh.proto.messages import ScheduleDecision, ScheduleRequest
+from infermesh.proto.messages import ROUTED_SCORES_MAX, ScheduleDecision, ScheduleRequest
 
 from .config import TOTAL_SCORES
 from .framework import CycleState, Pipeline, Plugin, Pod, ProfileResult
 from .metrics import SchedulerMetrics
+
+
+def total_scores(decision: ScheduleDecision, most: int = ROUTED_SCORES_MAX) -> dict[str, float]:
+    """The weighted total per candidate pod of a decision, the ``most`` best only (what a
+    ``routed`` request event carries for people watching)."""
+    totals = decision.scores.get(TOTAL_SCORES)
+    if not totals:
+        return {}
+    if len(totals) <= most:
+        return dict(totals)
+    return dict(heapq.nlargest(most, totals.items(), key=lambda kv: kv[1]))
 
 
 class UnknownProfile(KeyError):

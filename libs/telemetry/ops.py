@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -16,14 +16,16 @@ ActionFn = Callable[[], Awaitable[dict[str, Any]]]
 
 class OpsServer:
     """``GET /health`` (200 or 503 with a JSON body) and ``GET /metrics`` (Prometheus text);
-    and ``POST /<name>`` for each of ``actions`` (e.g. an agent's ``/drain``), answering its
-    JSON."""
+    ``POST /<name>`` for each of ``actions`` (e.g. an agent's ``/drain``), answering its JSON;
+    and any further ``routes`` of the service's own (the fleet console's pages)."""
 
     def __init__(self, registries: list[CollectorRegistry], health: HealthFn,
-                 actions: dict[str, ActionFn] | None = None) -> None:
+                 actions: dict[str, ActionFn] | None = None,
+                 routes: Iterable[web.RouteDef] = ()) -> None:
         self._registries = registries
         self._health = health
         self._actions = actions or {}
+        self._routes = list(routes)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -34,6 +36,7 @@ class OpsServer:
         app.router.add_get("/metrics", self._on_metrics)
         for name, fn in self._actions.items():
             app.router.add_post(f"/{name}", self._action(fn))
+        app.router.add_routes(self._routes)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)

@@ -182,11 +182,12 @@ PRESETS: dict[str, Preset] = {
 
 def local_system(spec: SystemSpec, state_dir: Path) -> LocalSystem:
     """A cold system for one profile, as `infermesh up` runs it, on free ports; the ingress
-    waits longer for the control plane than its defaults (a saturated 2-core machine)."""
+    waits longer for the control plane than its defaults (a saturated 2-core machine). No
+    fleet console: nobody watches it, and it would take CPU from what is measured."""
     settings = {"ingress": {"schedule_timeout_s": 2, "tokenize_timeout_s": 5},
                 **spec.settings}
     return LocalSystem(plan(dataclasses.replace(spec, free_ports=True, state_dir=str(state_dir),
-                                                settings=settings)))
+                                                settings=settings, console=False)))
 
 
 async def run_requests(url: str, requests: list[W.BenchRequest], *, profile: str, model: str,

@@ -46,6 +46,7 @@ from infermesh.libs.bus import (
     request,
 )
 from infermesh.libs.scheduling.core import ScheduleError, SchedulerCore
+from infermesh.libs.scheduling.scheduler import total_scores
 from infermesh.libs.telemetry import (
     extract_context,
     get_logger,
@@ -171,6 +172,9 @@ class _Route:
     first: tuple[str, str] | None = None  # (pod, url) decided along the route, before _proxy
     partial: bool = False  # num_tokens is the tokenizer's estimate (TokenizeReply.partial)
     announced: bool = False  # a scheduler published the routed event of ``first``
+    # The scheduler service's last answer, for the routed event this ingress publishes itself
+    # (None: routed by load).
+    decision: ScheduleDecision | None = None
 
 
 class IngressService:
@@ -773,6 +777,7 @@ class IngressService:
         req = self._schedule_request(route, announce=announce)
         t0 = time.perf_counter()
         waited = False
+        route.decision = None
         try:
             # Twice: if the replica that got the request died, the queue group's next
             # member answers the second one.
@@ -783,6 +788,7 @@ class IngressService:
                     d = await request(self.nc, self.subjects.schedule, req, ScheduleDecision,
                                       timeout=self.cfg.schedule_timeout_s)
                     self._scheduler_ok = time.monotonic()
+                    route.decision = d
                     return d.pod, d.url, announce
                 except PayloadTooLarge as e:  # block keys of a prompt near the bus's limit
                     self._fallback("too_large_for_bus")
@@ -848,8 +854,12 @@ class IngressService:
             else:
                 pod, url, announced = await self._repick(route)
             if not announced:
+                d = route.decision if route.decision and route.decision.pod == pod else None
                 await self._event(route, "routed", pod, num_tokens=route.num_tokens,
-                                  block_keys=route.block_keys)
+                                  block_keys=route.block_keys,
+                                  profile=d.profile if d else "",
+                                  scores=total_scores(d) if d else {},
+                                  cached_blocks=d.cached_blocks if d else 0)
             tracked = self.pods.get(pod)
             if tracked is not None:
                 tracked.in_flight += 1

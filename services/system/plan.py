@@ -28,6 +28,7 @@ from infermesh.libs.scheduling.config import SchedulingKnobs
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, default_model_dir
 from infermesh.services.agent.config import AgentConfig
 from infermesh.services.autoscaler.config import AutoscalerConfig
+from infermesh.services.console.config import ConsoleConfig
 from infermesh.services.indexer.config import IndexerConfig
 from infermesh.services.ingress.config import IngressConfig
 from infermesh.services.scheduler.config import SchedulerConfig
@@ -44,14 +45,14 @@ SCHEDULING_FIELDS = frozenset(f.name for f in fields(SchedulingKnobs))
 CONFIGS: dict[str, type[Any]] = {
     "sim": SimConfig, "agent": AgentConfig, "tokenizer": TokenizerConfig,
     "indexer": IndexerConfig, "scheduler": SchedulerConfig, "ingress": IngressConfig,
-    "autoscaler": AutoscalerConfig,
+    "autoscaler": AutoscalerConfig, "console": ConsoleConfig,
 }
 # The name each bus service answers `$SRV.PING` with (nats-py micro).
 BUS_SERVICE = {"tokenizer": "infermesh-tokenizer", "indexer": "infermesh-indexer",
                "scheduler": "infermesh-scheduler"}
 # Start order; the stop goes the other way (nothing logs the bus vanishing under it).
 STAGE = {"nats": 0, "sim": 1, "agent": 2, "tokenizer": 3, "indexer": 3, "scheduler": 3,
-         "autoscaler": 3, "ingress": 4}
+         "autoscaler": 3, "console": 3, "ingress": 4}
 
 # vLLM on the CPU (docs/vllm.md says why each is there).
 VLLM_CPU_BLOCK_SIZE = 32  # the CPU attention backend supports multiples of 32 only
@@ -90,7 +91,7 @@ class ProcessSpec:
     """One process of the plan."""
 
     name: str
-    kind: str  # nats, sim, agent, tokenizer, indexer, scheduler, autoscaler, ingress
+    kind: str  # nats, sim, agent, tokenizer, indexer, scheduler, autoscaler, console, ingress
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     after: tuple[str, ...] = ()  # processes it needs (Tilt's resource_deps)
@@ -118,6 +119,7 @@ class Layout:
     engine_http: tuple[int, ...]
     engine_kv: tuple[int, ...]  # replay: +1
     ingress: tuple[int, ...]
+    console: tuple[int, ...]  # one port, or none (console off)
     ops: tuple[int, ...]  # agents, tokenizers, indexers, schedulers, autoscaler; -1: none
 
 
@@ -233,6 +235,7 @@ def layout(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> Layout
         engine_http=seq(spec.engine_port, n_engines, whole=one_sim),
         engine_kv=seq(spec.kv_port, n_engines, step=2, whole=True),
         ingress=seq(spec.ingress_port, spec.ingresses),
+        console=seq(spec.console_port, 1 if spec.console else 0),
         ops=ops,
     )
 
@@ -465,6 +468,21 @@ class _Builder:
                 ports=ports, health_url=health, links=links, watch=_watch("autoscaler"),
             ))
 
+    def console(self) -> None:
+        """The fleet console (``console``): a reader of the bus, serving its page."""
+        for port in self.lay.console:
+            url = f"http://{self.host}:{port}"
+            values: dict[str, Any] = {**self.bus(), "http_host": self.host, "http_port": port}
+            self.procs.append(ProcessSpec(
+                name="console", kind="console",
+                argv=tuple(command("console") + self.argv("console", values)),
+                env=self.bus_env("console", "console"), after=self.nats_names(),
+                ports=(Port(port, "fleet console", "--console-port"),),
+                health_url=url + "/health",
+                links={"console": url + "/console", "metrics": url + "/metrics"},
+                watch=_watch("console"),
+            ))
+
     def ingresses(self) -> None:
         s = self.spec
         after = tuple(p.name for p in self.procs if p.kind in BUS_SERVICE)
@@ -513,6 +531,7 @@ def plan(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> SystemPl
     b.services()
     if spec.autoscale:
         b.autoscaler()
+    b.console()
     b.ingresses()
     # Engine slots past `engines` (autoscale) are parked: laid out, not started.
     parked = set(pods[spec.engines:])

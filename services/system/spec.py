@@ -17,13 +17,14 @@ from urllib.parse import urlparse
 from infermesh.libs.bus import DEFAULT_NATS_URL, BusAddress
 from infermesh.libs.config import ConfigError, default_of, knob
 from infermesh.services.agent.config import AgentConfig
+from infermesh.services.console.config import ConsoleConfig
 from infermesh.services.ingress.config import IngressConfig
 from infermesh.services.sim.config import SimConfig
 
 # Services with replicas, in start order; each reads INFERMESH_<NAME>_* and answers on the bus.
 REPLICATED = ("tokenizer", "indexer", "scheduler", "ingress")
 # Everything `--set NAME.FIELD=VALUE` may configure.
-CONFIGURABLE = ("sim", "agent", *REPLICATED, "autoscaler")
+CONFIGURABLE = ("sim", "agent", *REPLICATED, "autoscaler", "console")
 
 
 @dataclass
@@ -67,6 +68,10 @@ class SystemSpec:
     autoscalers: int = knob(
         1, "Autoscaler replicas with autoscale: the one holding the leader lease (NATS "
         "JetStream) publishes decisions, the others follow and take over when it is gone")
+    console: bool = knob(
+        True, "Start the fleet console: a live web page of the pods, routing decisions, "
+        "prefix-cache hit rate and autoscaler (docs/console.md; its knobs with --set "
+        "console.FIELD=VALUE)")
     # ------------------------------------------------------------------ the bus
     nats_url: str = knob(
         "", "Use this NATS (comma-separated URLs) instead of starting nats-server; empty: "
@@ -97,6 +102,8 @@ class SystemSpec:
                         "(0: free)")
     ingress_port: int = knob(default_of(IngressConfig, "http_port"),
                              "Port of the OpenAI API (ingress replica j: +j; 0: free)")
+    console_port: int = knob(default_of(ConsoleConfig, "http_port"),
+                             "Port of the fleet console (0: free)")
     ops_port: int = knob(
         8300, "First /health and /metrics port of the agents, tokenizer, indexer and scheduler "
         "(one each, in the order the summary lists them; 0: free; -1: none)")

@@ -25,7 +25,8 @@ from .run import prepare_state
 from .up import build_parser, spec_from_args
 
 LABELS = {"nats": "infra", "sim": "engines", "agent": "agents", "tokenizer": "routing",
-          "indexer": "routing", "scheduler": "routing", "ingress": "routing"}
+          "indexer": "routing", "scheduler": "routing", "ingress": "routing",
+          "autoscaler": "scaling", "console": "console"}
 
 
 def resources(plan_: SystemPlan) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """`infermesh up`: the whole system on one machine, on the embedded defaults.
 
 Starts nats-server (or a routed cluster of them), the engines (simulated, or real vLLM launched by
-their agents), an agent per engine, the tokenizer, indexer, scheduler and ingress; prints what
-runs where; restarts a process that dies (with backoff); stops everything on Ctrl-C or SIGTERM.
+their agents), an agent per engine, the tokenizer, indexer, scheduler, ingress and fleet console;
+prints what runs where; restarts a process that dies (with backoff); stops everything on Ctrl-C
+or SIGTERM.
 Every child dies with this process, even when it is killed with SIGKILL; a run that died that
 way is found (its run.json) and cleaned up by the next `infermesh up`.
 """
@@ -130,6 +131,9 @@ def summary(plan_: SystemPlan) -> list[str]:
     for url in plan_.ingress_urls:
         lines.append(f"  OpenAI API      {url}/v1  (ingress; header x-infermesh-endpoint names "
                      "the engine)")
+    for p in plan_.of_kind("console"):
+        lines.append(f"  {'console':<15} {p.links['console']}  (the fleet, live: pods, routing "
+                     "decisions, hit rate, autoscaler)")
     for p in plan_.of_kind("nats"):
         lines.append(f"  {p.name:<15} {p.links['NATS']}  (monitor {p.links['monitor']})")
     if not plan_.of_kind("nats"):

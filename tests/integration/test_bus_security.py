@@ -264,9 +264,9 @@ async def test_events_tail_with_the_observer_credentials(secured) -> None:
 async def test_the_whole_stack_runs_under_its_identities(secured, procs) -> None:
     srv, auth = secured
     t0 = time.monotonic()
-    # The autoscaler runs under its identity too (held at two engines: the routing checks
-    # below need both).
-    stack = start_stack(procs, srv, engines=2, auth=auth, autoscale=True,
+    # The autoscaler and the console run under their identities too (the autoscaler held at
+    # two engines: the routing checks below need both).
+    stack = start_stack(procs, srv, engines=2, auth=auth, autoscale=True, console=True,
                         settings={"autoscaler": {"interval_s": 0.2, "warmup_s": 0.2,
                                                  "min_replicas": 2, "max_replicas": 2}})
     print(f"stack up under auth in {time.monotonic() - t0:.1f} s")
@@ -340,7 +340,13 @@ async def test_the_whole_stack_runs_under_its_identities(secured, procs) -> None
     async with aiohttp.ClientSession() as http:
         async with http.get(health_url) as r:
             pools = (await r.json())["pools"]
-    assert pools["default"]["ready"] == 2, pools
+        assert pools["default"]["ready"] == 2, pools
+        # The console read heartbeats, request events and decisions under its own user.
+        (console,) = stack.system.plan.of_kind("console")
+        async with http.get(console.links["console"] + "/state") as r:
+            seen = await r.json()
+    assert {p["pod"] for p in seen["pods"]} == set(stack.pods)
+    assert seen["totals"]["routed"] >= 5 and "default" in seen["autoscaler"], seen["totals"]
 
     # No legitimate action was refused anywhere: the permission lists are complete.
     logs = {p.log.name: p.tail(10**7) for p in procs.procs if p.log}

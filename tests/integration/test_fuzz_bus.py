@@ -89,7 +89,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
     pm = ProcessManager(tmp_path_factory.mktemp("fuzz-bus"), model_dir)
     try:
         _, info = pm.sim("--time-scale", "0.02", "--hash-seed", "0", engines=len(PODS))
-        base = free_port_range(6)
+        base = free_port_range(7)
         bus = ["--nats-url", srv.url]
         procs: dict[str, Process] = {}
         metrics: dict[str, str] = {}
@@ -99,6 +99,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
         for i, name in enumerate(("tokenizer", "indexer", "scheduler"), start=2):
             procs[name] = pm.service(name, *bus, "--http-port", str(base + i))
             metrics[name] = f"http://127.0.0.1:{base + i}/metrics"
+        procs["console"] = pm.service("console", *bus, "--http-port", str(base + 6))
+        metrics["console"] = f"http://127.0.0.1:{base + 6}/metrics"
         procs["ingress"] = pm.service("ingress", *bus, "--http-port", str(base + 5))
         url = f"http://127.0.0.1:{base + 5}"
         metrics["ingress"] = url + "/metrics"
@@ -389,6 +391,9 @@ def _run_fuzz(stack: BusStack, loop: Loop, nc: Client) -> None:
         "ingress pod": rose("ingress", 'infermesh_ingress_rejected_total{reason="bad_pod_state"}'),
         "tokenizer": rose("tokenizer", bad_requests % ("tokenize", "infermesh-tokenizer")),
         "scheduler schedule": rose("scheduler", bad_requests % ("schedule", "infermesh-scheduler")),
+        **{f"console {kind}": rose("console", 'infermesh_console_bus_messages_total'
+                                   f'{{kind="{kind}",outcome="bad"}}')
+           for kind in ("pod_state", "request_event", "scale")},
         "agent snapshot": sum(rose(p, 'infermesh_agent_snapshots_total{outcome="bad_request"}')
                               for p in PODS),
     }
@@ -398,6 +403,10 @@ def _run_fuzz(stack: BusStack, loop: Loop, nc: Client) -> None:
         assert n > 0, f"{what}: bad messages not counted ({counters})"
     for name, p in stack.procs.items():
         assert p.alive(), f"{name} died:\n{p.tail()}"
+    # The console still draws what it read (absurd numbers included).
+    state = http_ok(stack.metrics["console"].replace("/metrics", "/console/state"))
+    assert state is not None and len(state["pods"]) >= len(PODS)
+    assert "console_push_failed" not in stack.procs["console"].tail(10**6)
     assert traffic.sent > 0 and not traffic.failed, traffic.failed[:5]
     assert traffic.sticky_sent > 0 and not traffic.misrouted, traffic.misrouted[:5]
     assert loop.run(held()) == len(keys), "the live pod's prefix is no longer indexed"

@@ -4,6 +4,7 @@ when it is killed with SIGKILL; a port in use or a second run is refused with on
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -99,6 +101,19 @@ def test_up_starts_everything_and_stops_on_sigterm(tmp_path: Path, model_dir: Pa
             model=MODEL, messages=[{"role": "user", "content": "Hi"}],
             max_tokens=4, stream=True, stream_options={"include_usage": True}))
         assert chunks[-1].usage.completion_tokens == 4
+        # The fleet console is printed, serves its page, and shows both pods and the requests.
+        console = _printed(text, "console").split()[0]
+        assert _get(console) == 200
+
+        def console_state() -> dict[str, Any]:
+            with urllib.request.urlopen(console + "/state", timeout=2) as r:
+                return json.loads(r.read())  # type: ignore[no-any-return]
+
+        deadline = time.monotonic() + 10
+        while console_state()["totals"]["finished"] < 2:
+            assert time.monotonic() < deadline, console_state()["totals"]
+            time.sleep(0.1)
+        assert {p["pod"] for p in console_state()["pods"]} == {"sim-0", "sim-1"}
         pids = [p.pid for p in run.processes]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()[-3000:]

@@ -13,6 +13,7 @@ import pytest
 
 from infermesh.libs.bus.security import (
     AGENT_MAX_RESPONSES,
+    CONSOLE,
     INGRESS,
     OBSERVER,
     BusClientKnobs,
@@ -61,7 +62,7 @@ def test_subject_matcher_itself() -> None:
 def test_one_identity_per_pod_and_per_service() -> None:
     users = set(by_user())
     assert users == {"agent-sim-0", "agent-sim-1", "agent-gpu-7", "tokenizer", "indexer",
-                     "scheduler", "ingress", "autoscaler", "observer"}
+                     "scheduler", "ingress", "autoscaler", "console", "observer"}
 
 
 def test_autoscaler_rights() -> None:
@@ -75,6 +76,18 @@ def test_autoscaler_rights() -> None:
                    matches(p, "$KV.other.leader") for p in a.publish)
     assert set(a.subscribe) == {"im.pod.*.*", "im.req.*", "im.scale.*", "_INBOX.autoscaler.>"}
     assert a.responses == 0
+
+
+def test_the_console_only_reads_what_it_shows() -> None:
+    c = by_user()[CONSOLE].permissions
+    assert set(c.subscribe) == {"im.pod.*.*", "im.req.*", "im.scale.*"}
+    assert c.publish == () and c.responses == 0
+    for subject in ("im.kv.default.sim-0", "im.tokenize", "im.snapshot.sim-0", "_INBOX.x.y"):
+        assert not allowed(c.subscribe, subject), subject
+    text = server_config({i.user: "pw" for i in identities("im", PODS)},
+                         identities("im", PODS))
+    assert ('{user: "console", password: "pw",\n     permissions: {publish: {deny: [">"]}, '
+            'subscribe: {allow: ["im.pod.*.*", "im.req.*", "im.scale.*"]}}}') in text
 
 
 def test_an_agent_publishes_only_its_own_pods_subjects() -> None:
@@ -120,7 +133,8 @@ def test_each_identity_reads_only_its_own_replies() -> None:
     ids = by_user()
     for user, ident in ids.items():
         mine = f"{inbox_prefix(user)}.abc.1"
-        assert allowed(ident.permissions.subscribe, mine), user
+        # The console sends no request: it reads no replies at all.
+        assert allowed(ident.permissions.subscribe, mine) == (user != CONSOLE), user
         for other in ids:
             if other != user:
                 assert not allowed(ident.permissions.subscribe,

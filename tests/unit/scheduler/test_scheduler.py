@@ -13,9 +13,16 @@ from prometheus_client import generate_latest
 from infermesh.libs.scheduling.config import load_pipeline
 from infermesh.libs.scheduling.framework import CycleState, Handle, NoCandidates
 from infermesh.libs.scheduling.metrics import SchedulerMetrics
-from infermesh.libs.scheduling.scheduler import Scheduler, UnknownProfile
+from infermesh.libs.scheduling.scheduler import Scheduler, UnknownProfile, total_scores
 from infermesh.libs.scheduling.state import InFlight
-from infermesh.proto.messages import LookupReply, LookupRequest, PodMatch, RequestEvent
+from infermesh.proto import codec
+from infermesh.proto.messages import (
+    ROUTED_SCORES_MAX,
+    LookupReply,
+    LookupRequest,
+    PodMatch,
+    RequestEvent,
+)
 from infermesh.services.scheduler.config import SchedulerConfig
 from infermesh.services.scheduler.service import SchedulerService
 
@@ -160,3 +167,28 @@ async def test_profile_clamps_scores_and_weights_the_sum():
     assert result.scores["half"] == {"a": 0.0, "b": 0.0, "c": 0.5}
     assert result.totals == {"a": 1.0, "b": 0.0, "c": 2.0} and result.pod.name == "c"
     assert timed == ["wild", "half", "max"]
+
+
+async def test_the_announced_routed_event_carries_profile_scores_and_cached_blocks():
+    """What the fleet console shows of a decision: its profile, the best candidates' totals
+    (at most ROUTED_SCORES_MAX) and the blocks the chosen pod held."""
+    svc = service()
+    for name in ("a", "b", *(f"x{i}" for i in range(10))):
+        svc.pods.update(pod_state(name))
+    sent: list[tuple[str, bytes]] = []
+
+    class _Bus:
+        async def publish(self, subject: str, data: bytes) -> None:
+            sent.append((subject, data))
+
+    svc.core._nc = _Bus()  # type: ignore[assignment]
+    d = await svc.core.decide(req("r1", keys=[1, 2, 3, 4], announce=True))
+    ((subject, data),) = sent
+    ev = codec.decode(data, RequestEvent)
+    assert subject == "im.req.default" and ev.kind == "routed" and ev.pod == d.pod == "b"
+    assert ev.profile == "default" and ev.cached_blocks == 3
+    assert len(ev.scores) == ROUTED_SCORES_MAX and "b" in ev.scores
+    assert ev.scores == total_scores(d)
+    assert max(ev.scores.values()) == ev.scores["b"] == d.scores["total"]["b"]
+    # Without scores (a picker alone), none are listed.
+    assert total_scores(await svc.core.decide(req("r2", profile="round-robin"))) == {}

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from infermesh.libs.config import ConfigError, default_of, load_config, to_argv
+from infermesh.services.console.config import ConsoleConfig
 from infermesh.services.sim.config import SimConfig
-from infermesh.services.system.plan import CONFIGS, VLLM_CPU_BLOCK_SIZE, plan, pod_name
+from infermesh.services.system.plan import CONFIGS, STAGE, VLLM_CPU_BLOCK_SIZE, plan, pod_name
 from infermesh.services.system.spec import SystemSpec
-from infermesh.services.system.up import build_parser, spec_from_args
+from infermesh.services.system.up import build_parser, spec_from_args, summary
 
 
 def flags(argv: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -215,3 +216,25 @@ def test_autoscaler_replicas_and_their_lease(tmp_path: Path) -> None:
         == {1}
     with pytest.raises(ValueError, match="autoscalers must be at least 1"):
         SystemSpec(engines=1, autoscale=True, autoscalers=0)
+
+
+def test_the_console_is_started_by_default_on_its_own_port_and_identity(tmp_path: Path) -> None:
+    p = plan(SystemSpec(engines=2, state_dir=str(tmp_path)))
+    (c,) = p.of_kind("console")
+    cfg = parsed("console", c.argv)
+    assert cfg.http_port == default_of(ConsoleConfig, "http_port") == 8090
+    assert cfg.nats_url == p.nats_url and cfg.subject_prefix == "im"
+    assert c.env["INFERMESH_CONSOLE_NATS_CREDENTIALS"] == str(p.credentials("console"))
+    assert c.links["console"] == "http://127.0.0.1:8090/console"
+    assert c.health_url == "http://127.0.0.1:8090/health" and c.after == ("nats",)
+    # Started before the ingress (it sees the first routed request), stopped after it.
+    kinds = [q.kind for q in p.processes]
+    assert kinds.index("console") < kinds.index("ingress") and c.stage < STAGE["ingress"]
+    assert any("http://127.0.0.1:8090/console" in line for line in summary(p))
+    moved = plan(SystemSpec(engines=1, state_dir=str(tmp_path), console_port=9999,
+                            settings={"console": {"decisions": 7}}))
+    cfg = parsed("console", moved.of_kind("console")[0].argv)
+    assert (cfg.http_port, cfg.decisions) == (9999, 7)
+    off = plan(SystemSpec(engines=1, state_dir=str(tmp_path), console=False))
+    assert not off.of_kind("console") and off.layout.console == ()
+    assert not any("/console" in line for line in summary(off))
