@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from infermesh.services.agent.config import AgentConfig
 from infermesh.services.autoscaler.config import AutoscalerConfig
+from infermesh.services.console.config import ConsoleConfig
 from infermesh.services.indexer.config import IndexerConfig
 from infermesh.services.ingress.config import IngressConfig
 from infermesh.services.scheduler.config import SchedulerConfig
@@ -43,6 +44,7 @@ SERVICES: dict[str, tuple[type[Any], frozenset[str]]] = {
     "indexer": (IndexerConfig, BUS_AND_HTTP),
     "scheduler": (SchedulerConfig, BUS_AND_HTTP | {"profiles_file"}),
     "autoscaler": (AutoscalerConfig, BUS_AND_HTTP | {"keda_host", "keda_port"}),
+    "console": (ConsoleConfig, BUS_AND_HTTP),
     "agent": (AgentConfig, BUS_AND_HTTP | {
         "pool", "pod", "role", "engine_url", "kv_endpoint", "replay_endpoint", "launch_vllm",
         "vllm_command", "vllm_port", "vllm_kv_port", "vllm_replay_port", "vllm_args",
@@ -54,7 +56,7 @@ SERVICES: dict[str, tuple[type[Any], frozenset[str]]] = {
 # chart -> the control-plane service it runs (None: an engine chart).
 CONTROL_PLANE = {
     "ingress": "ingress", "tokenizer": "tokenizer", "indexer": "indexer",
-    "scheduler": "scheduler", "autoscaler": "autoscaler",
+    "scheduler": "scheduler", "autoscaler": "autoscaler", "console": "console",
 }
 ENGINE_CHARTS = ("engine", "sim")
 UMBRELLA = "infermesh"

@@ -56,7 +56,7 @@ async def _client(url: str, user: str, password: str, errors: list[Exception]) -
 
 async def test_every_identity_logs_in_and_agents_publish_only_for_their_pool(k8s_nats) -> None:
     srv, passwords = k8s_nats
-    assert {"ingress", "tokenizer", "scheduler", "indexer", "autoscaler", "observer",
+    assert {"ingress", "tokenizer", "scheduler", "indexer", "autoscaler", "console", "observer",
             "agent-default", "agent-gpu"} <= set(passwords)
     for user, password in passwords.items():
         nc = await _client(srv.url, user, password, [])
