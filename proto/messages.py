@@ -261,6 +261,12 @@ class ScheduleDecision(Message, kw_only=True):
     cached_blocks: int = 0
     num_tokens: int | None = None
     tokens_partial: bool = False
+    # Prefill/decode disaggregation (docs/disaggregation.md): when the profile handler's decider
+    # chose to disaggregate, the pod that prefills (``pod`` then decodes, with the KV it pulls
+    # from this one), its URL and the profile that chose it; empty: ``pod`` serves it whole.
+    prefill_pod: str = ""
+    prefill_url: str = ""
+    prefill_profile: str = ""
 
 
 class RouteRequest(Message, kw_only=True):
@@ -301,6 +307,10 @@ class RequestEvent(Message, kw_only=True):
     profile: str = ""
     scores: dict[str, float] = {}
     cached_blocks: int = 0
+    # Which part of a disaggregated request (docs/disaggregation.md): "prefill" (its own
+    # request id, ``<id>-prefill``, so in-flight counts stay per pod) or "decode"; empty: the
+    # whole request on one engine.
+    leg: str = ""
 
 
 class ScaleDemand(Message, kw_only=True):

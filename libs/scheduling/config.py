@@ -283,6 +283,10 @@ def build_pipeline(spec: PipelineSpec, handle: Handle) -> Pipeline:
             raise ConfigError(f"{where} has {len(pickers)} pickers; a profile takes one")
         picker = pickers[0] if pickers else MaxScorePicker(f"{prof.name}.max-score", handle.rng)
         profiles[prof.name] = Profile(prof.name, filters, scorers, picker)
+    try:
+        handler.bind(plugins, profiles)
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
     return Pipeline(plugins, profiles, handler, spec.default_profile)
 
 
@@ -333,6 +337,27 @@ plugins:
     type: random-picker
   - name: round-robin
     type: round-robin-picker
+  - name: prefill-roles
+    type: role-filter
+    parameters:
+      roles: [prefill]
+  # Prefill/decode disaggregation (docs/disaggregation.md): the pd handler runs a request's
+  # profile for the pod that decodes it, then asks its decider whether a prefill engine
+  # prefills it first (chosen by the prefill profile). A fleet with no prefill engine is
+  # served as without it.
+  - name: prefix-aware
+    type: prefix-based-pd-decider
+    parameters:
+      threshold: 512
+  - name: always
+    type: always-pd-decider
+  - name: never
+    type: never-pd-decider
+  - name: pd
+    type: pd-profile-handler
+    parameters:
+      decider: prefix-aware
+      prefill_profile: prefill
 
 default_profile: default
 
@@ -383,4 +408,11 @@ profiles:
     plugins:
       - ref: serving-roles
       - ref: round-robin
+  # The engine that prefills a disaggregated request: prefix hits first, then load.
+  - name: prefill
+    plugins:
+      - ref: prefill-roles
+      - {ref: precise-prefix, weight: 2}
+      - {ref: load, weight: 1}
+      - ref: max-score
 """

@@ -43,6 +43,12 @@ from .state import InFlight, PodTable
 log = get_logger("scheduler")
 
 
+def prefill_request_id(request_id: str) -> str:
+    """The id of a disaggregated request's prefill leg in request events (its own, so each
+    engine's in-flight count holds one entry per leg)."""
+    return f"{request_id}-prefill"
+
+
 class ScheduleError(Exception):
     """A request the scheduler cannot place: ``status`` is the HTTP-like code (400, 503)."""
 
@@ -285,14 +291,24 @@ class SchedulerCore:
             profile=decision.profile,
             scores=total_scores(decision),
             cached_blocks=decision.cached_blocks,
+            leg="decode" if decision.prefill_pod else "",
         )
-        self.apply_event(routed)
-        if req.announce and self._nc is not None:
-            # The other replicas learn the decision, keys included, from here.
-            try:
-                await self._nc.publish(self.subjects.req(req.pool), codec.encode(routed))
-            except Exception as e:  # noqa: BLE001 - events are best effort, the answer is not
-                log.debug("routed_event_failed", error=repr(e))
+        events = [routed]
+        if decision.prefill_pod:
+            # The prefill leg is in flight on its own engine, under its own id.
+            events.append(RequestEvent(
+                kind="routed", request_id=prefill_request_id(req.request_id),
+                pod=decision.prefill_pod, pool=req.pool, model=req.model, ts=routed.ts,
+                replica=self.replica, num_tokens=req.num_tokens, block_keys=req.block_keys,
+                profile=decision.prefill_profile, leg="prefill"))
+        for ev in events:
+            self.apply_event(ev)
+            if req.announce and self._nc is not None:
+                # The other replicas learn the decision, keys included, from here.
+                try:
+                    await self._nc.publish(self.subjects.req(req.pool), codec.encode(ev))
+                except Exception as e:  # noqa: BLE001 - events are best effort, the answer is not
+                    log.debug("routed_event_failed", error=repr(e))
         self.decisions += 1
         self.metrics.decisions.labels(profile, decision.pod).inc()
         return decision

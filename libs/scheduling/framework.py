@@ -164,14 +164,42 @@ class ProfileHandler(Plugin):
         profiles: Mapping[str, Profile],
         default: str,
         results: Mapping[str, ProfileResult],
+        cycle: CycleState | None = None,
     ) -> list[Profile]:
-        """The profiles to run next, given the results so far (none: the cycle is over)."""
+        """The profiles to run next, given the results so far (none: the cycle is over); the
+        cycle's scratch space holds what earlier profiles found (cached blocks per pod)."""
 
     @abstractmethod
     def primary(
         self, request: ScheduleRequest, results: Mapping[str, ProfileResult]
     ) -> ProfileResult:
         """The result whose pod serves the request."""
+
+    def prefill(
+        self, request: ScheduleRequest, results: Mapping[str, ProfileResult]
+    ) -> ProfileResult | None:
+        """The result whose pod prefills the request for the primary's (P/D disaggregation);
+        None: the primary's pod serves it whole."""
+        return None
+
+    def optional(self, profile: str) -> bool:
+        """Whether a profile may find no candidate without failing the request (the prefill
+        profile of a fleet with no prefill engine)."""
+        return False
+
+    def bind(self, plugins: Mapping[str, Plugin], profiles: Mapping[str, Profile]) -> None:  # noqa: B027
+        """Resolve references to other plugins and profiles, once the pipeline is built (raise
+        ``ConfigError`` for a missing one)."""
+
+
+class PDDecider(Plugin):
+    """Decides whether a request is disaggregated: prefilled on a prefill engine, then decoded on
+    the pod the primary profile chose, with the KV it pulls (docs/disaggregation.md)."""
+
+    @abstractmethod
+    def disaggregate(self, request: ScheduleRequest, cycle: CycleState,
+                     decode: ProfileResult) -> bool:
+        """True: prefill elsewhere; False: the decode pod prefills too."""
 
 
 # Called after every plugin call with the plugin and the seconds it took.
@@ -242,6 +270,13 @@ class Profile:
 # --------------------------------------------------------------------------- parameters
 
 
+def uncached_tokens(request: ScheduleRequest, cycle: CycleState, pod: Pod) -> int:
+    """Prompt tokens ``pod`` would have to compute: all of them, less the blocks a precise prefix
+    scorer found on it (none known: the whole prompt)."""
+    cached = cycle.cached_blocks.get(pod.name, 0) if cycle.cached_blocks else 0
+    return max(0, request.num_tokens - cached * max(pod.state.block_size, 0))
+
+
 class Parameters:
     """A plugin's ``parameters`` mapping, read with typed getters that explain what is wrong.
 
@@ -296,6 +331,15 @@ class Parameters:
             raise self.error(key, f"must be an integer, not {v!r}")
         if min is not None and v < min:
             raise self.error(key, f"must be >= {min}, not {v!r}")
+        return v
+
+    def string(self, key: str, default: str) -> str:
+        """A non-empty string."""
+        v = self._get(key)
+        if v is None:
+            return default
+        if not isinstance(v, str) or not v:
+            raise self.error(key, f"must be a non-empty string, not {v!r}")
         return v
 
     def string_list(

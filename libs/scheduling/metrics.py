@@ -36,6 +36,13 @@ class SchedulerMetrics:
             ["profile", "pod"],
             registry=r,
         )
+        self.pd_decisions = Counter(
+            "infermesh_scheduler_pd_decisions",
+            "Prefill/decode verdicts of the P/D profile handler: disaggregated, aggregated (the "
+            "decider said no), no_prefill_engine (it said yes, no prefill engine was there)",
+            ["decision"],
+            registry=r,
+        )
         self.rejections = Counter(
             "infermesh_scheduler_rejections",
             "Schedule requests answered with an error, per reason",

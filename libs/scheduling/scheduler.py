@@ -11,7 +11,7 @@ from opentelemetry import trace
 from infermesh.proto.messages import ROUTED_SCORES_MAX, ScheduleDecision, ScheduleRequest
 
 from .config import TOTAL_SCORES
-from .framework import CycleState, Pipeline, Plugin, Pod, ProfileResult
+from .framework import CycleState, NoCandidates, Pipeline, Plugin, Pod, ProfileResult
 from .metrics import SchedulerMetrics
 
 
@@ -65,12 +65,24 @@ class Scheduler:
         # A handler may run profiles in rounds (prefill, then decode); bound the rounds so a
         # handler that never stops cannot hang the request.
         for _ in range(len(p.profiles) + 1):
-            todo = p.handler.pick_profiles(request, p.profiles, p.default_profile, results)
+            todo = p.handler.pick_profiles(request, p.profiles, p.default_profile, results,
+                                           cycle)
             if not todo:
                 break
             for prof in todo:
-                results[prof.name] = await prof.run(request, cycle, pods, self._time)
+                try:
+                    results[prof.name] = await prof.run(request, cycle, pods, self._time)
+                except NoCandidates:
+                    if not results or not p.handler.optional(prof.name):
+                        raise
+                    cycle.data.setdefault("skipped_profiles", []).append(prof.name)
         result = p.handler.primary(request, results)
+        prefill = p.handler.prefill(request, results)
+        verdict = cycle.data.get("pd")
+        if verdict is not None:
+            if verdict == "disaggregated" and prefill is None:
+                verdict = "no_prefill_engine"
+            self.metrics.pd_decisions.labels(verdict).inc()
         pod = result.pod
         scores = dict(result.scores)
         if scores:
@@ -86,7 +98,8 @@ class Scheduler:
                                  "infermesh.pod": pod.name,
                                  "infermesh.cached_blocks": cached,
                                  "infermesh.num_tokens": request.num_tokens,
-                                 "infermesh.candidates": len(pods)})
+                                 "infermesh.candidates": len(pods),
+                                 "infermesh.prefill_pod": prefill.pod.name if prefill else ""})
         return ScheduleDecision(
             request_id=request.request_id,
             pod=pod.name,
@@ -96,4 +109,7 @@ class Scheduler:
             cached_blocks=cached,
             num_tokens=request.num_tokens,
             tokens_partial=request.tokens_partial,
+            prefill_pod=prefill.pod.name if prefill is not None else "",
+            prefill_url=prefill.pod.url if prefill is not None else "",
+            prefill_profile=prefill.profile if prefill is not None else "",
         )

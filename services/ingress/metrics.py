@@ -37,6 +37,18 @@ class IngressMetrics:
                                    ["outcome"], registry=r)
         self.retries = Counter("infermesh_ingress_retries", "Requests retried on another pod",
                                registry=r)
+        self.pd = Counter(
+            "infermesh_ingress_pd_requests",
+            "Disaggregated requests by outcome: disaggregated (decoded with the prefill's KV), "
+            "prefill_retried (a prefill engine failed, another prefilled), prefill_failed "
+            "(no prefill engine answered: decoded whole), no_kv_params (the prefill answered "
+            "without kv_transfer_params: decoded whole), decode_retried_whole (the decode "
+            "engine failed before the first byte: the next one prefilled the prompt itself)",
+            ["outcome"], registry=r)
+        self.prefill = Histogram("infermesh_ingress_prefill_seconds",
+                                 "Prefill leg of a disaggregated request (the prefill engine's "
+                                 "answer)", buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                                                     5.0, 10.0, 30.0), registry=r)
         self.fallbacks = Counter("infermesh_ingress_fallbacks",
                                  "Requests served without a control-plane answer", ["reason"],
                                  registry=r)

@@ -45,7 +45,7 @@ from infermesh.libs.bus import (
     fits,
     request,
 )
-from infermesh.libs.scheduling.core import ScheduleError, SchedulerCore
+from infermesh.libs.scheduling.core import ScheduleError, SchedulerCore, prefill_request_id
 from infermesh.libs.scheduling.scheduler import total_scores
 from infermesh.libs.telemetry import (
     extract_context,
@@ -79,6 +79,7 @@ log = get_logger("ingress")
 _HELD_S: contextvars.ContextVar[float] = contextvars.ContextVar("held_s", default=0.0)
 
 ENDPOINT_HEADER = "x-infermesh-endpoint"
+PREFILL_HEADER = "x-infermesh-prefill-endpoint"  # the engine that prefilled (P/D)
 ROUTING_HEADER = "x-infermesh-routing-ms"  # request received → first byte sent to the engine
 PROFILE_HEADER = "x-infermesh-profile"
 
@@ -175,6 +176,20 @@ class _Route:
     # The scheduler service's last answer, for the routed event this ingress publishes itself
     # (None: routed by load).
     decision: ScheduleDecision | None = None
+    # Prefill/decode: the first decode attempt has been made (a retry serves the request whole)
+    pd_tried: bool = False
+    prefill_pod: str = ""  # the engine whose KV the answer was decoded with
+
+
+# vLLM's NixlConnector: what a prefill request asks for (docs/disaggregation.md).
+_PREFILL_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False,
+                   "remote_engine_id": None, "remote_block_ids": None, "remote_host": None,
+                   "remote_port": None}
+_decode_json = msgspec.json.Decoder(dict[str, Any])
+
+
+class _PrefillResponse(msgspec.Struct):
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 class IngressService:
@@ -587,6 +602,7 @@ class IngressService:
         self._scheduler_ok = self._tokenizer_ok = time.monotonic()
         route.num_tokens = d.num_tokens or 0
         route.first = (d.pod, d.url)
+        route.decision = d
         route.announced = True
         await self._check_length(tok, route.num_tokens, d.tokens_partial)
         return True
@@ -672,7 +688,7 @@ class IngressService:
             return
         finally:
             self.metrics.schedule.observe(time.perf_counter() - t0)
-        route.first, route.announced = (d.pod, d.url), True
+        route.first, route.announced, route.decision = (d.pod, d.url), True, d
 
     async def _tokenize(self, route: _Route, body: _Body, chat: bool) -> None:
         assert self.nc is not None
@@ -824,6 +840,8 @@ class IngressService:
     def _least_loaded(self, route: _Route) -> tuple[str, str]:
         pods = [p for p in self.live_pods() if p.state.pod not in route.excluded
                 and (p.state.model == route.model)]
+        if any(p.state.role != "prefill" for p in pods):  # prefill engines only prefill
+            pods = [p for p in pods if p.state.role != "prefill"]
         refused = set(self._refused_recently())
         if refused and any(p.state.pod not in refused for p in pods):
             pods = [p for p in pods if p.state.pod not in refused]
@@ -836,7 +854,8 @@ class IngressService:
 
     async def _event(self, route: _Route, kind: str, pod: str, **kw: Any) -> None:
         assert self.nc is not None
-        ev = RequestEvent(kind=kind, request_id=route.request_id, pod=pod,  # type: ignore[arg-type]
+        rid = kw.pop("request_id", route.request_id)
+        ev = RequestEvent(kind=kind, request_id=rid, pod=pod,  # type: ignore[arg-type]
                           pool=self.cfg.pool, model=route.model, ts=time.time(),
                           replica=self.instance, held_s=_HELD_S.get(), **kw)
         with contextlib.suppress(Exception):  # events are best effort; never fail a request
@@ -853,13 +872,27 @@ class IngressService:
                 announced = route.announced  # by the scheduler (routed, with the keys)
             else:
                 pod, url, announced = await self._repick(route)
+            d = route.decision if route.decision and route.decision.pod == pod else None
+            pd = d is not None and bool(d.prefill_pod) and not route.pd_tried
             if not announced:
-                d = route.decision if route.decision and route.decision.pod == pod else None
                 await self._event(route, "routed", pod, num_tokens=route.num_tokens,
                                   block_keys=route.block_keys,
                                   profile=d.profile if d else "",
                                   scores=total_scores(d) if d else {},
-                                  cached_blocks=d.cached_blocks if d else 0)
+                                  cached_blocks=d.cached_blocks if d else 0,
+                                  leg="decode" if pd else "")
+            body = raw
+            route.prefill_pod = ""
+            if pd:
+                assert d is not None
+                route.pd_tried = True
+                got = await self._prefill_leg(request, route, raw, d, announced)
+                if isinstance(got, web.StreamResponse):  # the prefill engine refused it (4xx)
+                    await self._event(route, "finished", pod, status="prefill_refused")
+                    return got
+                body = got
+            elif route.pd_tried and attempt > 0 and d is not None and d.prefill_pod:
+                self.metrics.pd.labels("decode_retried_whole").inc()
             tracked = self.pods.get(pod)
             if tracked is not None:
                 tracked.in_flight += 1
@@ -881,7 +914,7 @@ class IngressService:
                   else contextlib.nullcontext(trace.INVALID_SPAN)) as span:
                 try:
                     upstream = await self.http.post(
-                        url + request.path, data=raw,
+                        url + request.path, data=body,
                         headers=inject_context({"Content-Type": "application/json",
                                                 "X-Request-Id": route.request_id}))
                 except (TimeoutError, aiohttp.ClientError, OSError) as e:
@@ -906,6 +939,107 @@ class IngressService:
                     upstream.release()
         raise ClientError(503, f"No engine could serve the request: {last_error}")
 
+    async def _prefill_leg(self, request: web.Request, route: _Route, raw: bytes,
+                           d: ScheduleDecision, announced: bool) -> bytes | web.StreamResponse:
+        """Prefill a disaggregated request: the prefill engine computes the prompt's KV and
+        answers with the ``kv_transfer_params`` the decode engine pulls it with. Returns the
+        body for the decode engine (the client's, with those params), or the prefill engine's
+        own 4xx for a request it refuses (the decode engine would refuse it too).
+
+        A prefill engine that fails (unreachable, 5xx) is replaced by the least loaded other
+        prefill engine; when none answers, the request is decoded whole (the decode engine
+        computes the prompt itself), as is one whose prefill answer carries no params."""
+        assert self.http is not None
+        chat = request.path.endswith("/chat/completions")
+        body = _decode_json.decode(raw)
+        pre = dict(body)
+        pre["stream"] = False
+        pre.pop("stream_options", None)
+        pre.pop("min_tokens", None)
+        pre["max_tokens"] = 1
+        if chat:
+            pre["max_completion_tokens"] = 1
+        pre["kv_transfer_params"] = dict(_PREFILL_PARAMS)
+        pre_raw = _json.encode(pre)
+        leg_id = prefill_request_id(route.request_id)
+        pod, url = d.prefill_pod, d.prefill_url
+        tried: list[str] = []
+        params: dict[str, Any] | None = None
+        for attempt in range(self.cfg.max_attempts):
+            if attempt > 0:
+                nxt = self._least_loaded_prefill(route, tried)
+                if nxt is None:
+                    break
+                pod, url = nxt
+                self.metrics.pd.labels("prefill_retried").inc()
+            if attempt > 0 or not announced:
+                await self._event(route, "routed", pod, request_id=leg_id,
+                                  num_tokens=route.num_tokens, block_keys=route.block_keys,
+                                  profile=d.prefill_profile, leg="prefill")
+            tried.append(pod)
+            t0 = time.perf_counter()
+            with (tracer().start_as_current_span(
+                    f"prefill {pod}", kind=SpanKind.CLIENT,
+                    attributes={"infermesh.pod": pod, "infermesh.attempt": attempt + 1,
+                                "infermesh.leg": "prefill", "server.address": url})
+                  if self._tracing else contextlib.nullcontext(trace.INVALID_SPAN)) as span:
+                try:
+                    async with self.http.post(
+                            url + request.path, data=pre_raw,
+                            headers=inject_context({"Content-Type": "application/json",
+                                                    "X-Request-Id": leg_id})) as resp:
+                        data = await resp.read()
+                        status = resp.status
+                except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                    why = f"prefill engine {pod} unreachable: {type(e).__name__}"
+                    span.set_status(StatusCode.ERROR, why)
+                    log.warning("prefill_failed", pod=pod, error=why,
+                                request_id=route.request_id)
+                    if isinstance(e, aiohttp.ClientConnectorError):
+                        self._refused[pod] = time.monotonic()
+                    await self._event(route, "finished", pod, request_id=leg_id,
+                                      status="failed", leg="prefill")
+                    continue
+            self.metrics.prefill.observe(time.perf_counter() - t0)
+            if status >= 500:
+                log.warning("prefill_failed", pod=pod, status=status,
+                            request_id=route.request_id)
+                await self._event(route, "finished", pod, request_id=leg_id,
+                                  status=f"http_{status}", leg="prefill")
+                continue
+            await self._event(route, "finished", pod, request_id=leg_id, leg="prefill",
+                              status="ok" if status < 400 else f"http_{status}")
+            if status >= 400:
+                return web.Response(status=status, body=data, headers={
+                    ENDPOINT_HEADER: pod, PREFILL_HEADER: pod,
+                    "Content-Type": "application/json"})
+            try:
+                params = msgspec.json.decode(data, type=_PrefillResponse).kv_transfer_params
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                params = None
+            if not params:
+                log.warning("prefill_without_kv_params", pod=pod, request_id=route.request_id)
+                self.metrics.pd.labels("no_kv_params").inc()
+                return raw
+            route.prefill_pod = pod
+            self.metrics.pd.labels("disaggregated").inc()
+            body["kv_transfer_params"] = params
+            return _json.encode(body)
+        self.metrics.pd.labels("prefill_failed").inc()
+        self._fallback("prefill_failed")
+        return raw
+
+    def _least_loaded_prefill(self, route: _Route, tried: list[str]) -> tuple[str, str] | None:
+        """Another prefill engine for the model, the least loaded by heartbeats (a retry does
+        not ask the scheduler again: that would move the request's own count)."""
+        pods = [p for p in self.live_pods() if p.state.role == "prefill"
+                and p.state.model == route.model and p.state.pod not in tried]
+        if not pods:
+            return None
+        best = min(pods, key=lambda p: (p.state.running + p.state.waiting + p.in_flight,
+                                        self._rng.random()))
+        return best.state.pod, best.state.url
+
     async def _failed_attempt(self, route: _Route, pod: str, tracked: _Pod | None,
                               why: str) -> None:
         log.warning("engine_attempt_failed", pod=pod, error=why, request_id=route.request_id)
@@ -919,6 +1053,8 @@ class IngressService:
                      upstream: aiohttp.ClientResponse, stream: bool) -> web.StreamResponse:
         headers = {ENDPOINT_HEADER: pod, ROUTING_HEADER: f"{route.routing_s * 1000:.3f}",
                    "Content-Type": upstream.headers.get("Content-Type", "application/json")}
+        if route.prefill_pod:
+            headers[PREFILL_HEADER] = route.prefill_pod
         status = "ok" if upstream.status < 400 else f"http_{upstream.status}"
         if not stream or upstream.status >= 400:
             data = await upstream.read()

@@ -196,6 +196,14 @@ def engine_slots(spec: SystemSpec) -> int:
     return max(spec.engines, most)
 
 
+def engine_role(spec: SystemSpec, i: int) -> str:
+    """The P/D role of engine ``i``: the first ``prefill`` engines prefill, the rest decode;
+    ``both`` without disaggregation."""
+    if not spec.prefill:
+        return "both"
+    return "prefill" if i < spec.prefill else "decode"
+
+
 def sim_per_process(spec: SystemSpec) -> bool:
     """Whether each simulated engine runs in a process of its own (always when autoscaling:
     engines are started and stopped one at a time)."""
@@ -410,6 +418,7 @@ class _Builder:
             http, kv = lay.engine_http[i], lay.engine_kv[i]
             log = self.state_dir / "logs" / f"{pod}.log"
             self.agent(pod, {
+                "role": engine_role(s, i),
                 "launch_vllm": str(self.model_dir), "model": self.served_model(),
                 "vllm_command": command,
                 "vllm_port": http, "vllm_kv_port": kv, "vllm_replay_port": kv + 1,
@@ -526,8 +535,8 @@ def plan(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> SystemPl
     else:
         engines = b.sims()
         pods = tuple(pod for pod, _, _ in engines)
-        for pod, sim, endpoints in engines:
-            b.agent(pod, endpoints, after=(sim,))
+        for i, (pod, sim, endpoints) in enumerate(engines):
+            b.agent(pod, {**endpoints, "role": engine_role(spec, i)}, after=(sim,))
     b.services()
     if spec.autoscale:
         b.autoscaler()

@@ -37,6 +37,10 @@ class SystemSpec:
         "agents (needs `make vllm-env`)")
     engines: int = knob(4, "Engines, one agent each (with autoscale: the engines started "
                         "first; up to the autoscaler's max_replicas are laid out)")
+    prefill: int = knob(
+        0, "Prefill/decode disaggregation (docs/disaggregation.md): this many prefill engines "
+        "and `decode` decode engines, in place of `engines` (both at least 1)")
+    decode: int = knob(0, "Decode engines, with `prefill` (role decode)")
     pool: str = knob(default_of(AgentConfig, "pool"), "Pool (model deployment) of the engines")
     model: str = knob("", "Model folder the engines serve (empty: the repo's tiny model)")
     served_model_name: str = knob(
@@ -122,6 +126,14 @@ class SystemSpec:
         flag=False)
 
     def __post_init__(self) -> None:
+        if self.prefill < 0 or self.decode < 0:
+            raise ValueError("prefill and decode must be >= 0")
+        if self.prefill or self.decode:
+            if not (self.prefill and self.decode):
+                raise ValueError("prefill and decode go together: give both (at least 1 each)")
+            if self.autoscale:
+                raise ValueError("prefill/decode pools do not go with autoscale yet")
+            self.engines = self.prefill + self.decode
         if self.engines < (0 if self.autoscale else 1):
             raise ValueError("engines must be at least 1 (0 only with autoscale: a pool that "
                              "starts at zero)")

@@ -7,13 +7,17 @@ One plugin per file, named after its type. A new plugin gets a file here and a l
 from __future__ import annotations
 
 from ..framework import PluginFactory
+from .always_pd_decider import AlwaysPDDecider
 from .approx_prefix_scorer import ApproxPrefixCacheScorer
 from .kv_utilization_scorer import KVUtilizationScorer
 from .label_filter import LabelFilter
 from .load_aware_scorer import LoadAwareScorer
 from .lora_affinity_scorer import LoraAffinityScorer
 from .max_score_picker import MaxScorePicker
+from .never_pd_decider import NeverPDDecider
+from .pd_profile_handler import PDProfileHandler
 from .precise_prefix_scorer import PrecisePrefixCacheScorer
+from .prefix_based_pd_decider import PrefixBasedPDDecider
 from .queue_scorer import QueueScorer
 from .random_picker import RandomPicker
 from .role_filter import RoleFilter
@@ -39,6 +43,11 @@ PLUGIN_TYPES: dict[str, PluginFactory] = {
         RoundRobinPicker,
         # profile handlers
         SingleProfileHandler,
+        PDProfileHandler,
+        # prefill/decode deciders (PDProfileHandler's `decider`)
+        AlwaysPDDecider,
+        NeverPDDecider,
+        PrefixBasedPDDecider,
     )
 }
 
@@ -52,6 +61,10 @@ def register(type_name: str, factory: PluginFactory) -> None:
 
 __all__ = [
     "PLUGIN_TYPES",
+    "AlwaysPDDecider",
+    "NeverPDDecider",
+    "PDProfileHandler",
+    "PrefixBasedPDDecider",
     "ApproxPrefixCacheScorer",
     "KVUtilizationScorer",
     "LabelFilter",

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from infermesh.proto.messages import ScheduleRequest
 
-from ..framework import Handle, Parameters, Profile, ProfileHandler, ProfileResult
+from ..framework import CycleState, Handle, Parameters, Profile, ProfileHandler, ProfileResult
 
 
 class SingleProfileHandler(ProfileHandler):
@@ -28,6 +28,7 @@ class SingleProfileHandler(ProfileHandler):
         profiles: Mapping[str, Profile],
         default: str,
         results: Mapping[str, ProfileResult],
+        cycle: CycleState | None = None,
     ) -> list[Profile]:
         """The requested profile, once."""
         if results:

@@ -18,9 +18,10 @@ from infermesh.libs.scheduling.framework import Parameters
 from infermesh.libs.scheduling.plugins import (
     PLUGIN_TYPES,
     MaxScorePicker,
+    PDProfileHandler,
     PrecisePrefixCacheScorer,
+    PrefixBasedPDDecider,
     RoleFilter,
-    SingleProfileHandler,
 )
 from infermesh.services.scheduler.config import SchedulerConfig
 
@@ -50,7 +51,12 @@ def test_default_pipeline_has_the_benchmark_profiles(handle):
         ("kv-cache-utilization-scorer", 2.0)]
     assert isinstance(d.picker, MaxScorePicker)
     assert p.profiles["random"].scorers == [] and p.profiles["round-robin"].scorers == []
-    assert isinstance(p.handler, SingleProfileHandler)
+    # Prefill/decode: the pd handler, deciding by the uncached prompt on the decode pod.
+    assert isinstance(p.handler, PDProfileHandler)
+    assert p.handler.prefill_profile == "prefill"
+    assert isinstance(p.handler.decider, PrefixBasedPDDecider)
+    assert p.handler.decider.threshold == 512
+    assert [f.roles for f in p.profiles["prefill"].filters] == [frozenset({"prefill"})]
     # Both prefix scorers follow routed requests (precise: its speculative matches).
     assert [o.name for o in p.observers()] == ["precise-prefix", "approx-prefix"]
     # One instance per YAML entry, shared by the profiles that refer to it.
