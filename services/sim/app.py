@@ -10,9 +10,10 @@ while a megabyte of text is being tokenized.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -481,11 +482,13 @@ class EngineApp:
         req = decode_request(raw, "completion", content_type=request.content_type,
                              max_model_len=self.cfg.max_model_len,
                              check_model=self._check_model)
-        lora = self._check_model(req.model)
-        _refuse_prompt_embeds(req)
-        big = len(raw) >= OFFLOAD_MIN_BYTES
-        ids = await self._prompt_ids(big, req.prompt, req.add_special_tokens)
-        return await self._generate(request, req, ids, lora, big,
+        remote = self._remote_prefill(req.kv_transfer_params)
+        with self._releasing_on_refusal(remote):
+            lora = self._check_model(req.model)
+            _refuse_prompt_embeds(req)
+            big = len(raw) >= OFFLOAD_MIN_BYTES
+            ids = await self._prompt_ids(big, req.prompt, req.add_special_tokens)
+        return await self._generate(request, req, ids, lora, big, remote,
                                     text_prompt=_is_text_prompt(req.prompt))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -494,13 +497,15 @@ class EngineApp:
         req = decode_request(raw, "chat", content_type=request.content_type,
                              max_model_len=self.cfg.max_model_len,
                              check_model=self._check_model)
-        lora = self._check_model(req.model)
-        big = len(raw) >= OFFLOAD_MIN_BYTES
-        ids = await self._chat_ids(big, req)
-        if req.max_tokens is None and req.max_completion_tokens is None:
-            # vLLM would fill the context; a random model never stops, so cap it.
-            req.max_completion_tokens = self.cfg.chat_default_max_tokens
-        return await self._generate(request, req, ids, lora, big)
+        remote = self._remote_prefill(req.kv_transfer_params)
+        with self._releasing_on_refusal(remote):
+            lora = self._check_model(req.model)
+            big = len(raw) >= OFFLOAD_MIN_BYTES
+            ids = await self._chat_ids(big, req)
+            if req.max_tokens is None and req.max_completion_tokens is None:
+                # vLLM would fill the context; a random model never stops, so cap it.
+                req.max_completion_tokens = self.cfg.chat_default_max_tokens
+        return await self._generate(request, req, ids, lora, big, remote)
 
     # ------------------------------------------------------------------ render (scale-out)
 
@@ -563,14 +568,25 @@ class EngineApp:
             lens.append(self._checked_len(ids, text))
         return prompts, lens
 
+    @contextlib.contextmanager
+    def _releasing_on_refusal(self, remote: RemotePrefill | None) -> Iterator[None]:
+        """A decode refused before it reaches the engine frees its prefill's blocks, as
+        vLLM notifies its connector of a rejected request."""
+        try:
+            yield
+        except (RequestError, TokenizationError):
+            if remote is not None:
+                self.engine.release_remote(remote)
+            raise
+
     async def _generate(self, request: web.Request, req: GenerationRequest, ids: list[int],
-                        lora: str | None, big: bool, *,
+                        lora: str | None, big: bool, remote: RemotePrefill | None, *,
                         text_prompt: bool = True) -> web.StreamResponse:
         """Run one checked request on the engine; stream it or answer with one body."""
         chat = isinstance(req, ChatCompletionRequest)
-        max_tokens = resolve_max_tokens(req, self._checked_len(ids, text_prompt),
-                                        self.cfg.max_model_len)
-        remote = self._remote_prefill(req.kv_transfer_params)
+        with self._releasing_on_refusal(remote):
+            max_tokens = resolve_max_tokens(req, self._checked_len(ids, text_prompt),
+                                            self.cfg.max_model_len)
         failed = self._inject_failure()
         if failed is not None:
             if remote is not None:  # never reached the engine: free the prefill's blocks

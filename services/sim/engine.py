@@ -531,6 +531,7 @@ class SimEngine:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         if req.remote_prefill is not None and not req.kv_read:
+            req.kv_read = True  # once: a second release would read as one after expiry
             self.release_remote(req.remote_prefill)
         if req.alloc is not None:
             if (req.remote_decode and self.cfg.kv_connector

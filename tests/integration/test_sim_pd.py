@@ -199,10 +199,23 @@ async def test_prefill_then_decode_streamed_and_not_completions_and_chat(procs) 
         status, out = await post(http, d_base + "/v1/completions",
                                  {"prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": bad})
         assert (status, out) == (500, GENERATION_ERROR)
+        # A decode refused before it reaches the engine frees the prefill's blocks (vLLM
+        # notifies the connector of a rejected request).
+        got = await prefill(http, p_base, False, "refused " + PROMPT)
+        status, out = await post(http, d_base + "/v1/completions",
+                                 {"prompt": [1, 2, 10**9], "max_tokens": 4,
+                                  "kv_transfer_params": got["params"]})
+        assert status == 400 and "out of vocabulary" in out["error"]["message"], out
+
+        async def released() -> bool:
+            return (await sim_cache(http, p_base))["leased"] == 0
+
+        await wait_until(released, timeout=10, what="the refused decode to free the blocks")
         async with http.get(f"{d_base}/sim/metrics") as r:
             sim_text = await r.text()
         assert 'infermesh_sim_kv_transfer_params_total{outcome="incomplete"} 1.0' in sim_text
         assert 'infermesh_sim_kv_transfer_params_total{outcome="unusable"} 1.0' in sim_text
+        assert 'infermesh_sim_kv_transfer_params_total{outcome="remote_prefill"} 5.0' in sim_text
         async with http.get(f"{d_base}/health") as r:
             assert r.status == 200
 
