@@ -10,12 +10,14 @@ while a megabyte of text is being tokenized.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 from aiohttp import web
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -38,6 +40,17 @@ from .errors import (
 )
 from .messages import materialize
 from .metrics import EngineMetrics
+from .nixl import (
+    HEARTBEAT_PATH,
+    PULL_PATH,
+    IncompleteKVParams,
+    KVHeartbeat,
+    KVPull,
+    KVPulled,
+    RemotePrefill,
+    remote_prefill,
+    wants_remote_decode,
+)
 from .render import generation_defaults, render_body
 from .requests import (
     MAX_N_SEQUENCES,
@@ -95,6 +108,9 @@ _ERROR_TYPES = {
 #: vLLM's answer on its render routes without ``--enable-scale-out``.
 SCALE_OUT_DISABLED = ("Scale-out endpoints are disabled. Restart vllm serve with "
                       "--enable-scale-out to enable them.")
+#: What vLLM answers when a request ends with finish reason "error" (a failed KV load under
+#: kv_load_failure_policy "fail"): its GenerationError.
+GENERATION_ERROR = "Internal server error"
 EMPTY_CONVERSATION = ("Cannot apply chat template to an empty conversation. "
                       "Provide at least one message.")
 #: What the tokenization library puts before a template's own error (vLLM shows it bare).
@@ -152,6 +168,10 @@ class EngineApp:
                                 ["reason"], registry=self.stats)
         self.injected = Counter("infermesh_sim_injected_failures", "Injected errors",
                                 ["code"], registry=self.stats)
+        self.kv_params = Counter(
+            "infermesh_sim_kv_transfer_params",
+            "Requests carrying kv_transfer_params, by what the engine made of them",
+            ["outcome"], registry=self.stats)
         self.fingerprint = system_fingerprint(self.served, str(engine.index))
         model_dir = Path(server.model_dir)
         #: the model's default sampling parameters (generation_config.json), for /render
@@ -199,6 +219,9 @@ class EngineApp:
             r.add_get("/get_model_info", self.sglang_model_info)
         r.add_get("/sim/cache", self.sim_cache)
         r.add_get("/sim/metrics", self.sim_metrics)
+        if self.cfg.kv_connector:
+            r.add_post(PULL_PATH, self.kv_transfer)
+            r.add_post(HEARTBEAT_PATH, self.kv_heartbeat)
         return app
 
     @web.middleware
@@ -288,6 +311,8 @@ class EngineApp:
             "next_seq": self.engine.publisher.next_seq if self.engine.publisher else None,
             "running": len(self.engine.running),
             "waiting": len(self.engine.waiting),
+            "leased": len(self.engine.leases),
+            "fetching": len(self.engine.fetching),
         }
         return web.json_response(body)
 
@@ -297,6 +322,37 @@ class EngineApp:
         if not ok:
             log.warning("reset_prefix_cache_refused", engine=self.engine.index)
         return web.Response(status=200)
+
+    async def kv_transfer(self, request: web.Request) -> web.Response:
+        """``POST /sim/kv_transfer/{remote_request_id}``: a decode engine reads the blocks
+        this engine holds for that request, which are released (NIXL's read and its
+        completion notification in one). 410 when no lease is held (expired or unknown),
+        409 when the reader names another engine or other blocks."""
+        rid = request.match_info["remote_request_id"]
+        try:
+            pull = msgspec.json.decode(await request.read(), type=KVPull)
+        except msgspec.DecodeError as e:  # ValidationError is a DecodeError
+            self.rejected.labels("kv_transfer").inc()
+            return _error_response(400, error_body(str(e), "BadRequestError", 400))
+        try:
+            got = self.engine.read_held(rid, pull.engine_id, pull.block_ids)
+        except ValueError as e:
+            return _error_response(409, error_body(str(e), "ConflictError", 409))
+        if got is None:
+            return _error_response(410, error_body(
+                f"No KV blocks are held for request {rid} (expired or unknown)",
+                "GoneError", 410))
+        return _json_response(KVPulled(rid, got[0], got[1]))
+
+    async def kv_heartbeat(self, request: web.Request) -> web.Response:
+        """``POST /sim/kv_heartbeat``: a decode engine still wants these leases."""
+        try:
+            beat = msgspec.json.decode(await request.read(), type=KVHeartbeat)
+        except msgspec.DecodeError as e:
+            self.rejected.labels("kv_heartbeat").inc()
+            return _error_response(400, error_body(str(e), "BadRequestError", 400))
+        return _json_response({"extended": self.engine.extend_leases(beat.engine_id,
+                                                                     beat.request_ids)})
 
     async def server_info(self, request: web.Request) -> web.Response:
         """``GET /server_info[?config_format=text|json]``: vLLM's config, env and system
@@ -426,11 +482,13 @@ class EngineApp:
         req = decode_request(raw, "completion", content_type=request.content_type,
                              max_model_len=self.cfg.max_model_len,
                              check_model=self._check_model)
-        lora = self._check_model(req.model)
-        _refuse_prompt_embeds(req)
-        big = len(raw) >= OFFLOAD_MIN_BYTES
-        ids = await self._prompt_ids(big, req.prompt, req.add_special_tokens)
-        return await self._generate(request, req, ids, lora, big,
+        remote = self._remote_prefill(req.kv_transfer_params)
+        with self._releasing_on_refusal(remote):
+            lora = self._check_model(req.model)
+            _refuse_prompt_embeds(req)
+            big = len(raw) >= OFFLOAD_MIN_BYTES
+            ids = await self._prompt_ids(big, req.prompt, req.add_special_tokens)
+        return await self._generate(request, req, ids, lora, big, remote,
                                     text_prompt=_is_text_prompt(req.prompt))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -439,13 +497,15 @@ class EngineApp:
         req = decode_request(raw, "chat", content_type=request.content_type,
                              max_model_len=self.cfg.max_model_len,
                              check_model=self._check_model)
-        lora = self._check_model(req.model)
-        big = len(raw) >= OFFLOAD_MIN_BYTES
-        ids = await self._chat_ids(big, req)
-        if req.max_tokens is None and req.max_completion_tokens is None:
-            # vLLM would fill the context; a random model never stops, so cap it.
-            req.max_completion_tokens = self.cfg.chat_default_max_tokens
-        return await self._generate(request, req, ids, lora, big)
+        remote = self._remote_prefill(req.kv_transfer_params)
+        with self._releasing_on_refusal(remote):
+            lora = self._check_model(req.model)
+            big = len(raw) >= OFFLOAD_MIN_BYTES
+            ids = await self._chat_ids(big, req)
+            if req.max_tokens is None and req.max_completion_tokens is None:
+                # vLLM would fill the context; a random model never stops, so cap it.
+                req.max_completion_tokens = self.cfg.chat_default_max_tokens
+        return await self._generate(request, req, ids, lora, big, remote)
 
     # ------------------------------------------------------------------ render (scale-out)
 
@@ -508,15 +568,29 @@ class EngineApp:
             lens.append(self._checked_len(ids, text))
         return prompts, lens
 
+    @contextlib.contextmanager
+    def _releasing_on_refusal(self, remote: RemotePrefill | None) -> Iterator[None]:
+        """A decode refused before it reaches the engine frees its prefill's blocks, as
+        vLLM notifies its connector of a rejected request."""
+        try:
+            yield
+        except (RequestError, TokenizationError):
+            if remote is not None:
+                self.engine.release_remote(remote)
+            raise
+
     async def _generate(self, request: web.Request, req: GenerationRequest, ids: list[int],
-                        lora: str | None, big: bool, *,
+                        lora: str | None, big: bool, remote: RemotePrefill | None, *,
                         text_prompt: bool = True) -> web.StreamResponse:
         """Run one checked request on the engine; stream it or answer with one body."""
         chat = isinstance(req, ChatCompletionRequest)
-        max_tokens = resolve_max_tokens(req, self._checked_len(ids, text_prompt),
-                                        self.cfg.max_model_len)
+        with self._releasing_on_refusal(remote):
+            max_tokens = resolve_max_tokens(req, self._checked_len(ids, text_prompt),
+                                            self.cfg.max_model_len)
         failed = self._inject_failure()
         if failed is not None:
+            if remote is not None:  # never reached the engine: free the prefill's blocks
+                self.engine.release_remote(remote)
             return failed
         rid = response_id("chat" if chat else "completion", req,
                           request.headers.get("X-Request-Id"))
@@ -524,6 +598,8 @@ class EngineApp:
             request_id=rid, prompt_ids=ids, max_tokens=max_tokens, lora_name=lora,
             cache_salt=req.cache_salt, seed=req.seed,
             stop_token_ids=frozenset(req.stop_token_ids or ()),
+            remote_decode=self.cfg.kv_connector and wants_remote_decode(req.kv_transfer_params),
+            remote_prefill=remote,
         )
         # Hashing the prompt's blocks and priming the detokenizer also scale with the
         # prompt; for a big one both run off the loop too.
@@ -537,14 +613,45 @@ class EngineApp:
                                             system_fingerprint=self.fingerprint)
             return await self._stream(request, sreq, detok, stream, req, chat=chat)
         text, reason, stop_reason, used = await self._collect(sreq, detok, req)
+        if reason == "error":
+            return _error_response(500, error_body(GENERATION_ERROR, "InternalServerError",
+                                                   500))
         build = chat_completion_response if chat else completion_response
         body = build(rid, model, text, prompt_tokens=len(ids), completion_tokens=used,
                      finish_reason=reason, stop_reason=stop_reason,
-                     cached_tokens=self._cached(sreq), system_fingerprint=self.fingerprint)
+                     cached_tokens=self._cached(sreq), system_fingerprint=self.fingerprint,
+                     kv_transfer_params=sreq.kv_params)
         return web.Response(body=body, content_type="application/json")
 
+    def _remote_prefill(self, params: dict[str, Any] | None) -> RemotePrefill | None:
+        """The remote prefill a request's ``kv_transfer_params`` names, if this engine has a
+        connector and the params name one; counted by what they turned out to be."""
+        if params is None:
+            return None
+        if not self.cfg.kv_connector:
+            self.kv_params.labels("ignored").inc()  # vLLM without a connector
+            return None
+        if wants_remote_decode(params):
+            self.kv_params.labels("remote_decode").inc()
+            return None
+        try:
+            remote = remote_prefill(params)
+        except IncompleteKVParams as e:
+            self.kv_params.labels("incomplete").inc()
+            log.warning("kv_transfer_params_invalid", engine=self.engine.index, reason=str(e),
+                        msg="Got invalid KVTransferParams; this request will not use KV "
+                        "transfer")
+            return None
+        if remote is None:
+            self.kv_params.labels("none").inc()
+        else:
+            self.kv_params.labels("unusable" if remote.problem else "remote_prefill").inc()
+        return remote
+
     def _cached(self, sreq: SimRequest) -> int | None:
-        return sreq.cached_tokens if self.cfg.enable_prompt_tokens_details else None
+        if not self.cfg.enable_prompt_tokens_details:
+            return None
+        return self.engine.reported_cached(sreq)
 
     @staticmethod
     def _stops(req: GenerationRequest) -> list[str]:
@@ -604,6 +711,11 @@ class EngineApp:
                     if reason == "abort":
                         await resp.write(stream_error_event(
                             "The request could not be scheduled", "ServiceUnavailableError", 503))
+                    elif reason == "error":
+                        # vLLM's GenerationError mid-stream: the error event, no usage, [DONE]
+                        await resp.write(stream_error_event(GENERATION_ERROR))
+                        await resp.write(stream.done())
+                        return resp
                     break
                 delta = detok.step(tok)
                 stop_reason: str | int | None = None

@@ -38,6 +38,7 @@ class Allocation:
     held: list[bytes] = field(default_factory=list)  # cached blocks it references
     chain: list[bytes] = field(default_factory=list)  # every full block's hash, in order
     uncached: int = 0  # blocks held that are not cached: partial, duplicate or reserved
+    released: bool = False
 
 
 ExtraKeys = Callable[[int], "tuple[Any, ...] | None"]
@@ -164,12 +165,15 @@ class PrefixCache:
         lora_name: str | None = None,
         lora_id: int | None = None,
         extra: ExtraKeys | None = None,
+        delay_cache: bool = False,
     ) -> tuple[Allocation, int, int]:
         """Admit a request: reuse its cached prefix, cache its other full prompt blocks.
 
         ``reserve_tokens`` more tokens (the output) get room reserved now, so a running request
         never runs out of blocks. ``extra(i)`` gives block i's extra keys as events carry
-        them. Returns (allocation, GPU hit blocks, CPU-loaded blocks); raises
+        them. With ``delay_cache`` the blocks past the hit are only held, not cached, until
+        :meth:`cache_loaded` (vLLM's ``delay_cache_blocks`` while a remote KV load runs).
+        Returns (allocation, GPU hit blocks, CPU-loaded blocks); raises
         :class:`NoSpace` (changing nothing) when it does not fit.
         """
         extra = extra or _no_extra
@@ -187,14 +191,41 @@ class PrefixCache:
             alloc.held.append(h)
             alloc.chain.append(h)
         self._take_free(need_new)
+        if delay_cache:
+            alloc.uncached = total_blocks - gpu_hit  # held, cached once loaded
+            self._uncached_in_use += alloc.uncached
+            return alloc, gpu_hit, cpu_hit
+        alloc.uncached = total_blocks - gpu_hit
+        self._uncached_in_use += alloc.uncached
         # The other full prompt blocks (loaded from CPU or computed) are cached now.
+        self._cache_prompt(alloc, hashes, token_ids, lora_name, lora_id, extra)
+        return alloc, gpu_hit, cpu_hit
+
+    def cache_loaded(
+        self,
+        alloc: Allocation,
+        hashes: list[bytes],
+        token_ids: list[int],
+        lora_name: str | None = None,
+        lora_id: int | None = None,
+        extra: ExtraKeys | None = None,
+    ) -> None:
+        """The remote KV of a ``delay_cache`` allocation arrived: cache its full prompt
+        blocks now, reported as BlockStored as vLLM reports blocks it loaded."""
+        if not alloc.released:
+            self._cache_prompt(alloc, hashes, token_ids, lora_name, lora_id,
+                               extra or _no_extra)
+
+    def _cache_prompt(self, alloc: Allocation, hashes: list[bytes], token_ids: list[int],
+                      lora_name: str | None, lora_id: int | None, extra: ExtraKeys) -> None:
+        """Cache the prompt's full blocks past ``alloc.chain`` (each was an uncached slot)."""
+        bs = self.block_size
         run: list[CachedBlock] = []
-        for i in range(gpu_hit, len(hashes)):
+        for i in range(len(alloc.chain), len(hashes)):
             h = hashes[i]
             if h in self.blocks:
-                # Already cached past the hit limit (vLLM recomputes the last block): this
-                # copy holds a slot but is not cached twice.
-                alloc.uncached += 1
+                # Already cached (past the hit limit, as vLLM recomputes the last block, or
+                # by another request meanwhile): this copy keeps its slot, uncached.
                 self._flush_run(run, lora_id)
                 run = []
             else:
@@ -202,12 +233,11 @@ class PrefixCache:
                 toks = token_ids[i * bs : (i + 1) * bs]
                 blk = self.blocks[h] = CachedBlock(h, parent, toks, 1, lora_name, extra(i))
                 alloc.held.append(h)
+                alloc.uncached -= 1
+                self._uncached_in_use -= 1
                 run.append(blk)
             alloc.chain.append(h)
         self._flush_run(run, lora_id)
-        alloc.uncached += total_blocks - len(hashes)
-        self._uncached_in_use += alloc.uncached
-        return alloc, gpu_hit, cpu_hit
 
     def _ref(self, h: bytes) -> None:
         blk = self.blocks[h]
@@ -257,6 +287,8 @@ class PrefixCache:
 
     def release(self, alloc: Allocation) -> None:
         """A request finished: its blocks stay cached but become evictable (MRU)."""
+        if alloc.released:
+            return
         for h in reversed(alloc.held):  # the tail is least useful: evict it first
             blk = self.blocks.get(h)
             if blk is None:
@@ -267,6 +299,7 @@ class PrefixCache:
         self._uncached_in_use -= alloc.uncached
         alloc.held = []
         alloc.uncached = 0
+        alloc.released = True
 
     def reset(self) -> bool:
         """Drop every unreferenced cached block (``POST /reset_prefix_cache``).

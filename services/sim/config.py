@@ -73,6 +73,27 @@ class SimConfig:
         True, "Serve /v1/completions/render and /v1/chat/completions/render, as vLLM's "
         "--enable-scale-out (off: 403, as a stock vLLM server)"
     )
+    kv_connector: bool = knob(
+        False, "Act as vLLM with the NIXL connector (--kv-transfer-config, kv_role kv_both): "
+        "honour kv_transfer_params for prefill/decode disaggregation (off: ignored, as vLLM "
+        "without a connector)"
+    )
+    kv_transfer_bytes_per_s: float = knob(
+        23.75e9, "Modelled KV transfer bandwidth between engines (one 400 Gb/s RDMA NIC "
+        "per GPU: Mooncake's 190 GB/s over 8x400 Gb/s RoCE, per NIC)"
+    )
+    kv_lease_s: float = knob(
+        30.0, "Wall-clock seconds a prefill engine holds a finished request's blocks for "
+        "the decode engine (vLLM's kv_lease_duration; heartbeats extend it; not scaled)"
+    )
+    kv_transfer_host: str = knob(
+        "", "Host the decode engine reaches this engine's KV at (remote_host); empty: "
+        "http_host, or this machine's address when http_host is a wildcard"
+    )
+    kv_transfer_timeout_s: float = knob(
+        5.0, "Wall-clock limit of one KV pull from the prefill engine before it counts as "
+        "a failed transfer"
+    )
     sglang_info: bool = knob(
         True, "Also serve SGLang's /get_server_info, /model_info and /get_model_info, which "
         "peer routers probe (off: 404, as vLLM)"
@@ -93,6 +114,10 @@ class SimConfig:
             raise ValueError("time_scale must be >= 0")
         if self.startup_delay_s < 0:
             raise ValueError("startup_delay_s must be >= 0")
+        if self.kv_transfer_bytes_per_s <= 0:
+            raise ValueError("kv_transfer_bytes_per_s must be positive")
+        if self.kv_lease_s <= 0 or self.kv_transfer_timeout_s <= 0:
+            raise ValueError("kv_lease_s and kv_transfer_timeout_s must be positive")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         for code in self.failure_codes:

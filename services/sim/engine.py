@@ -13,6 +13,13 @@ Latency model (seconds of modelled GPU time, multiplied by ``time_scale`` for th
 * the first token is ready after request_overhead_s and the prefill;
 * inter-token latency = itl_s + itl_per_seq_s × running, slower by prefill_itl_penalty while a
   prefill is in progress (decode steps share the GPU with prefill chunks).
+
+With ``kv_connector`` the engine also plays either side of vLLM's NIXL prefill/decode split
+(:mod:`.nixl`): a request asking for a remote decode keeps its blocks on a lease when it
+finishes (:mod:`.kv_leases`); a request naming a remote prefill reads the prompt's blocks
+from that engine instead of computing them. The read is modelled as blocks × block bytes /
+kv_transfer_bytes_per_s, one read at a time per engine (one NIC), then one decode step
+recomputes the last prompt token and samples the first output token.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import contextlib
 import random
 import re
 import time
+import uuid
 import zlib
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -40,7 +48,10 @@ from .block_hash import (
 )
 from .cache import Allocation, NoSpace, PrefixCache
 from .config import SimConfig
+from .kv_client import KVTransferClient, PullOutcome
+from .kv_leases import LeaseTable
 from .metrics import EngineMetrics
+from .nixl import RemotePrefill, producer_params
 from .publisher import ZmqKVPublisher
 
 log = get_logger("sim.engine")
@@ -76,6 +87,13 @@ class SimRequest:
     rng: random.Random | None = None
     finished: bool = False
     modelled_ttft: float = 0.0
+    # prefill/decode disaggregation (kv_connector)
+    remote_decode: bool = False  # a prefill for a remote decode: hold the blocks when done
+    remote_prefill: RemotePrefill | None = None  # a decode: read the prompt's KV from there
+    kv_params: dict[str, Any] | None = None  # the prefill's answer (kv_transfer_params)
+    external_tokens: int = 0  # prompt tokens read from the remote prefill
+    kv_read: bool = False  # the remote read was made (the prefill engine released them)
+    xfer_start: float = 0.0
 
 
 class SimEngine:
@@ -90,6 +108,8 @@ class SimEngine:
         eos_token_id: int | None,
         metrics: EngineMetrics,
         publisher: ZmqKVPublisher | None,
+        kv_address: tuple[str, int] | None = None,
+        kv_client: KVTransferClient | None = None,
     ) -> None:
         self.cfg = cfg
         self.index = index
@@ -113,6 +133,18 @@ class SimEngine:
         self._prefill_free_at = 0.0
         self._scale = cfg.time_scale
         self._lora_state: tuple[list[str], list[str]] | None = None
+        # prefill/decode disaggregation: who this engine is to its peers, the blocks it
+        # holds for remote decodes, and the reads it makes for its own decodes
+        self.engine_id = str(uuid.uuid4())
+        self.kv_address = kv_address
+        self.kv_client = kv_client
+        self.leases = LeaseTable(cfg.kv_lease_s, self._release_lease, self._lease_expired)
+        self.fetching: dict[SimRequest, asyncio.Task[None]] = {}
+        self._link_free_at = 0.0
+        self._next_block_id = 0
+        self._hb_wake = asyncio.Event()
+        self._hb_task: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,16 +153,23 @@ class SimEngine:
         if self.publisher is not None:
             self.publisher.start()
         self._task = asyncio.create_task(self._run(), name=f"sim-engine-{self.index}")
+        if self.cfg.kv_connector and self.kv_client is not None:
+            self._hb_task = asyncio.create_task(self._heartbeats(),
+                                                name=f"sim-kv-heartbeats-{self.index}")
 
     async def stop(self) -> None:
         """Stop the loop, abort what runs, close the publisher."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for r in list(self.running) + list(self.waiting):
+        for task in (self._task, self._hb_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._hb_task = None
+        for r in list(self.running) + list(self.waiting) + list(self.fetching):
             self._finish(r, "abort")
+        self.leases.release_all()
+        for t in list(self._side_tasks):
+            t.cancel()
         if self.publisher is not None:
             await self.publisher.close()
 
@@ -149,6 +188,8 @@ class SimEngine:
         if not req.hashes:
             req.hashes = self.prompt_hashes(req)
         self.waiting.append(req)
+        if req.remote_prefill is not None:
+            self._hb_wake.set()
         self._wake.set()
 
     def prompt_hashes(self, req: SimRequest) -> list[bytes]:
@@ -223,6 +264,7 @@ class SimEngine:
                     req.hashes, req.prompt_ids, n, req.max_tokens,
                     lora_name=req.lora_name, lora_id=self._lora_ids.get(req.lora_name or ""),
                     extra=partial(self._event_extra, req),
+                    delay_cache=req.remote_prefill is not None,
                 )
             except NoSpace:
                 if not self.running:
@@ -238,6 +280,13 @@ class SimEngine:
             loaded = cpu_hit * bs
             req.cached_tokens = cached + loaded
             self.metrics.on_prefix_query(n, req.cached_tokens)
+            if cfg.kv_connector:
+                # vLLM asks the connector about every token past the local hit.
+                external = n - req.cached_tokens if req.remote_prefill is not None else 0
+                self.metrics.on_connector_query(n - req.cached_tokens, external)
+                if req.remote_prefill is not None:
+                    self._start_read(req, now, gpu_hit + cpu_hit)
+                    continue
             compute = (
                 (n - cached - loaded) / cfg.prefill_tokens_per_s
                 + (cached + loaded) * cfg.cached_token_cost_s
@@ -251,6 +300,153 @@ class SimEngine:
             req.next_at = done
             req.modelled_ttft = cfg.request_overhead_s + compute  # without queueing
             self.running.append(req)
+
+    # ------------------------------------------------------------------ remote KV (decode)
+
+    def _start_read(self, req: SimRequest, now: float, local_blocks: int) -> None:
+        """Admitted with a remote prefill: read the prompt's other blocks over the link."""
+        cfg = self.cfg
+        bs = cfg.block_size
+        n = len(req.prompt_ids)
+        blocks = -(-n // bs) - local_blocks
+        nbytes = blocks * bs * cfg.kv_bytes_per_token
+        xfer_s = nbytes / cfg.kv_transfer_bytes_per_s
+        req.external_tokens = n - req.cached_tokens
+        ready = now + cfg.request_overhead_s * self._scale
+        start = max(ready, self._link_free_at)  # one read at a time on the engine's NIC
+        done = start + xfer_s * self._scale
+        self._link_free_at = done
+        req.scheduled_at = now
+        req.xfer_start = start
+        req.modelled_ttft = cfg.request_overhead_s + xfer_s + self._itl(now)
+        self.fetching[req] = asyncio.create_task(
+            self._read(req, done, xfer_s, nbytes, blocks), name=f"sim-kv-read-{req.request_id}")
+
+    async def _read(self, req: SimRequest, done: float, xfer_s: float, nbytes: int,
+                    blocks: int) -> None:
+        """Wait out the modelled transfer, then read (the prefill engine must still be
+        there, as NIXL's must); on success the request runs its first decode step."""
+        delay = done - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        remote = req.remote_prefill
+        assert remote is not None and self.kv_client is not None
+        try:
+            outcome = await self.kv_client.pull(remote)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a read never takes the engine down
+            log.exception("kv_read_failed", engine=self.index)
+            outcome = PullOutcome.FAILED
+        req.kv_read = True
+        self.fetching.pop(req, None)
+        if req.finished:
+            return
+        if outcome is PullOutcome.FAILED:
+            # kv_load_failure_policy "fail" (vLLM's default): the request ends in error.
+            self.metrics.on_kv_transfer_failed()
+            self._finish(req, "error")
+            return
+        self.metrics.on_kv_transfer(xfer_s, nbytes, blocks)
+        if req.alloc is not None:
+            self.cache.cache_loaded(
+                req.alloc, req.hashes, req.prompt_ids, req.lora_name,
+                self._lora_ids.get(req.lora_name or ""), partial(self._event_extra, req))
+        now = time.monotonic()
+        req.next_at = now + self._itl(now) * self._scale  # recompute the last prompt token
+        self.running.append(req)
+        self._wake.set()
+
+    def release_remote(self, remote: RemotePrefill) -> None:
+        """A decode ended before reading: tell its prefill engine to free the blocks (vLLM
+        sends the read-done notification with no blocks read)."""
+        client = self.kv_client
+        if client is None or remote.problem is not None:
+            return
+
+        async def release() -> None:
+            await client.pull(remote)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _heartbeats(self) -> None:
+        """While decodes wait for remote KV, extend their leases every lease / 6 (vLLM's
+        heartbeat interval), one message per prefill engine."""
+        assert self.kv_client is not None
+        interval = self.cfg.kv_lease_s / 6
+        while True:
+            if not self._awaiting_kv():
+                self._hb_wake.clear()
+                await self._hb_wake.wait()
+                continue
+            await asyncio.sleep(interval)
+            peers: dict[tuple[str, int, str], list[str]] = defaultdict(list)
+            for r in self._awaiting_kv():
+                assert r.remote_prefill is not None
+                peers[r.remote_prefill.peer].append(r.remote_prefill.request_id)
+            await asyncio.gather(*(
+                self.kv_client.heartbeat(host, port, engine_id, ids)
+                for (host, port, engine_id), ids in peers.items()), return_exceptions=True)
+
+    def _awaiting_kv(self) -> list[SimRequest]:
+        """Decodes whose remote blocks are still to be read."""
+        out = [r for r in self.waiting if r.remote_prefill is not None
+               and r.remote_prefill.problem is None]
+        out += [r for r in self.fetching if not r.kv_read]
+        return out
+
+    # ------------------------------------------------------------------ held KV (prefill)
+
+    def _hold(self, req: SimRequest, alloc: Allocation) -> None:
+        """A prefill for a remote decode finished normally: keep its blocks on a lease and
+        answer with vLLM's kv_transfer_params."""
+        bs = self.cfg.block_size
+        num_tokens = len(req.prompt_ids) + len(req.output_ids) - 1  # vLLM: num_computed
+        nblocks = max(1, -(-num_tokens // bs))
+        cap = self.cfg.num_gpu_blocks
+        block_ids = [(self._next_block_id + i) % cap for i in range(nblocks)]
+        self._next_block_id = (self._next_block_id + nblocks) % cap
+        self.leases.hold(req.request_id, alloc, block_ids, num_tokens)
+        host, port = self.kv_address or (self.cfg.http_host, 0)
+        req.kv_params = producer_params(
+            engine_id=self.engine_id, request_id=req.request_id, host=host, port=port,
+            block_ids=block_ids, num_tokens=num_tokens, cached_tokens=req.cached_tokens)
+
+    def read_held(self, request_id: str, engine_id: str,
+                  block_ids: list[int]) -> tuple[int, int] | None:
+        """A decode engine reads a lease's blocks (``POST /sim/kv_transfer``): release them
+        and return (tokens, blocks); None when no such lease is held (expired or unknown,
+        counted as vLLM counts a read after expiry). Raises ValueError when the reader
+        names another engine or other blocks."""
+        if engine_id != self.engine_id:
+            raise ValueError(f"engine {engine_id!r} is not this engine ({self.engine_id})")
+        lease = self.leases.take(request_id)
+        if lease is None:
+            self.metrics.on_kv_read_after_expiry()
+            log.error("kv_read_after_expiry", engine=self.index, request_id=request_id)
+            return None
+        if list(block_ids) != lease.block_ids:
+            self._release_lease(lease.alloc)
+            raise ValueError("the blocks named are not the blocks this request holds")
+        self._release_lease(lease.alloc)
+        return lease.num_tokens, len(lease.block_ids)
+
+    def extend_leases(self, engine_id: str, request_ids: list[str]) -> int:
+        """A heartbeat from a decode engine; the number of leases it extended."""
+        if engine_id != self.engine_id:
+            return 0
+        return self.leases.extend(request_ids)
+
+    def _release_lease(self, alloc: Allocation) -> None:
+        self.cache.release(alloc)
+        self._wake.set()
+
+    def _lease_expired(self, request_id: str) -> None:
+        self.metrics.on_kv_expired()
+        log.warning("kv_lease_expired", engine=self.index, request_id=request_id,
+                    msg="Releasing expired KV blocks")
 
     def _itl(self, now: float) -> float:
         cfg = self.cfg
@@ -273,7 +469,7 @@ class SimEngine:
             req.output_ids.append(tok)
             computed += 1
             if first:
-                computed += len(req.prompt_ids) - req.cached_tokens
+                computed += len(req.prompt_ids) - req.cached_tokens - req.external_tokens
                 req.first_token_at = now
                 ttft = (now - req.arrival) / self._scale if self._scale else req.modelled_ttft
                 self.metrics.on_first_token(ttft)
@@ -331,8 +527,18 @@ class SimEngine:
         req.finished = True
         if req in self.running:
             self.running.remove(req)
+        task = self.fetching.pop(req, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        if req.remote_prefill is not None and not req.kv_read:
+            req.kv_read = True  # once: a second release would read as one after expiry
+            self.release_remote(req.remote_prefill)
         if req.alloc is not None:
-            self.cache.release(req.alloc)
+            if (req.remote_decode and self.cfg.kv_connector
+                    and reason in ("length", "stop") and req.output_ids):
+                self._hold(req, req.alloc)
+            else:
+                self.cache.release(req.alloc)
         now = time.monotonic()
         scale = self._scale or 1.0
         if req.output_ids:
@@ -346,8 +552,15 @@ class SimEngine:
             self.metrics.on_finished(
                 reason, len(req.prompt_ids), len(req.output_ids), e2e, queue_s,
                 prefill_s, decode_s, cached_tokens=req.cached_tokens,
-                max_tokens=req.max_tokens,
+                external_cached_tokens=req.external_tokens, max_tokens=req.max_tokens,
+                reported_cached_tokens=self.reported_cached(req),
             )
+        elif reason == "error":  # vLLM records an errored request, with no prefill stats
+            e2e = (now - req.arrival) / scale if self._scale else 0.0
+            queue_s = (req.scheduled_at - req.arrival) / scale if self._scale else 0.0
+            self.metrics.on_finished(
+                reason, len(req.prompt_ids), 0, e2e, queue_s, 0.0, 0.0,
+                max_tokens=req.max_tokens, prefilled=False, reported_cached_tokens=0)
         if notify:
             req.out.put_nowait((None, reason))
         self._wake.set()
@@ -359,8 +572,24 @@ class SimEngine:
         payload = self._encoder.encode(time.time(), events, 0)
         await self.publisher.publish(payload)
 
+    def reported_cached(self, req: SimRequest) -> int:
+        """The request's cached prompt tokens as vLLM reports them (usage, metrics): a
+        decode reports its prefill engine's own hits when the prefill said so."""
+        remote = req.remote_prefill
+        if remote is not None and req.kv_read and remote.cached_tokens is not None:
+            return remote.cached_tokens
+        return req.cached_tokens + req.external_tokens
+
     def _update_gauges(self) -> None:
-        self.metrics.set_queue(len(self.running), len(self.waiting))
+        if self.cfg.kv_connector:
+            # Decodes reading remote KV wait, held back ("deferred"), as in vLLM.
+            now = time.monotonic()
+            started = sum(1 for r in self.fetching if r.xfer_start <= now)
+            self.metrics.set_kv_fetch(len(self.fetching) - started, started)
+            self.metrics.set_queue(len(self.running), len(self.waiting),
+                                   deferred=len(self.fetching))
+        else:
+            self.metrics.set_queue(len(self.running), len(self.waiting))
         self.metrics.set_kv_usage(self.cache.usage())
         if self._lora_paths:
             running = sorted({r.lora_name for r in self.running if r.lora_name})

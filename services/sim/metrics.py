@@ -9,9 +9,10 @@ names must avoid them), so no renaming is needed.
 The reference is ``vllm/v1/metrics/loggers.py`` (``PrometheusStatLogger``) and
 ``vllm/v1/metrics/buckets.py`` of vLLM 0.32; ``docs/vllm-interfaces.md`` has the table.
 Only the families vLLM registers in a default text-generation deployment are
-created here (plus ``vllm:lora_requests_info`` when LoRA is on); families that
-vLLM gates behind speculative decoding, KV connectors, watermarking, NaN checks
-or ``--kv-cache-metrics`` are left out.
+created here (plus ``vllm:lora_requests_info`` when LoRA is on, and the NIXL
+connector's families with ``kv_connector``); families that vLLM gates behind
+speculative decoding, other KV connectors, watermarking, NaN checks or
+``--kv-cache-metrics`` are left out.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ __all__ = [
     "FINISH_REASONS",
     "INTER_TOKEN_LATENCY_BUCKETS",
     "ITERATION_TOKENS_BUCKETS",
+    "KV_FETCH_STAGES",
+    "NIXL_BYTES_BUCKETS",
+    "NIXL_DESCRIPTORS_BUCKETS",
+    "NIXL_POST_TIME_BUCKETS",
+    "NIXL_XFER_TIME_BUCKETS",
     "PROMPT_TOKEN_SOURCES",
     "REQUEST_LATENCY_BUCKETS",
     "REQUEST_NUM_PREEMPTIONS_BUCKETS",
@@ -65,6 +71,17 @@ ITERATION_TOKENS_BUCKETS: tuple[float, ...] = (
     1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 )  # fmt: skip
 REQUEST_PARAMS_N_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20)
+# The NIXL connector's (vllm/distributed/kv_transfer/kv_connector/v1/nixl/stats.py).
+NIXL_POST_TIME_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0,
+)  # fmt: skip
+NIXL_XFER_TIME_BUCKETS: tuple[float, ...] = NIXL_POST_TIME_BUCKETS[1:]
+NIXL_BYTES_BUCKETS: tuple[float, ...] = tuple(float(2 ** (10 + i)) for i in range(1, 25, 2))
+NIXL_DESCRIPTORS_BUCKETS: tuple[float, ...] = (
+    10, 20, 30, 50, 75, 100, 200, 400, 1000, 2000, 4000, 10000, 20000, 50000,
+)  # fmt: skip
+#: ``stage`` label values of ``vllm:num_requests_kv_fetch_by_stage`` (vllm/v1/metrics/stats.py).
+KV_FETCH_STAGES: tuple[str, ...] = ("waiting_to_start", "in_progress", "completed_waiting")
 REQUEST_NUM_PREEMPTIONS_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 10, 20)
 
 #: ``finished_reason`` label values, in vLLM's FinishReason order.
@@ -183,10 +200,14 @@ class EngineMetrics:
         max_model_len: int = DEFAULT_MAX_MODEL_LEN,
         enable_lora: bool = False,
         process_metrics: bool = False,
+        kv_connector: bool = False,
     ) -> None:
         """Register all families.
 
-        ``max_model_len`` caps the token-count buckets as in vLLM. With
+        ``max_model_len`` caps the token-count buckets as in vLLM. With ``kv_connector``
+        the registry also carries what vLLM registers with the NIXL connector as
+        ``kv_both``: ``vllm:num_requests_kv_fetch_by_stage`` and the ``vllm:nixl_*``
+        families. With
         ``process_metrics`` the registry also carries prometheus_client's
         ``process_*``, ``python_gc_*`` and ``python_info`` families, which a real
         server exposes from its default registry (they describe the shared
@@ -213,6 +234,11 @@ class EngineMetrics:
             GCCollector(registry=reg)
             PlatformCollector(registry=reg)
             ProcessCollector(registry=reg)
+
+        # The NIXL connector's families (vLLM registers them before the MFU estimates).
+        self._nixl: _NixlFamilies | None = None
+        if kv_connector:
+            self._nixl = _NixlFamilies(reg, values)
 
         # Model-FLOPs-utilisation estimates. vLLM registers them first, always, but only
         # advances them with --enable-mfu-metrics, which the simulator does not model: 0.
@@ -242,6 +268,17 @@ class EngineMetrics:
         )
         self._waiting_capacity = waiting_by_reason.labels(*values, "capacity")
         self._waiting_deferred = waiting_by_reason.labels(*values, "deferred")
+        self._kv_fetch: dict[str, Gauge] = {}
+        if kv_connector:  # vLLM: only for a kv_consumer (or kv_both) engine
+            by_stage = gauge(
+                "vllm:num_requests_kv_fetch_by_stage",
+                "Number of waiting requests by async KV load stage. Stage labels: "
+                "'waiting_to_start' = needs an async KV load that has not started; "
+                "'in_progress' = load started and not yet reported finished; "
+                "'completed_waiting' = load finished, request not running yet.",
+                ("stage",),
+            )
+            self._kv_fetch = {s: by_stage.labels(*values, s) for s in KV_FETCH_STAGES}
         sleep_state = gauge(
             "vllm:engine_sleep_state",
             "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is "
@@ -441,6 +478,14 @@ class EngineMetrics:
         self._waiting_capacity.set(waiting)
         self._waiting_deferred.set(deferred)
 
+    def set_kv_fetch(self, waiting_to_start: int, in_progress: int,
+                     completed_waiting: int = 0) -> None:
+        """Set ``vllm:num_requests_kv_fetch_by_stage`` (a no-op without a connector)."""
+        if self._kv_fetch:
+            self._kv_fetch["waiting_to_start"].set(waiting_to_start)
+            self._kv_fetch["in_progress"].set(in_progress)
+            self._kv_fetch["completed_waiting"].set(completed_waiting)
+
     def set_kv_usage(self, frac: float) -> None:
         """Set ``vllm:kv_cache_usage_perc`` (a fraction: 1.0 means full)."""
         self._kv_usage.set(frac)
@@ -482,6 +527,33 @@ class EngineMetrics:
             )
             self._cached_by_source[source].inc(external_hit_tokens)
 
+    def on_connector_query(self, queried_tokens: int, hit_tokens: int) -> None:
+        """Count one lookup by the KV connector (NIXL: hits are read from a prefill
+        engine, source ``p2p``), as vLLM records it at admission."""
+        if queried_tokens:
+            self.on_prefix_query(0, 0, external_queried_tokens=queried_tokens,
+                                 external_hit_tokens=hit_tokens, external_source="p2p")
+
+    def on_kv_transfer(self, seconds: float, nbytes: int, descriptors: int) -> None:
+        """Observe one successful NIXL read."""
+        if self._nixl is not None:
+            self._nixl.observe(seconds, nbytes, descriptors)
+
+    def on_kv_transfer_failed(self) -> None:
+        """Count a failed NIXL read (vLLM groups handshake failures in it)."""
+        if self._nixl is not None:
+            self._nixl.failed_transfers.inc()
+
+    def on_kv_expired(self) -> None:
+        """Count a prefill whose held blocks were freed when the lease ran out."""
+        if self._nixl is not None:
+            self._nixl.expired.inc()
+
+    def on_kv_read_after_expiry(self) -> None:
+        """Count a read of blocks whose lease had already run out."""
+        if self._nixl is not None:
+            self._nixl.after_expiry.inc()
+
     def on_step(self, scheduled_tokens: int) -> None:
         """Observe one engine step's computed tokens (prefill + decode)."""
         self._iteration_tokens.observe(scheduled_tokens)
@@ -510,11 +582,17 @@ class EngineMetrics:
         external_cached_tokens: int = 0,
         max_tokens: int | None = None,
         n: int = 1,
+        prefilled: bool = True,
+        reported_cached_tokens: int | None = None,
     ) -> None:
         """Record a finished request (``reason`` is one of :data:`FINISH_REASONS`).
 
         Prompt-token counters are advanced here, once per request; vLLM
         advances them when prefill completes, so totals agree once requests end.
+        A request that never got through prefill (``prefilled=False``, e.g. a failed
+        KV load) advances none. ``reported_cached_tokens`` is what the request's usage
+        reports as cached when that differs from local + external (a decode engine
+        reports its prefill engine's hits).
         """
         try:
             success = self._success[reason]
@@ -524,12 +602,15 @@ class EngineMetrics:
             ) from None
         success.inc()
         cached = max(cached_tokens, 0) + max(external_cached_tokens, 0)
-        computed = max(prompt_tokens - cached, 0)
-        self._prompt_tokens.inc(prompt_tokens)
-        self._prompt_by_source["local_compute"].inc(computed)
-        self._prompt_by_source["local_cache_hit"].inc(max(cached_tokens, 0))
-        self._prompt_by_source["external_kv_transfer"].inc(max(external_cached_tokens, 0))
-        self._prompt_cached.inc(cached)
+        if prefilled:
+            computed = max(prompt_tokens - cached, 0)
+            self._prompt_tokens.inc(prompt_tokens)
+            self._prompt_by_source["local_compute"].inc(computed)
+            self._prompt_by_source["local_cache_hit"].inc(max(cached_tokens, 0))
+            self._prompt_by_source["external_kv_transfer"].inc(
+                max(external_cached_tokens, 0))
+            self._prompt_cached.inc(cached)
+        reported = cached if reported_cached_tokens is None else reported_cached_tokens
 
         self._e2e.observe(e2e_s)
         self._queue.observe(queue_s)
@@ -537,7 +618,7 @@ class EngineMetrics:
         self._inference.observe(prefill_s + decode_s)
         self._decode.observe(decode_s)
         self._req_preemptions.observe(0)  # never preempted (see vllm:num_preemptions)
-        self._req_prefill_computed.observe(prompt_tokens - max(cached_tokens, 0))
+        self._req_prefill_computed.observe(prompt_tokens - max(reported, 0))
         self._req_prompt_tokens.observe(prompt_tokens)
         self._req_generation_tokens.observe(gen_tokens)
         # vLLM leaves the first token (produced by prefill) out of the mean.
@@ -590,3 +671,63 @@ class EngineMetrics:
         """
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+class _NixlFamilies:
+    """The ``vllm:nixl_*`` families of one engine (vLLM's ``NixlPromMetrics``)."""
+
+    def __init__(self, reg: CollectorRegistry, values: tuple[str, str]) -> None:
+        def histogram(name: str, doc: str, buckets: Iterable[float]) -> Histogram:
+            return Histogram(name, doc, _LABELS, buckets=list(buckets), registry=reg)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, _LABELS, registry=reg)
+
+        self.xfer_time = histogram(
+            "vllm:nixl_xfer_time_seconds",
+            "Histogram of transfer duration for NIXL KV Cache transfers.",
+            NIXL_XFER_TIME_BUCKETS,
+        ).labels(*values)
+        self.post_time = histogram(
+            "vllm:nixl_post_time_seconds",
+            "Histogram of transfer post time for NIXL KV Cache transfers.",
+            NIXL_POST_TIME_BUCKETS,
+        ).labels(*values)
+        self.nbytes = histogram(
+            "vllm:nixl_bytes_transferred",
+            "Histogram of bytes transferred per NIXL KV Cache transfers.",
+            NIXL_BYTES_BUCKETS,
+        ).labels(*values)
+        self.descriptors = histogram(
+            "vllm:nixl_num_descriptors",
+            "Histogram of number of descriptors per NIXL  KV Cache transfers.",
+            NIXL_DESCRIPTORS_BUCKETS,
+        ).labels(*values)
+        self.failed_transfers = counter(
+            "vllm:nixl_num_failed_transfers",
+            "Number of failed NIXL KV Cache transfers, including handshake and notification "
+            "failures. NOTE: KV expiry is tracked separately in vllm:nixl_num_kv_expired_reqs.",
+        ).labels(*values)
+        counter(
+            "vllm:nixl_num_failed_notifications",
+            "Number of failed NIXL KV Cache notifications. Retained for compatibility; these "
+            "failures are also included in vllm:nixl_num_failed_transfers.",
+        ).labels(*values)
+        self.expired = counter(
+            "vllm:nixl_num_kv_expired_reqs",
+            "Number of requests that had their KV expire. NOTE: This metric is tracked on the "
+            "P instance.",
+        ).labels(*values)
+        self.after_expiry = counter(
+            "vllm:nixl_num_notifications_after_expiry",
+            "Number of completion notifications for requests that were no longer tracked, "
+            "usually because their KV lease expired. The KV blocks may have been reused "
+            "before the transfer finished. Counted per notification (one per remote rank), "
+            "not per request.",
+        ).labels(*values)
+
+    def observe(self, seconds: float, nbytes: int, descriptors: int) -> None:
+        self.xfer_time.observe(seconds)
+        self.post_time.observe(0.0)  # posting a read costs no modelled time
+        self.nbytes.observe(nbytes)
+        self.descriptors.observe(descriptors)

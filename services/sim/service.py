@@ -21,6 +21,7 @@ from infermesh.libs.tokenization import ModelTokenizer
 from .app import EngineApp
 from .config import SimConfig
 from .engine import SimEngine, sampling_vocab
+from .kv_client import KVTransferClient
 from .metrics import EngineMetrics, vllm_cache_config_labels
 from .publisher import ZmqKVPublisher
 
@@ -66,6 +67,7 @@ class SimService:
         self.engines: list[SimEngine] = []
         self.endpoints: list[EngineEndpoints] = []
         self._runners: list[web.AppRunner] = []
+        self._kv_clients: list[KVTransferClient] = []
 
     async def start(self) -> None:
         """Start every engine and its HTTP server, after the modelled start-up delay."""
@@ -93,9 +95,15 @@ class SimService:
                     block_size=cfg.block_size, num_gpu_blocks=cfg.num_gpu_blocks,
                     num_cpu_blocks=cfg.num_cpu_blocks or None,
                     prefix_caching_hash_algo=cfg.hash_algo),
-                max_model_len=cfg.max_model_len, enable_lora=bool(cfg.loras))
+                max_model_len=cfg.max_model_len, enable_lora=bool(cfg.loras),
+                kv_connector=cfg.kv_connector)
+            kv_client = None
+            if cfg.kv_connector:
+                kv_client = KVTransferClient(cfg.kv_transfer_timeout_s)
+                self._kv_clients.append(kv_client)
             engine = SimEngine(cfg, i, self.served_model_name, self.vocab,
-                               self.tokenizer.eos_token_id, metrics, publisher)
+                               self.tokenizer.eos_token_id, metrics, publisher,
+                               kv_address=(self._kv_host(), port), kv_client=kv_client)
             engine.start()
             await self._serve(EngineApp(self, engine, metrics), sock)
             self.engines.append(engine)
@@ -103,6 +111,19 @@ class SimService:
                 EngineEndpoints(i, f"http://{cfg.http_host}:{port}", kv, replay, topic))
         log.info("sim_started", engines=[e.__dict__ for e in self.endpoints],
                  model=self.served_model_name)
+
+    def _kv_host(self) -> str:
+        """The host decode engines reach this process's engines at (``remote_host``)."""
+        cfg = self.cfg
+        if cfg.kv_transfer_host:
+            return cfg.kv_transfer_host
+        if cfg.http_host in ("", "0.0.0.0", "::"):
+            # Listening everywhere: name this machine, as a peer on another host needs.
+            try:
+                return socket.gethostbyname(socket.gethostname())
+            except OSError:
+                return "127.0.0.1"
+        return cfg.http_host
 
     def _bind_http(self, port: int) -> socket.socket:
         # Bind before serving (port 0 → a free port) so the KV topic can name the real port.
@@ -149,6 +170,9 @@ class SimService:
         """Stop every engine (in-flight requests end), stop serving, close the sockets."""
         for e in self.engines:
             await e.stop()
+        for c in self._kv_clients:
+            with contextlib.suppress(Exception):
+                await c.close()
         for r in self._runners:
             with contextlib.suppress(Exception):
                 await r.cleanup()
