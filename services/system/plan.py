@@ -342,6 +342,8 @@ class _Builder:
             values["block_size"] = s.block_size
         if s.num_gpu_blocks:
             values["num_gpu_blocks"] = s.num_gpu_blocks
+        if s.prefill:  # P/D: the engines speak vLLM's NIXL connector protocol
+            values["kv_connector"] = True
         return values
 
     def sims(self) -> list[tuple[str, str, dict[str, str]]]:
