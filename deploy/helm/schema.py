@@ -50,7 +50,7 @@ SERVICES: dict[str, tuple[type[Any], frozenset[str]]] = {
         "vllm_command", "vllm_port", "vllm_kv_port", "vllm_replay_port", "vllm_args",
         "vllm_log"}),
     "sim": (SimConfig, frozenset({"engines", "http_host", "http_port", "kv_port",
-                                  "kv_replay_port"})),
+                                  "kv_replay_port", "kv_transfer_host"})),
 }
 
 # chart -> the control-plane service it runs (None: an engine chart).

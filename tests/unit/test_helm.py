@@ -311,7 +311,7 @@ def check_config(service: str, text: str, env: dict[str, str] | None = None) -> 
 
 def _env(c: dict[str, Any]) -> dict[str, str]:
     """The container's variables, with what Kubernetes fills in at run time made up."""
-    known = {"POD_IP": "10.1.2.3"}
+    known = {"POD_IP": "10.1.2.3"}  # (a variable set from the downward API)
     out: dict[str, str] = {}
     for e in c.get("env", []):
         if "value" in e:
@@ -473,3 +473,17 @@ def test_nats_auth_secret_has_every_password_the_charts_read(tmp_path: Path) -> 
     wanted = {e["valueFrom"]["secretKeyRef"]["key"] for c in containers(docs)
               for e in c.get("env", []) if e["name"].endswith("_NATS_PASSWORD")}
     assert wanted and wanted <= set(secret["stringData"]), wanted - set(secret["stringData"])
+
+
+def test_simulated_prefill_and_decode_engines_speak_the_nixl_protocol() -> None:
+    for role, connector in (("prefill", True), ("decode", True), ("both", False)):
+        docs = render("sim", {"role": role})
+        (cm,) = objects(docs, "ConfigMap")
+        cfg = check_config("sim", cm["data"]["sim.yaml"])
+        assert cfg.kv_connector is connector
+        (sim,) = [c for c in containers(docs) if c["name"] == "sim"]
+        # The decode engine reads the blocks from the prefill pod's own address.
+        assert _env(sim)["INFERMESH_SIM_KV_TRANSFER_HOST"] == "10.1.2.3"
+    docs = render("sim", {"role": "prefill", "sim": {"config": {"kv_connector": False}}})
+    assert check_config("sim", objects(docs, "ConfigMap")[0]["data"]["sim.yaml"]
+                        ).kv_connector is False
