@@ -358,6 +358,7 @@ plugins:
     parameters:
       decider: prefix-aware
       prefill_profile: prefill
+      profile_deciders: {pd-always: always, pd-never: never}
 
 default_profile: default
 
@@ -408,6 +409,19 @@ profiles:
     plugins:
       - ref: serving-roles
       - ref: round-robin
+  # The default profile with the other deciders (for benchmarks: bench --preset pd).
+  - name: pd-always
+    plugins:
+      - ref: serving-roles
+      - {ref: precise-prefix, weight: 3}
+      - {ref: load, weight: 1}
+      - ref: max-score
+  - name: pd-never
+    plugins:
+      - ref: serving-roles
+      - {ref: precise-prefix, weight: 3}
+      - {ref: load, weight: 1}
+      - ref: max-score
   # The engine that prefills a disaggregated request: prefix hits first, then load.
   - name: prefill
     plugins:

@@ -54,6 +54,16 @@ class Fleet:
     name: str
     engines: int  # started with the system; with the autoscaler the pool starts here (0: zero)
     autoscaler: Mapping[str, Any] | None = None  # its knobs, durations modelled; None: fixed
+    # Prefill/decode pools (the `pd` preset): this many prefill and decode engines in place of
+    # `engines` (which must be their sum), and the profile the row routes with (None: the
+    # preset's first).
+    prefill: int = 0
+    decode: int = 0
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prefill or self.decode) and self.engines != self.prefill + self.decode:
+            raise ValueError(f"fleet {self.name}: engines must be prefill + decode")
 
     @property
     def autoscaled(self) -> bool:
@@ -88,6 +98,7 @@ def fleet_spec(base: SystemSpec, fleet: Fleet, time_scale: float,
     settings.setdefault("sim", {})["startup_delay_s"] = startup_delay_s
     if fleet.autoscaler is None:
         return dataclasses.replace(base, engines=fleet.engines, autoscale=False,
+                                   prefill=fleet.prefill, decode=fleet.decode,
                                    time_scale=time_scale, settings=settings)
     settings["autoscaler"] = {**settings.get("autoscaler", {}),
                               **autoscaler_settings(fleet.autoscaler, time_scale)}
@@ -331,6 +342,16 @@ def write_svg(by_row: Mapping[str, Sequence[Mapping[str, float]]],
     path.write_text("\n".join(out) + "\n")
     return path
 
+
+# The table of the `pd` preset: what disaggregation trades (TTFT for a steady ITL).
+PD_TABLE_COLUMNS: tuple[tuple[str, str, str, float, bool], ...] = (
+    ("TTFT p50 s", "ttft_p50_s", ".3f", 1.0, True),
+    ("TTFT p90 s", "ttft_p90_s", ".3f", 1.0, True),
+    ("ITL p50 ms", "itl_p50_s", ".1f", 1000.0, True),
+    ("ITL p99 ms", "itl_p99_s", ".1f", 1000.0, True),
+    ("out tok/s", "output_tok_s", ".0f", 1.0, True),
+    ("failed", "errors", "d", 1.0, True),
+)
 
 # The table of a fleet comparison: header, summary key, format, multiplier, spread shown
 # (services/bench/repeats.py prints it).

@@ -80,6 +80,7 @@ class Preset:
     profiles: list[str] = field(default_factory=lambda: list(ALL_PROFILES))
     fleets: list[F.Fleet] = field(default_factory=list)
     startup_delay_s: float = 0.0  # the engines' start (modelled s), for fleet rows
+    table: tuple[tuple[str, str, str, float, bool], ...] | None = None  # (fleets) its columns
 
     @property
     def baseline(self) -> F.Fleet | None:
@@ -98,6 +99,15 @@ def _llmd_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
     # 1,200-token questions. Output shortened (the engines' decode is modelled, not the point).
     return W.shared_prefix(tok, num_groups=150, prompts_per_group=5, system_prompt_len=6000,
                            question_len=1200, output_len=32, seed=seed)
+
+
+def _pd_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
+    # Half long prompts (6,000 tokens, never seen: all prefill), half short (300); every
+    # answer 128 tokens, streamed. Interleaved, so short decodes run beside long prefills.
+    long = W.low_sharing(tok, num_prompts=60, prompt_len=6000, output_len=128, seed=seed)
+    short = W.low_sharing(tok, num_prompts=60, prompt_len=300, output_len=128, seed=seed + 1)
+    out = [r for pair in zip(long, short, strict=True) for r in pair]
+    return [dataclasses.replace(r, id=i) for i, r in enumerate(out)]
 
 
 def _autoscale_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
@@ -176,6 +186,22 @@ PRESETS: dict[str, Preset] = {
                 F.Fleet("autoscale-slo", 0, {**_AUTOSCALER, "mode": "slo",
                                              "ttft_p90_target_s": 1.0, "slo_window_s": 20.0})],
         startup_delay_s=VLLM_STARTUP_S,
+    ),
+    "pd": Preset(
+        name="pd",
+        description=("prefill/decode disaggregation on 4 engines: half 6,000-token prompts, half "
+                     "300, 128 tokens out, 1.5 -> 3 QPS; all 4 aggregated, 2 prefill + 2 decode "
+                     "always disaggregated, and the prefix-aware decider"),
+        workload=_pd_workload,
+        stages=[W.Stage(1.5, 20), W.Stage(3, 30)],
+        # Half speed (time scale 2): 3 modelled QPS of 128 streamed tokens stay far from what
+        # the client and ingress can push on 2 cores. No start-up delay: fixed fleets.
+        system=SystemSpec(engines=4, time_scale=2.0),
+        profiles=["default"],
+        fleets=[F.Fleet("aggregated", 4),
+                F.Fleet("disaggregated", 4, prefill=2, decode=2, profile="pd-always"),
+                F.Fleet("prefix-aware", 4, prefill=2, decode=2, profile="default")],
+        table=F.PD_TABLE_COLUMNS,
     ),
 }
 
@@ -520,7 +546,8 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
                   flush=True)
             if row.fleet is not None:
                 r = run_fleet(spec, row.fleet, work, logs / row.folder,
-                              profile=preset.profiles[0], startup_delay_s=delay)
+                              profile=row.fleet.profile or preset.profiles[0],
+                              startup_delay_s=delay)
             elif row.peer is None:
                 r = run_profile(spec, row.name, work, logs / row.folder, url=url)
             else:
@@ -586,10 +613,11 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
     plots = M.write_plots(summaries, per_rate, out)
     if preset.fleets:
         plots += _write_replicas(runs, names, preset, out)
-        print(R.format_table(by_row, columns=F.TABLE_COLUMNS))
-        print(f"replicas: ready over the run (· none, ▁…█ up to "
-              f"{max(f.max_engines for f in preset.fleets)}); at zero: requests that arrived "
-              "with no replica ready; added s: their median TTFT minus the others'")
+        print(R.format_table(by_row, columns=preset.table or F.TABLE_COLUMNS))
+        if preset.table is None:
+            print(f"replicas: ready over the run (· none, ▁…█ up to "
+                  f"{max(f.max_engines for f in preset.fleets)}); at zero: requests that "
+                  "arrived with no replica ready; added s: their median TTFT minus the others'")
     else:
         print(R.format_table(by_row))
     for n, v in kept_notes.items():

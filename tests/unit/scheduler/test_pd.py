@@ -104,8 +104,14 @@ async def test_no_decode_engine_is_no_candidate_even_with_prefill_engines() -> N
         await s.schedule(req(keys=keys(100)), [pod("p0", role="prefill")])
 
 
+PARAMS = ("      decider: prefix-aware\n      prefill_profile: prefill\n"
+          "      profile_deciders: {pd-always: always, pd-never: never}\n")
+
+
 def _with(decider: str, extra: str = "") -> str:
-    return DEFAULT_PIPELINE_YAML.replace("decider: prefix-aware", f"decider: {decider}" + extra)
+    assert PARAMS in DEFAULT_PIPELINE_YAML
+    return DEFAULT_PIPELINE_YAML.replace(
+        PARAMS, f"      decider: {decider}\n      prefill_profile: prefill\n{extra}")
 
 
 async def test_always_and_never_deciders() -> None:
@@ -116,7 +122,7 @@ async def test_always_and_never_deciders() -> None:
 
 
 async def test_deciders_per_profile_for_side_by_side_benchmarks() -> None:
-    s, _ = scheduler(_with("never", "\n      profile_deciders: {llm-d: always}"))
+    s, _ = scheduler(_with("never", "      profile_deciders: {llm-d: always}\n"))
     assert (await s.schedule(req(keys=keys(2)), fleet())).prefill_pod == ""
     assert (await s.schedule(req(keys=keys(2), profile="llm-d"), fleet())).prefill_pod
 
@@ -135,8 +141,7 @@ async def test_asking_for_the_prefill_profile_itself_runs_it_alone() -> None:
     ("threshhold: 3", "threshhold"),
 ])
 def test_bad_handler_parameters_are_refused(params: str, complaint: str) -> None:
-    text = DEFAULT_PIPELINE_YAML.replace(
-        "      decider: prefix-aware\n      prefill_profile: prefill\n", f"      {params}\n")
+    text = DEFAULT_PIPELINE_YAML.replace(PARAMS, f"      {params}\n")
     if params.startswith("threshhold"):
         text = DEFAULT_PIPELINE_YAML.replace("threshold: 512", params)
     with pytest.raises(ConfigError, match=complaint):
@@ -151,5 +156,8 @@ def test_a_decider_cannot_run_inside_a_profile(handle: Handle) -> None:
         build_pipeline(parse_pipeline(yaml.safe_load(text)), handle)
 
 
-def test_the_default_pipeline_loads(handle: Handle) -> None:
+async def test_the_default_pipeline_loads_with_deciders_per_profile(handle: Handle) -> None:
     assert "prefill" in load_pipeline(None, handle).profiles
+    s, _ = scheduler()
+    assert (await s.schedule(req(keys=keys(2), profile="pd-always"), fleet())).prefill_pod
+    assert not (await s.schedule(req(keys=keys(500), profile="pd-never"), fleet())).prefill_pod
