@@ -195,8 +195,11 @@ PRESETS: dict[str, Preset] = {
         workload=_pd_workload,
         stages=[W.Stage(1.5, 20), W.Stage(3, 30)],
         # Half speed (time scale 2): 3 modelled QPS of 128 streamed tokens stay far from what
-        # the client and ingress can push on 2 cores. No start-up delay: fixed fleets.
-        system=SystemSpec(engines=4, time_scale=2.0),
+        # the client and ingress can push on 2 cores. Prefill at 12k tok/s (a 6,000-token
+        # prompt: 0.5 s, during which the engine's decode steps take twice as long). No
+        # start-up delay: fixed fleets.
+        system=SystemSpec(engines=4, time_scale=2.0,
+                          engine_args="--prefill-tokens-per-s 12000"),
         profiles=["default"],
         fleets=[F.Fleet("aggregated", 4),
                 F.Fleet("disaggregated", 4, prefill=2, decode=2, profile="pd-always"),
