@@ -32,6 +32,8 @@
 #   - NIXL (vLLM's NixlConnector, prefill/decode KV transfer): `nixl` and `nixl-cu12` with
 #     --no-deps. The `nixl` meta package would otherwise pull nixl-cu13 and CUDA 13 wheels; the
 #     cu12 wheel carries the bindings and UCX, and runs on the CPU (kv_buffer_device "cpu").
+#     A .pth line lets the agent start P/D engines without NIXL's UCX progress thread, which
+#     busy-polls a whole core here (INFERMESH_NIXL_PROGRESS_THREAD=0; services/agent/nixl_hook.py).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -42,7 +44,7 @@ NIXL_VERSION="${NIXL_VERSION:-1.5.1}"
 MAIN_PY="$ROOT/.venv/bin/python"
 STAMP="$VENV/.installed"
 # Bump when the recipe below changes, so existing venvs are redone.
-RECIPE_VERSION=2
+RECIPE_VERSION=3
 
 log() { printf 'vllm-env: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -202,6 +204,10 @@ fi
 step "pip install --no-deps nixl-cu12==$NIXL_VERSION nixl==$NIXL_VERSION" \
     "a few seconds; ~30 MB when downloading"
 pip_ install --quiet --no-deps "nixl-cu12==$NIXL_VERSION" "nixl==$NIXL_VERSION"
+# Read at every interpreter start in this venv; imports the hook only when the agent asks for it.
+SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+printf '%s\n' 'import os; os.environ.get("INFERMESH_NIXL_PROGRESS_THREAD") == "0" and __import__("infermesh.services.agent.nixl_hook")' \
+    > "$SITE/infermesh-nixl.pth"
 
 step "pip install --no-deps -e $ROOT (the project, editable)" "a few seconds"
 install_project
@@ -224,6 +230,9 @@ agent.register_memory(descs, backends=["UCX"])
 agent.deregister_memory(descs)
 print("vllm-env: NIXL agent with UCX on host memory: ok", file=sys.stderr)
 EOF
+INFERMESH_NIXL_PROGRESS_THREAD=0 "$VPY" -c \
+    'from nixl._api import nixl_agent_config as c; raise SystemExit(c().enable_pthread)' \
+    || die "the NIXL progress-thread switch (infermesh-nixl.pth) does not work in $VENV"
 step_done
 
 END=$(date +%s)

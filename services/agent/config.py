@@ -69,6 +69,11 @@ class AgentConfig(BusKnobs):
         "advertises (VLLM_NIXL_SIDE_CHANNEL_HOST); it must be one the other engines reach "
         "(a pod IP across machines; empty: the engine's own host, 127.0.0.1)"
     )
+    vllm_nixl_progress_thread: bool = knob(
+        False, "With role prefill or decode: keep NIXL's UCX progress thread in the launched "
+        "engine. Off, vLLM progresses KV transfers from its engine loop; on the CPU the thread "
+        "busy-polls a whole core (only .venv-vllm's hook turns it off: deploy/local/vllm-env.sh)"
+    )
     vllm_kv_lease_s: int = knob(
         0, "With role prefill: seconds the engine keeps a finished prefill's KV blocks for the "
         "decode engine to pull (kv_connector_extra_config.kv_lease_duration; 0: vLLM's "

@@ -105,6 +105,7 @@ class AgentService:
                 cfg.vllm_command, cfg.launch_vllm, cfg.model or cfg.launch_vllm, ports,
                 cfg.vllm_args, log_path=cfg.vllm_log or None, role=cfg.role,
                 nixl_host=cfg.vllm_nixl_host, kv_lease_s=cfg.vllm_kv_lease_s,
+                nixl_progress_thread=cfg.vllm_nixl_progress_thread,
             )
             cfg = dataclasses.replace(
                 cfg, engine_url=self.vllm.url, kv_endpoint=self.vllm.kv_endpoint,

@@ -27,6 +27,8 @@ from infermesh.libs.process.ports import free_port
 from infermesh.libs.process.process import die_with_parent, group_alive
 from infermesh.libs.telemetry import get_logger
 
+from .nixl_hook import ENV as PROGRESS_THREAD_ENV
+
 log = get_logger("agent.vllm")
 
 Role = Literal["both", "prefill", "decode"]
@@ -86,6 +88,7 @@ class VllmProcess:
         role: Role = "both",
         nixl_host: str = "",
         kv_lease_s: int = 0,
+        nixl_progress_thread: bool = False,
     ) -> None:
         self.command = command
         self.model = model
@@ -99,6 +102,7 @@ class VllmProcess:
         self.role = role
         self.nixl_host = nixl_host or host
         self.kv_lease_s = kv_lease_s
+        self.nixl_progress_thread = nixl_progress_thread
         if role != "both" and not ports.nixl:
             raise ValueError(f"a {role} engine needs a NIXL side-channel port")
         self.proc: asyncio.subprocess.Process | None = None
@@ -149,11 +153,13 @@ class VllmProcess:
     def environ(self) -> dict[str, str]:
         """What the engine's environment adds to the agent's: the given ``env``, and for a P/D
         role the NIXL side channel (vLLM binds its handshake listener on that host and port, and
-        a prefill engine advertises the same pair to decode engines)."""
+        a prefill engine advertises the same pair to decode engines), and whether NIXL may run
+        its UCX progress thread (nixl_hook.py says why not)."""
         env = dict(self.env)
         if self.role != "both":
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.nixl_host
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.ports.nixl)
+            env[PROGRESS_THREAD_ENV] = "1" if self.nixl_progress_thread else "0"
         return env
 
     async def start(self) -> None:

@@ -58,7 +58,8 @@ def test_prefill_and_decode_get_nixl_on_the_cpu(role: str, kv_role: str) -> None
     assert argv.index("--kv-transfer-config") < argv.index("--block-size")
     assert "--kv-events-config" in argv and "--enable-prefix-caching" in argv
     assert e.environ() == {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-                           "VLLM_NIXL_SIDE_CHANNEL_PORT": "5600"}
+                           "VLLM_NIXL_SIDE_CHANNEL_PORT": "5600",
+                           "INFERMESH_NIXL_PROGRESS_THREAD": "0"}
 
 
 def test_the_prefill_lease_is_set_when_asked_for() -> None:
@@ -74,7 +75,11 @@ def test_the_side_channel_host_and_extra_env() -> None:
     e = engine("decode", nixl_host="10.0.0.7", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert e.environ() == {"VLLM_CPU_KVCACHE_SPACE": "1",
                            "VLLM_NIXL_SIDE_CHANNEL_HOST": "10.0.0.7",
-                           "VLLM_NIXL_SIDE_CHANNEL_PORT": "5600"}
+                           "VLLM_NIXL_SIDE_CHANNEL_PORT": "5600",
+                           "INFERMESH_NIXL_PROGRESS_THREAD": "0"}
+    # NIXL's progress thread only when asked for (it busy-polls a core on the CPU).
+    assert engine("prefill", nixl_progress_thread=True).environ()[
+        "INFERMESH_NIXL_PROGRESS_THREAD"] == "1"
     assert "--host" in e.argv() and e.argv()[e.argv().index("--host") + 1] == "127.0.0.1"
 
 
@@ -126,13 +131,14 @@ def test_the_agents_knobs_reach_the_engine() -> None:
     vllm = launched(agent_config(
         "--launch-vllm", "/models/tiny", "--model", "tiny", "--role", "prefill",
         "--vllm-nixl-port", "5611", "--vllm-nixl-host", "10.1.2.3", "--vllm-kv-lease-s", "45",
-        "--", "--block-size", "32"))
+        "--vllm-nixl-progress-thread", "--", "--block-size", "32"))
     assert vllm.ports.nixl == 5611
     assert transfer_of(vllm.argv()) == {
         "kv_connector": "NixlConnector", "kv_role": "kv_producer", "kv_buffer_device": "cpu",
         "kv_connector_extra_config": {"kv_lease_duration": 45}}
     assert vllm.environ() == {"VLLM_NIXL_SIDE_CHANNEL_HOST": "10.1.2.3",
-                              "VLLM_NIXL_SIDE_CHANNEL_PORT": "5611"}
+                              "VLLM_NIXL_SIDE_CHANNEL_PORT": "5611",
+                              "INFERMESH_NIXL_PROGRESS_THREAD": "1"}
     assert vllm.argv()[-2:] == ["--block-size", "32"]
 
 
@@ -182,5 +188,17 @@ async def test_the_spawned_engine_sees_the_side_channel(tmp_path: Path) -> None:
     env = seen["env"]
     assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
     assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5600"
+    assert env["INFERMESH_NIXL_PROGRESS_THREAD"] == "0"
     assert env["EXTRA"] == "1" and env["PATH"] == os.environ["PATH"]
     assert env["PYTHONHASHSEED"] == os.environ.get("PYTHONHASHSEED", "0")
+
+
+def test_the_progress_thread_hook_needs_nixl_only_when_asked() -> None:
+    """The hook module imports without NIXL (the project's venv has none) and does nothing."""
+    from infermesh.services.agent import nixl_hook
+
+    assert nixl_hook.ENV == "INFERMESH_NIXL_PROGRESS_THREAD"
+    try:
+        import nixl  # noqa: F401
+    except ImportError:
+        assert nixl_hook.without_progress_thread() is False
