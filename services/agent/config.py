@@ -59,6 +59,26 @@ class AgentConfig(BusKnobs):
         None, "Extra `vllm serve` arguments (on the command line: after `--`)", factory=list
     )
     vllm_log: str = knob("", "File for the launched engine's output (empty: discarded)")
+    vllm_nixl_port: int = knob(
+        0, "With role prefill or decode: the launched engine's NIXL side-channel port "
+        "(VLLM_NIXL_SIDE_CHANNEL_PORT; the KV-transfer handshake listens there, and a prefill "
+        "engine tells decode engines to come there; 0: a free port)"
+    )
+    vllm_nixl_host: str = knob(
+        "", "With role prefill or decode: the address the NIXL side channel binds and "
+        "advertises (VLLM_NIXL_SIDE_CHANNEL_HOST); it must be one the other engines reach "
+        "(a pod IP across machines; empty: the engine's own host, 127.0.0.1)"
+    )
+    vllm_nixl_progress_thread: bool = knob(
+        False, "With role prefill or decode: keep NIXL's UCX progress thread in the launched "
+        "engine. Off, vLLM progresses KV transfers from its engine loop; on the CPU the thread "
+        "busy-polls a whole core (only .venv-vllm's hook turns it off: deploy/local/vllm-env.sh)"
+    )
+    vllm_kv_lease_s: int = knob(
+        0, "With role prefill: seconds the engine keeps a finished prefill's KV blocks for the "
+        "decode engine to pull (kv_connector_extra_config.kv_lease_duration; 0: vLLM's "
+        "default, 30)"
+    )
 
     def __post_init__(self) -> None:
         check_token(self.pool, "pool")
@@ -72,6 +92,10 @@ class AgentConfig(BusKnobs):
             raise ValueError("engine_unresponsive_s must not be negative")
         if self.max_batch_events < 1 or self.snapshot_part_blocks < 1:
             raise ValueError("max_batch_events and snapshot_part_blocks must be positive")
+        if not 0 <= self.vllm_nixl_port < 65536:
+            raise ValueError("vllm_nixl_port must be within [0, 65535]")
+        if self.vllm_kv_lease_s < 0:
+            raise ValueError("vllm_kv_lease_s must not be negative")
 
     def pod_name(self) -> str:
         """The configured pod name, or one derived from the engine URL's host and port."""

@@ -97,10 +97,15 @@ class AgentService:
         self.vllm: VllmProcess | None = None
         if cfg.launch_vllm:
             # The agent owns its engine: its URL and endpoints are what it launches.
-            ports = VllmPorts.pick(cfg.vllm_port, cfg.vllm_kv_port, cfg.vllm_replay_port)
+            ports = VllmPorts.pick(
+                cfg.vllm_port, cfg.vllm_kv_port, cfg.vllm_replay_port,
+                nixl=None if cfg.role == "both" else cfg.vllm_nixl_port,
+            )
             self.vllm = VllmProcess(
                 cfg.vllm_command, cfg.launch_vllm, cfg.model or cfg.launch_vllm, ports,
-                cfg.vllm_args, log_path=cfg.vllm_log or None,
+                cfg.vllm_args, log_path=cfg.vllm_log or None, role=cfg.role,
+                nixl_host=cfg.vllm_nixl_host, kv_lease_s=cfg.vllm_kv_lease_s,
+                nixl_progress_thread=cfg.vllm_nixl_progress_thread,
             )
             cfg = dataclasses.replace(
                 cfg, engine_url=self.vllm.url, kv_endpoint=self.vllm.kv_endpoint,

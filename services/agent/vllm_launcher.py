@@ -4,6 +4,11 @@ With ``--launch-vllm MODEL`` the agent owns its engine, as a sidecar would in a 
 engine's HTTP, KV-event and replay ports, adds ``--kv-events-config`` (a ZMQ publisher that binds,
 a replay endpoint, a topic naming the engine), restarts the engine when it dies (with backoff),
 and stops it with the agent.
+
+With role ``prefill`` or ``decode`` the engine also gets vLLM's NIXL connector, set up for the
+CPU (``kv_buffer_device: cpu``), and a side-channel port of its own: a prefill engine keeps a
+request's KV blocks after answering, and the decode engine pulls them over NIXL with the
+``kv_transfer_params`` of the prefill's answer (docs/vllm.md, "Prefill/decode with NIXL").
 """
 
 from __future__ import annotations
@@ -16,13 +21,36 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from infermesh.libs.process.ports import free_port
 from infermesh.libs.process.process import die_with_parent, group_alive
 from infermesh.libs.telemetry import get_logger
 
+from .nixl_hook import ENV as PROGRESS_THREAD_ENV
+
 log = get_logger("agent.vllm")
+
+Role = Literal["both", "prefill", "decode"]
+# vLLM's KV-transfer role per P/D role: the prefill engine only produces KV, the decode engine
+# only consumes it ("both" engines get no connector).
+KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+def kv_transfer_config(role: Role, *, kv_lease_s: int = 0) -> dict[str, Any] | None:
+    """vLLM's ``--kv-transfer-config`` for a P/D role (None for ``both``): NixlConnector over CPU
+    memory, the prefill's KV lease when one is given."""
+    if role == "both":
+        return None
+    cfg: dict[str, Any] = {
+        "kv_connector": "NixlConnector",
+        "kv_role": KV_ROLES[role],
+        # The CPU platform has no device memory: NIXL registers the KV cache where it lives.
+        "kv_buffer_device": "cpu",
+    }
+    if kv_lease_s and role == "prefill":
+        cfg["kv_connector_extra_config"] = {"kv_lease_duration": kv_lease_s}
+    return cfg
 
 
 @dataclass
@@ -32,11 +60,14 @@ class VllmPorts:
     http: int
     kv: int
     replay: int
+    nixl: int = 0  # NIXL side channel (prefill/decode engines only; 0: none)
 
     @classmethod
-    def pick(cls, http: int = 0, kv: int = 0, replay: int = 0) -> VllmPorts:
-        """Use the given ports, and free ones where 0."""
-        return cls(http or free_port(), kv or free_port(), replay or free_port())
+    def pick(cls, http: int = 0, kv: int = 0, replay: int = 0,
+             nixl: int | None = None) -> VllmPorts:
+        """Use the given ports, and free ones where 0; ``nixl`` None: no side channel."""
+        return cls(http or free_port(), kv or free_port(), replay or free_port(),
+                   0 if nixl is None else nixl or free_port())
 
 
 class VllmProcess:
@@ -54,6 +85,10 @@ class VllmProcess:
         log_path: str | None = None,
         env: dict[str, str] | None = None,
         max_backoff_s: float = 30.0,
+        role: Role = "both",
+        nixl_host: str = "",
+        kv_lease_s: int = 0,
+        nixl_progress_thread: bool = False,
     ) -> None:
         self.command = command
         self.model = model
@@ -64,6 +99,12 @@ class VllmProcess:
         self.log_path = log_path
         self.env = env or {}
         self.max_backoff_s = max_backoff_s
+        self.role = role
+        self.nixl_host = nixl_host or host
+        self.kv_lease_s = kv_lease_s
+        self.nixl_progress_thread = nixl_progress_thread
+        if role != "both" and not ports.nixl:
+            raise ValueError(f"a {role} engine needs a NIXL side-channel port")
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._task: asyncio.Task[None] | None = None
@@ -95,15 +136,31 @@ class VllmProcess:
             "replay_endpoint": f"tcp://*:{self.ports.replay}",
             "topic": f"kv@{self.host}:{self.ports.http}@{self.served_model_name}",
         }
-        return [
+        argv = [
             self.command, "serve", self.model,
             "--served-model-name", self.served_model_name,
             "--host", self.host,
             "--port", str(self.ports.http),
             "--enable-prefix-caching",
             "--kv-events-config", json.dumps(events),
-            *self.extra_args,
         ]
+        transfer = kv_transfer_config(self.role, kv_lease_s=self.kv_lease_s)
+        # A --kv-transfer-config among the extra arguments is the operator's choice: it wins.
+        if transfer is not None and not _has_flag(self.extra_args, "--kv-transfer-config"):
+            argv += ["--kv-transfer-config", json.dumps(transfer)]
+        return [*argv, *self.extra_args]
+
+    def environ(self) -> dict[str, str]:
+        """What the engine's environment adds to the agent's: the given ``env``, and for a P/D
+        role the NIXL side channel (vLLM binds its handshake listener on that host and port, and
+        a prefill engine advertises the same pair to decode engines), and whether NIXL may run
+        its UCX progress thread (nixl_hook.py says why not)."""
+        env = dict(self.env)
+        if self.role != "both":
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.nixl_host
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.ports.nixl)
+            env[PROGRESS_THREAD_ENV] = "1" if self.nixl_progress_thread else "0"
+        return env
 
     async def start(self) -> None:
         """Start the engine and the supervisor that restarts it when it dies."""
@@ -111,7 +168,7 @@ class VllmProcess:
         self._task = asyncio.create_task(self._supervise(), name="vllm-supervisor")
 
     async def _spawn(self) -> None:
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **self.environ()}
         # Reproducible block hashes across restarts (vLLM derives the first parent from it).
         env.setdefault("PYTHONHASHSEED", "0")
         out: Any = asyncio.subprocess.DEVNULL
@@ -126,7 +183,7 @@ class VllmProcess:
         if not isinstance(out, int):
             out.close()
         log.info("vllm_started", pid=self.proc.pid, url=self.url, restarts=self.restarts,
-                 log=self.log_path or None)
+                 role=self.role, nixl_port=self.ports.nixl or None, log=self.log_path or None)
 
     async def _supervise(self) -> None:
         backoff = 1.0
@@ -169,6 +226,12 @@ class VllmProcess:
             await proc.wait()
         await _reap_group(proc.pid)
         log.info("vllm_stopped", code=proc.returncode)
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    """Whether ``args`` give ``flag`` (``--flag VALUE``, ``--flag=VALUE``, or vLLM's dotted
+    ``--flag.field VALUE``)."""
+    return any(a == flag or a.startswith((flag + "=", flag + ".")) for a in args)
 
 
 async def _reap_group(pgid: int, grace_s: float = 5.0) -> None:
