@@ -48,7 +48,8 @@ SERVICES: dict[str, tuple[type[Any], frozenset[str]]] = {
     "agent": (AgentConfig, BUS_AND_HTTP | {
         "pool", "pod", "role", "engine_url", "kv_endpoint", "replay_endpoint", "launch_vllm",
         "vllm_command", "vllm_port", "vllm_kv_port", "vllm_replay_port", "vllm_args",
-        "vllm_log"}),
+        "vllm_log", "vllm_nixl_port", "vllm_nixl_host", "vllm_kv_lease_s",
+        "vllm_nixl_progress_thread"}),
     "sim": (SimConfig, frozenset({"engines", "http_host", "http_port", "kv_port",
                                   "kv_replay_port", "kv_transfer_host"})),
 }

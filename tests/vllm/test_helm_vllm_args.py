@@ -47,5 +47,6 @@ def test_vllm_accepts_every_command_line_the_charts_render() -> None:
     for role, got in zip(roles, parsed, strict=True):
         assert got["port"] == 8000 and got["prefix_caching"] is True
         assert got["events"] == [True, "zmq", "tcp://*:5557", "tcp://*:5558"]
-        assert got["transfer"] == (None if role == "both" else ["NixlConnector", "kv_both"])
+        kv_role = {"both": None, "prefill": "kv_producer", "decode": "kv_consumer"}[role]
+        assert got["transfer"] == (None if kv_role is None else ["NixlConnector", kv_role])
     assert {g["served"][0] for g in parsed} == {"Qwen/Qwen3-8B", "llama-3.1-8b"}
