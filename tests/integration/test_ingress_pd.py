@@ -17,42 +17,27 @@ from infermesh.proto import codec
 from infermesh.proto.messages import PodState, RequestEvent, ScheduleDecision, ScheduleRequest
 
 from .helpers import wait_until
-from .test_ingress import MODEL, World, post
+from .test_ingress import MODEL, FakeEngine, World, post
 
 PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[1, 2]],
           "remote_engine_id": "eng", "remote_request_id": "r", "remote_host": "h",
           "remote_port": 1, "tp_size": 1}
 
 
-class PDEngine:
+class PDEngine(FakeEngine):
     """A fake vLLM with a NIXL connector: a prefill request gets kv_transfer_params back.
 
     Modes: ok, 503 (fails), 400 (refuses), noparams (answers without params)."""
 
     def __init__(self, name: str, mode: str = "ok") -> None:
-        self.name, self.mode = name, mode
+        super().__init__(mode)
+        self.name = name
         self.bodies: list[dict[str, Any]] = []
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> PDEngine:
-        app = web.Application()
-        app.router.add_post("/v1/completions", self.handle)
-        app.router.add_post("/v1/chat/completions", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore
-        return self
-
-    @property
-    def hits(self) -> int:
-        return len(self.bodies)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        self.hits += 1
         if self.mode == "503":
             return web.json_response({"error": {"message": "busy", "code": 503}}, status=503)
         if self.mode == "400":
@@ -75,10 +60,6 @@ class PDEngine:
                              + b"\n\ndata: [DONE]\n\n")
             return resp
         return web.json_response({"choices": [{"text": "ab"}], "usage": usage})
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
 
 class PDWorld(World):
