@@ -882,6 +882,8 @@ class IngressService:
                                   cached_blocks=d.cached_blocks if d else 0,
                                   leg="decode" if pd else "")
             body = raw
+            if attempt > 0 and route.prefill_pod:  # the decode with the KV failed: served whole
+                self.metrics.pd.labels("decode_retried_whole").inc()
             route.prefill_pod = ""
             if pd:
                 assert d is not None
@@ -891,8 +893,6 @@ class IngressService:
                     await self._event(route, "finished", pod, status="prefill_refused")
                     return got
                 body = got
-            elif route.pd_tried and attempt > 0 and d is not None and d.prefill_pod:
-                self.metrics.pd.labels("decode_retried_whole").inc()
             tracked = self.pods.get(pod)
             if tracked is not None:
                 tracked.in_flight += 1
