@@ -123,6 +123,8 @@ class CpuCopyWorker(OffloadingWorker):
 class InfermeshTieringSpec(TieringOffloadingSpec):
     """vLLM's tiering spec with :class:`CpuCopyWorker` as its worker."""
 
+    _worker: Any  # set to None by vLLM's CPUOffloadingSpec.__init__
+
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
         if self._worker is None:
             if self.config.canonical_layout:
