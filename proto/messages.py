@@ -22,8 +22,9 @@ ROUTED_SCORES_MAX = 8
 # Storage tiers a block can live in, best first.
 TIER_GPU = "GPU"
 TIER_CPU = "CPU"
-TIER_SHARED = "SHARED_STORAGE"
-TIERS: tuple[str, ...] = (TIER_GPU, TIER_CPU, TIER_SHARED)
+TIER_SHARED = "SHARED_STORAGE"  # storage every engine of the pool can load from: the pool's
+TIER_LOCAL_STORAGE = "LOCAL_STORAGE"  # storage local to one engine (a node's disk): the pod's
+TIERS: tuple[str, ...] = (TIER_GPU, TIER_CPU, TIER_SHARED, TIER_LOCAL_STORAGE)
 
 
 class Message(msgspec.Struct, kw_only=True, omit_defaults=False):

@@ -22,6 +22,7 @@ import msgspec
 from .messages import (
     TIER_CPU,
     TIER_GPU,
+    TIER_LOCAL_STORAGE,
     TIER_SHARED,
     AllBlocksCleared,
     AnyKVEvent,
@@ -51,14 +52,23 @@ def hash_to_u64(h: int | bytes) -> int:
     return int.from_bytes(h[-8:], "big")
 
 
-def medium_to_tier(medium: str | None) -> str:
-    """vLLM's ``medium`` string as one of our tiers (unknown media pass through upper-cased)."""
+def medium_to_tier(medium: str | None, locality: str | None = None) -> str:
+    """vLLM's ``medium`` (and ``locality``) as one of our tiers; unknown media pass through
+    upper-cased.
+
+    Storage is shared by the pool (``SHARED_STORAGE``: any engine mounting the directory can
+    load it) unless the engine says it is ``LOCAL`` to itself (``LOCAL_STORAGE``: a node's own
+    disk, held by the pod). vLLM's secondary tiers leave ``locality`` unset unless configured,
+    and are shared by default in the set-ups it documents (a shared filesystem or object store).
+    """
     if medium is None:
         return TIER_GPU
     m = medium.upper()
-    if m in (TIER_GPU, TIER_CPU, TIER_SHARED):
+    if m in (TIER_GPU, TIER_CPU):
         return m
-    if m in ("DISK", "SHARED", "STORAGE", "FS"):
+    if m in (TIER_SHARED, "DISK", "SHARED", "STORAGE", "FS", TIER_LOCAL_STORAGE):
+        if m == TIER_LOCAL_STORAGE or (locality is not None and locality.upper() == "LOCAL"):
+            return TIER_LOCAL_STORAGE
         return TIER_SHARED
     return m
 
@@ -76,12 +86,18 @@ class _StoredA(msgspec.Struct, array_like=True, tag="BlockStored"):
     lora_name: str | None = None
     extra_keys: list[Any] | None = None
     group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class _RemovedA(msgspec.Struct, array_like=True, tag="BlockRemoved"):
     block_hashes: list[ExternalHash]
     medium: str | None = None
     group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class _ClearedA(msgspec.Struct, array_like=True, tag="AllBlocksCleared"):
@@ -101,12 +117,16 @@ class _StoredM(msgspec.Struct, tag_field="type", tag="BlockStored"):
     lora_name: str | None = None
     extra_keys: list[Any] | None = None
     group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class _RemovedM(msgspec.Struct, tag_field="type", tag="BlockRemoved"):
     block_hashes: list[ExternalHash]
     medium: str | None = None
     group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class _ClearedM(msgspec.Struct, tag_field="type", tag="AllBlocksCleared"):
@@ -218,14 +238,14 @@ def _normalise(e: Any) -> AnyKVEvent:
             parent_hash=None if parent is None else hash_to_u64(parent),
             token_ids=e.token_ids,
             block_size=e.block_size,
-            tier=medium_to_tier(e.medium),
+            tier=medium_to_tier(e.medium, e.locality),
             lora_name=e.lora_name,
             extra_keys=e.extra_keys,
         )
     if isinstance(e, (_RemovedA, _RemovedM)):
         return BlockRemoved(
             block_hashes=_u64_list(e.block_hashes),
-            tier=medium_to_tier(e.medium),
+            tier=medium_to_tier(e.medium, e.locality),
         )
     return AllBlocksCleared()
 
@@ -243,12 +263,18 @@ class _WStoredM(msgspec.Struct, tag="BlockStored", omit_defaults=True):
     lora_name: str | None
     extra_keys: list[Any] | None = None
     group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class _WRemovedM(msgspec.Struct, tag="BlockRemoved", omit_defaults=True):
     block_hashes: list[ExternalHash]
     medium: str | None
     group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class _WClearedM(msgspec.Struct, tag="AllBlocksCleared", omit_defaults=True):
@@ -265,12 +291,18 @@ class _WStoredA(msgspec.Struct, tag="BlockStored", array_like=True, omit_default
     lora_name: str | None
     extra_keys: list[Any] | None = None
     group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class _WRemovedA(msgspec.Struct, tag="BlockRemoved", array_like=True, omit_defaults=True):
     block_hashes: list[ExternalHash]
     medium: str | None
     group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 class _WClearedA(msgspec.Struct, tag="AllBlocksCleared", array_like=True, omit_defaults=True):
@@ -289,6 +321,8 @@ class EngineEvent(msgspec.Struct):
     lora_id: int | None = None
     lora_name: str | None = None
     extra_keys: list[Any] | None = None
+    locality: str | None = None  # LOCAL or REMOTE (offload tiers); None: unspecified
+    ownership: str | None = None  # the secondary tier that emitted it, if one did
 
 
 class VllmEventEncoder:
@@ -319,14 +353,20 @@ class VllmEventEncoder:
                         medium=e.medium,
                         lora_name=e.lora_name,
                         extra_keys=e.extra_keys,
-                        group_idx=None if array else 0,
+                        group_idx=None if array and e.locality is None else 0,
+                        locality=e.locality,
+                        ownership=e.ownership,
                     )
                 )
             elif e.kind == "removed":
                 cls = _WRemovedA if array else _WRemovedM
                 out.append(
                     cls(
-                        block_hashes=e.block_hashes, medium=e.medium, group_idx=None if array else 0
+                        block_hashes=e.block_hashes,
+                        medium=e.medium,
+                        group_idx=None if array and e.locality is None else 0,
+                        locality=e.locality,
+                        ownership=e.ownership,
                     )
                 )
             else:

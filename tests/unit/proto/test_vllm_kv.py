@@ -110,6 +110,51 @@ def test_u64_and_tiers() -> None:
     assert medium_to_tier(None) == "GPU"
     assert medium_to_tier("cpu") == "CPU"
     assert medium_to_tier("STORAGE") == "SHARED_STORAGE"
+    assert medium_to_tier("STORAGE", "REMOTE") == "SHARED_STORAGE"
+    assert medium_to_tier("STORAGE", "local") == "LOCAL_STORAGE"
+    assert medium_to_tier("CPU", "LOCAL") == "CPU"
+
+
+def test_offload_events_of_vllm_032_with_locality() -> None:
+    """vLLM 0.32's offloading connector: a placeholder BlockStored per tier (no tokens, block
+    size 0) with ``locality``/``ownership``, and a removal from storage; written with vLLM's own
+    field layout (tests/integration/vllm_reference.py mirrors it)."""
+    from tests.integration import vllm_reference as ref
+
+    events = [
+        ref.BlockStored(block_hashes=[5, 6], parent_block_hash=None, token_ids=[],
+                        block_size=0, lora_id=None, medium="CPU", lora_name=None),
+        ref.BlockStored(block_hashes=[5, 6], parent_block_hash=None, token_ids=[],
+                        block_size=0, lora_id=None, medium="STORAGE", lora_name=None,
+                        locality="REMOTE", ownership="fs", session_id="req-1"),
+        ref.BlockStored(block_hashes=[7], parent_block_hash=6, token_ids=[1, 2],
+                        block_size=2, lora_id=None, medium="STORAGE", lora_name=None,
+                        locality="LOCAL"),
+        ref.BlockRemoved(block_hashes=[5], medium="STORAGE", locality="REMOTE"),
+    ]
+    payload = msgspec.msgpack.encode(ref.KVEventBatch032(ts=1.0, events=events))
+    got = VllmEventDecoder().decode(payload).events
+    assert [type(e).__name__ for e in got] == ["BlockStored"] * 3 + ["BlockRemoved"]
+    assert [e.tier for e in got] == ["CPU", "SHARED_STORAGE", "LOCAL_STORAGE", "SHARED_STORAGE"]
+    assert got[1].token_ids == [] and got[1].block_hashes == [5, 6]
+    assert got[2].parent_hash == 6
+
+
+@pytest.mark.parametrize("form", ["map", "array"])
+def test_encoder_writes_locality(form: str) -> None:
+    enc = VllmEventEncoder(form)  # type: ignore[arg-type]
+    p = enc.encode(2.0, [
+        EngineEvent("stored", [9], medium="STORAGE", locality="REMOTE", ownership="infermesh"),
+        EngineEvent("removed", [9], medium="STORAGE", locality="LOCAL"),
+    ])
+    got = VllmEventDecoder().decode(p).events
+    assert [e.tier for e in got] == ["SHARED_STORAGE", "LOCAL_STORAGE"]
+    if form == "map":
+        from tests.integration import vllm_reference as ref
+
+        batch = msgspec.msgpack.decode(p, type=ref.KVEventBatch032)
+        assert batch.events[0].locality == "REMOTE" and batch.events[0].ownership == "infermesh"
+        assert batch.events[1].locality == "LOCAL"
 
 
 @given(st.binary(max_size=200))
