@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from infermesh.libs import vllm_ext
 from infermesh.libs.config import ConfigError, load_config
 from infermesh.services.agent.__main__ import main
 from infermesh.services.agent.config import AgentConfig
 from infermesh.services.agent.service import AgentService
-from infermesh.libs import vllm_ext
 from infermesh.services.agent.vllm_launcher import (
     StorageTier,
     VllmPorts,
