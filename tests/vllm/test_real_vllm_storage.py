@@ -8,6 +8,8 @@ directory and, through A's KV events (medium STORAGE, locality REMOTE), the pool
 A is stopped. The scheduler still knows the prefix is in storage and credits engine B with it;
 B answers from the files (vLLM's own metrics: cached tokens from source ``disk``) and gives the
 same greedy answer A gave. A corrupted block file is a miss: the engine recomputes from it on.
+Past the directory's capacity, the engine removes the least recently used files and announces
+each removal (BlockRemoved, SHARED_STORAGE) on its KV stream.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import aiohttp
 import pytest
 
 from infermesh.libs.bus import connect, request
-from infermesh.libs.kvstore import SUFFIX
+from infermesh.libs.kvstore import HEADER_SIZE, SUFFIX
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME
 from infermesh.proto.messages import (
     TIER_SHARED,
@@ -40,7 +42,7 @@ from infermesh.services.system.plan import VLLM_CPU_BLOCK_SIZE, plan
 from infermesh.services.system.run import LocalSystem
 from infermesh.services.system.spec import SystemSpec
 
-from ..integration.helpers import wait_until
+from ..integration.helpers import BusWatcher, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM = ROOT / ".venv-vllm" / "bin" / "vllm"
@@ -48,6 +50,10 @@ MODEL = DEFAULT_MODEL_NAME
 BS = VLLM_CPU_BLOCK_SIZE
 PODS = ["vllm-0", "vllm-1"]
 CPU_TIER_BYTES = 64 << 20  # 4096 chunks of the tiny model's 16 KiB: ample, small in /dev/shm
+# A block file of the tiny model: 16 KiB of KV, the key (32-byte hash + group) and the header.
+FILE_BYTES = 16384 + 36 + HEADER_SIZE
+# Room for ~100 files: the first two tests write ~50, the third pushes past it.
+CAPACITY_BYTES = 100 * FILE_BYTES
 
 
 def _needs_vllm() -> None:
@@ -70,6 +76,7 @@ class StorageStack:
             engine="vllm", engines=len(PODS), block_size=BS, num_gpu_blocks=96,
             free_ports=True, nats_auth=False, state_dir=str(tmp / "system"),
             settings={"agent": {"vllm_storage_dir": str(self.storage),
+                                "vllm_storage_capacity_bytes": CAPACITY_BYTES,
                                 "vllm_offload_cpu_bytes": CPU_TIER_BYTES}})))
         self.http_ports = list(self.system.plan.layout.engine_http)
         self.nats_url = self.system.nats_url
@@ -274,3 +281,44 @@ async def test_a_corrupted_block_file_is_a_miss_and_the_engine_recomputes(
         await wait_until(lambda: want[4] in stack.block_files(), timeout=30,
                          what="the recomputed block written again")
         await asyncio.sleep(0)
+
+
+async def test_past_its_capacity_the_directory_is_evicted_and_the_removals_announced(
+        stack: StorageStack) -> None:
+    b = 1
+    nc = await connect(stack.nats_url, "test")
+    watch = await BusWatcher(nc).start()
+    metric = "vllm:kv_offload_shared_storage_evicted_blocks_total"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        evicted_before = (await _metrics(http, stack.url(b))).get(metric)
+        for seed in (3, 4):  # ~94 new blocks: past the ~100 files the directory may hold
+            text, _ = await _prompt(http, stack.url(b), seed=seed, tokens=1500)
+            await _complete(http, stack.url(b), text)
+
+        async def evicted() -> float:
+            return (await _metrics(http, stack.url(b))).get(metric) - evicted_before
+
+        async def some_evicted() -> bool:
+            return await evicted() > 0
+
+        await wait_until(some_evicted, timeout=30, what="the engine evicts block files")
+        await asyncio.sleep(1)  # the last store job's events
+        n = int(await evicted())
+        files = stack.block_files()
+        assert len(files) * FILE_BYTES <= CAPACITY_BYTES
+
+        def removed() -> list[int]:
+            return [h for batch in watch.view(PODS[b]).batches for ev in batch.events
+                    if type(ev).__name__ == "BlockRemoved" and ev.tier == TIER_SHARED
+                    for h in ev.block_hashes]
+
+        # Every file the engine removed is announced once, as SHARED_STORAGE, on its stream.
+        await wait_until(lambda: len(removed()) >= n, timeout=10,
+                         what="BlockRemoved (SHARED_STORAGE) for the evicted files")
+        gone = removed()
+        assert len(gone) == len(set(gone)) == n
+        on_disk = {int.from_bytes(bytes.fromhex(k)[24:32], "big") for k in files}
+        assert not set(gone) & on_disk
+        print(f"\nevicted {n} block files; {len(files)} left "
+              f"({len(files) * FILE_BYTES} of {CAPACITY_BYTES} bytes)")
+    await nc.close()
