@@ -49,7 +49,8 @@ SERVICES: dict[str, tuple[type[Any], frozenset[str]]] = {
         "pool", "pod", "role", "engine_url", "kv_endpoint", "replay_endpoint", "launch_vllm",
         "vllm_command", "vllm_port", "vllm_kv_port", "vllm_replay_port", "vllm_args",
         "vllm_log", "vllm_nixl_port", "vllm_nixl_host", "vllm_kv_lease_s",
-        "vllm_nixl_progress_thread"}),
+        "vllm_nixl_progress_thread", "vllm_storage_dir", "vllm_storage_capacity_bytes",
+        "vllm_storage_locality", "vllm_offload_cpu_bytes", "vllm_hash_seed"}),
     "sim": (SimConfig, frozenset({"engines", "http_host", "http_port", "kv_port",
                                   "kv_replay_port", "kv_transfer_host"})),
 }

@@ -79,6 +79,29 @@ class AgentConfig(BusKnobs):
         "decode engine to pull (kv_connector_extra_config.kv_lease_duration; 0: vLLM's "
         "default, 30)"
     )
+    vllm_storage_dir: str = knob(
+        "", "The shared-storage KV tier of the launched engine: a directory every engine of the "
+        "pool mounts (vLLM offloads KV blocks there through a CPU tier and loads blocks any "
+        "engine wrote; docs/storage-tier.md). Empty: off. Not with role prefill or decode"
+    )
+    vllm_storage_capacity_bytes: int = knob(
+        0, "Bytes the storage tier's blocks may take in the directory before the engine evicts "
+        "the least recently used ones (announcing their removal); 0: unbounded"
+    )
+    vllm_storage_locality: Literal["REMOTE", "LOCAL"] = knob(
+        "REMOTE", "What the storage tier's KV events say: REMOTE for a directory the whole pool "
+        "shares (the index credits every pod with its blocks), LOCAL for a disk of this engine "
+        "alone"
+    )
+    vllm_offload_cpu_bytes: int = knob(
+        512 << 20, "With a storage dir: the CPU tier's size in bytes (vLLM's cpu_bytes_to_use), "
+        "a /dev/shm region every block passes through on its way to and from storage"
+    )
+    vllm_hash_seed: str = knob(
+        "0", "PYTHONHASHSEED of the launched engine: vLLM derives its block hashes from it, so "
+        "engines sharing a storage dir (and the simulator's --hash-seed) must agree; empty: "
+        "the agent's own PYTHONHASHSEED (0 where unset)"
+    )
 
     def __post_init__(self) -> None:
         check_token(self.pool, "pool")
@@ -96,6 +119,21 @@ class AgentConfig(BusKnobs):
             raise ValueError("vllm_nixl_port must be within [0, 65535]")
         if self.vllm_kv_lease_s < 0:
             raise ValueError("vllm_kv_lease_s must not be negative")
+        if self.vllm_storage_capacity_bytes < 0:
+            raise ValueError("vllm_storage_capacity_bytes must not be negative (0: unbounded)")
+        if self.vllm_storage_dir:
+            if self.role != "both":
+                raise ValueError(
+                    f"vllm_storage_dir cannot be combined with role {self.role}: the storage tier "
+                    "is vLLM's OffloadingConnector and a prefill or decode engine already uses "
+                    "the NixlConnector (vLLM has one --kv-transfer-config per engine)")
+            if any(a == "--kv-transfer-config" or a.startswith(("--kv-transfer-config=",
+                                                                  "--kv-transfer-config."))
+                   for a in self.vllm_args):
+                raise ValueError("vllm_storage_dir sets the engine's --kv-transfer-config: "
+                                 "drop the one in the extra vLLM arguments")
+            if self.vllm_offload_cpu_bytes <= 0:
+                raise ValueError("vllm_offload_cpu_bytes must be positive with a storage dir")
 
     def pod_name(self) -> str:
         """The configured pod name, or one derived from the engine URL's host and port."""

@@ -67,7 +67,7 @@ from .config import AgentConfig
 from .kvstream import KVSubscriber, RawBatch, ReplayError, replay
 from .metrics import AgentMetrics
 from .scrape import EngineLoad, scrape_engine
-from .vllm_launcher import VllmPorts, VllmProcess
+from .vllm_launcher import StorageTier, VllmPorts, VllmProcess
 
 log = get_logger("agent")
 
@@ -101,11 +101,17 @@ class AgentService:
                 cfg.vllm_port, cfg.vllm_kv_port, cfg.vllm_replay_port,
                 nixl=None if cfg.role == "both" else cfg.vllm_nixl_port,
             )
+            storage = StorageTier(
+                cfg.vllm_storage_dir, capacity_bytes=cfg.vllm_storage_capacity_bytes,
+                cpu_bytes=cfg.vllm_offload_cpu_bytes, locality=cfg.vllm_storage_locality,
+            ) if cfg.vllm_storage_dir else None
+            pod = dataclasses.replace(cfg, engine_url=f"http://127.0.0.1:{ports.http}").pod_name()
             self.vllm = VllmProcess(
                 cfg.vllm_command, cfg.launch_vllm, cfg.model or cfg.launch_vllm, ports,
                 cfg.vllm_args, log_path=cfg.vllm_log or None, role=cfg.role,
                 nixl_host=cfg.vllm_nixl_host, kv_lease_s=cfg.vllm_kv_lease_s,
                 nixl_progress_thread=cfg.vllm_nixl_progress_thread,
+                storage=storage, engine_id=f"infermesh-{pod}", hash_seed=cfg.vllm_hash_seed,
             )
             cfg = dataclasses.replace(
                 cfg, engine_url=self.vllm.url, kv_endpoint=self.vllm.kv_endpoint,

@@ -9,6 +9,12 @@ With role ``prefill`` or ``decode`` the engine also gets vLLM's NIXL connector, 
 CPU (``kv_buffer_device: cpu``), and a side-channel port of its own: a prefill engine keeps a
 request's KV blocks after answering, and the decode engine pulls them over NIXL with the
 ``kv_transfer_params`` of the prefill's answer (docs/vllm.md, "Prefill/decode with NIXL").
+
+With a storage dir (:class:`StorageTier`) the engine gets vLLM's OffloadingConnector with
+infermesh's tiering spec instead (``infermesh.libs.vllm_ext``): a CPU tier, and below it the
+shared directory every engine of the pool reads and writes (docs/storage-tier.md). The agent
+names the engine's offload region after its pod (vLLM's ``engine_id``) so that it can remove
+the ``/dev/shm`` file an engine that died leaves behind, before it starts the next one.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from infermesh.libs import vllm_ext
 from infermesh.libs.process.ports import free_port
 from infermesh.libs.process.process import die_with_parent, group_alive
 from infermesh.libs.telemetry import get_logger
@@ -51,6 +58,34 @@ def kv_transfer_config(role: Role, *, kv_lease_s: int = 0) -> dict[str, Any] | N
     if kv_lease_s and role == "prefill":
         cfg["kv_connector_extra_config"] = {"kv_lease_duration": kv_lease_s}
     return cfg
+
+
+@dataclass(frozen=True)
+class StorageTier:
+    """The launched engine's shared-storage KV tier (the agent's ``--vllm-storage-*``)."""
+
+    root_dir: str
+    capacity_bytes: int = 0
+    cpu_bytes: int = 512 << 20
+    locality: str = "REMOTE"
+
+    def kv_transfer_config(self, engine_id: str) -> dict[str, Any]:
+        """vLLM's ``--kv-transfer-config`` for this tier, the offload region named ``engine_id``."""
+        return vllm_ext.kv_transfer_config(
+            self.root_dir, cpu_bytes=self.cpu_bytes, capacity_bytes=self.capacity_bytes,
+            locality=self.locality, engine_id=engine_id)
+
+
+def remove_offload_regions(engine_id: str, shm_dir: str = vllm_ext.SHM_DIR) -> list[str]:
+    """Remove the ``/dev/shm`` offload regions of the engine called ``engine_id`` (left by one
+    that was killed: vLLM unlinks them on a clean exit only); the paths removed."""
+    removed: list[str] = []
+    for pattern in vllm_ext.shm_region_names(engine_id):
+        for path in Path(shm_dir).glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(str(path))
+    return removed
 
 
 @dataclass
@@ -89,6 +124,9 @@ class VllmProcess:
         nixl_host: str = "",
         kv_lease_s: int = 0,
         nixl_progress_thread: bool = False,
+        storage: StorageTier | None = None,
+        engine_id: str = "",
+        hash_seed: str = "",
     ) -> None:
         self.command = command
         self.model = model
@@ -103,8 +141,15 @@ class VllmProcess:
         self.nixl_host = nixl_host or host
         self.kv_lease_s = kv_lease_s
         self.nixl_progress_thread = nixl_progress_thread
+        self.storage = storage
+        # The offload region's name (vLLM's engine_id): one per engine, stable across restarts.
+        self.engine_id = engine_id or f"infermesh-{ports.http}"
+        self.hash_seed = hash_seed
+        self.shm_dir = vllm_ext.SHM_DIR
         if role != "both" and not ports.nixl:
             raise ValueError(f"a {role} engine needs a NIXL side-channel port")
+        if role != "both" and storage is not None:
+            raise ValueError(f"a {role} engine cannot have a storage tier (one KV connector)")
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._task: asyncio.Task[None] | None = None
@@ -144,7 +189,8 @@ class VllmProcess:
             "--enable-prefix-caching",
             "--kv-events-config", json.dumps(events),
         ]
-        transfer = kv_transfer_config(self.role, kv_lease_s=self.kv_lease_s)
+        transfer = (self.storage.kv_transfer_config(self.engine_id) if self.storage is not None
+                    else kv_transfer_config(self.role, kv_lease_s=self.kv_lease_s))
         # A --kv-transfer-config among the extra arguments is the operator's choice: it wins.
         if transfer is not None and not _has_flag(self.extra_args, "--kv-transfer-config"):
             argv += ["--kv-transfer-config", json.dumps(transfer)]
@@ -160,6 +206,8 @@ class VllmProcess:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.nixl_host
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.ports.nixl)
             env[PROGRESS_THREAD_ENV] = "1" if self.nixl_progress_thread else "0"
+        if self.hash_seed:  # else the agent's own, or "0" (_spawn)
+            env["PYTHONHASHSEED"] = self.hash_seed
         return env
 
     async def start(self) -> None:
@@ -167,7 +215,17 @@ class VllmProcess:
         await self._spawn()
         self._task = asyncio.create_task(self._supervise(), name="vllm-supervisor")
 
+    def _clean_offload_regions(self) -> None:
+        if self.storage is None:
+            return
+        removed = remove_offload_regions(self.engine_id, self.shm_dir)
+        if removed:
+            log.warning("vllm_offload_region_removed", paths=removed,
+                        why="left by an engine that did not exit cleanly")
+
     async def _spawn(self) -> None:
+        # A region left by a killed engine would be joined, not recreated, by the next one.
+        self._clean_offload_regions()
         env = {**os.environ, **self.environ()}
         # Reproducible block hashes across restarts (vLLM derives the first parent from it).
         env.setdefault("PYTHONHASHSEED", "0")
@@ -197,6 +255,7 @@ class VllmProcess:
             # The API server's engine-core children can outlive it and keep the KV ports bound;
             # a new engine could not start until they are gone.
             await _reap_group(self.proc.pid)
+            self._clean_offload_regions()
             if time.monotonic() - started > 60:
                 backoff = 1.0  # it ran a while: not a crash loop
             await asyncio.sleep(backoff)
@@ -225,6 +284,7 @@ class VllmProcess:
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
         await _reap_group(proc.pid)
+        self._clean_offload_regions()
         log.info("vllm_stopped", code=proc.returncode)
 
 

@@ -13,11 +13,18 @@ from typing import Any
 
 import pytest
 
+from infermesh.libs import vllm_ext
 from infermesh.libs.config import ConfigError, load_config
 from infermesh.services.agent.__main__ import main
 from infermesh.services.agent.config import AgentConfig
 from infermesh.services.agent.service import AgentService
-from infermesh.services.agent.vllm_launcher import VllmPorts, VllmProcess, kv_transfer_config
+from infermesh.services.agent.vllm_launcher import (
+    StorageTier,
+    VllmPorts,
+    VllmProcess,
+    kv_transfer_config,
+    remove_offload_regions,
+)
 
 PORTS = VllmPorts(http=8100, kv=5557, replay=5558, nixl=5600)
 
@@ -138,7 +145,7 @@ def test_the_agents_knobs_reach_the_engine() -> None:
         "kv_connector_extra_config": {"kv_lease_duration": 45}}
     assert vllm.environ() == {"VLLM_NIXL_SIDE_CHANNEL_HOST": "10.1.2.3",
                               "VLLM_NIXL_SIDE_CHANNEL_PORT": "5611",
-                              "INFERMESH_NIXL_PROGRESS_THREAD": "1"}
+                              "INFERMESH_NIXL_PROGRESS_THREAD": "1", "PYTHONHASHSEED": "0"}
     assert vllm.argv()[-2:] == ["--block-size", "32"]
 
 
@@ -148,7 +155,8 @@ def test_the_agent_picks_a_free_side_channel_for_pd_roles_only() -> None:
     assert decode.environ()["VLLM_NIXL_SIDE_CHANNEL_PORT"] == str(decode.ports.nixl)
     assert transfer_of(decode.argv())["kv_role"] == "kv_consumer"  # type: ignore[index]
     both = launched(agent_config("--launch-vllm", "/m", "--vllm-nixl-port", "5611"))
-    assert both.ports.nixl == 0 and transfer_of(both.argv()) is None and not both.environ()
+    assert both.ports.nixl == 0 and transfer_of(both.argv()) is None
+    assert both.environ() == {"PYTHONHASHSEED": "0"}
 
 
 @pytest.mark.parametrize(("args", "complaint"), [
@@ -202,3 +210,95 @@ def test_the_progress_thread_hook_needs_nixl_only_when_asked() -> None:
         import nixl  # noqa: F401
     except ImportError:
         assert nixl_hook.without_progress_thread() is False
+
+
+# ---------------------------------------------------------------------- the storage tier
+
+
+def test_a_storage_dir_gives_the_offloading_connector_with_our_tier() -> None:
+    vllm = launched(agent_config(
+        "--launch-vllm", "/models/tiny", "--model", "tiny", "--pod", "vllm-3",
+        "--vllm-storage-dir", "/shared/kv", "--vllm-storage-capacity-bytes", "1000000",
+        "--vllm-offload-cpu-bytes", "67108864", "--vllm-hash-seed", "7",
+        "--", "--block-size", "32"))
+    cfg = transfer_of(vllm.argv())
+    assert cfg is not None
+    assert cfg["kv_connector"] == "OffloadingConnector" and cfg["kv_role"] == "kv_both"
+    assert cfg["engine_id"] == "infermesh-vllm-3" == vllm.engine_id
+    extra = cfg["kv_connector_extra_config"]
+    assert extra["spec_module_path"] == vllm_ext.SPEC_MODULE
+    assert extra["spec_name"] == vllm_ext.SPEC_NAME
+    assert extra["cpu_bytes_to_use"] == 64 << 20
+    [tier] = extra["secondary_tiers"]
+    assert tier["type"] == vllm_ext.TIER_TYPE and tier["module_path"] == vllm_ext.TIER_MODULE
+    assert (tier["root_dir"], tier["capacity_bytes"]) == ("/shared/kv", 1000000)
+    assert tier["locality"] == "REMOTE" and tier["enable_kv_events"] is True
+    assert vllm.environ()["PYTHONHASHSEED"] == "7"
+    assert vllm.argv()[-2:] == ["--block-size", "32"]
+
+
+def test_without_a_storage_dir_nothing_changes() -> None:
+    vllm = launched(agent_config("--launch-vllm", "/m", "--vllm-offload-cpu-bytes", "1"))
+    assert transfer_of(vllm.argv()) is None and vllm.storage is None
+
+
+@pytest.mark.parametrize(("args", "complaint"), [
+    (["--role", "prefill", "--vllm-nixl-port", "5611"], "cannot be combined with role prefill"),
+    (["--role", "decode"], "cannot be combined with role decode"),
+    (["--vllm-storage-capacity-bytes", "-1"], "vllm_storage_capacity_bytes"),
+    (["--vllm-offload-cpu-bytes", "0"], "vllm_offload_cpu_bytes"),
+    (["--", "--kv-transfer-config", "{}"], "drop the one in the extra vLLM arguments"),
+])
+def test_storage_knobs_that_cannot_work_are_refused(args: list[str], complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        agent_config("--launch-vllm", "/m", "--vllm-storage-dir", "/shared/kv", *args)
+
+
+def test_a_pd_engine_with_a_storage_tier_is_refused_by_the_launcher() -> None:
+    with pytest.raises(ValueError, match="storage tier"):
+        engine("prefill", storage=StorageTier("/shared/kv"))
+
+
+def test_remove_offload_regions_removes_only_that_engines_files(tmp_path: Path) -> None:
+    for name in ["vllm_offload_infermesh-a.mmap", "vllm_offload_infermesh-a_dp1.mmap",
+                 "vllm_offload_infermesh-ab.mmap", "vllm_offload_other.mmap", "psm_1"]:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_offload_regions("infermesh-a", str(tmp_path))
+    assert sorted(Path(p).name for p in removed) == [
+        "vllm_offload_infermesh-a.mmap", "vllm_offload_infermesh-a_dp1.mmap"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "psm_1", "vllm_offload_infermesh-ab.mmap", "vllm_offload_other.mmap"]
+
+
+async def test_the_region_a_killed_engine_left_is_removed_before_the_next_start(
+        tmp_path: Path) -> None:
+    """An engine SIGKILLed leaves its offload region; the supervisor removes it before the
+    restart (vLLM would join the stale file instead of creating a fresh one)."""
+    fake = tmp_path / "vllm"
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    starts = tmp_path / "starts"
+    # The stand-in engine creates its region like vLLM, then dies as if killed.
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        f"open({str(starts)!r}, 'a').write(str(os.path.exists({str(shm)!r} + "
+        "'/vllm_offload_e1.mmap')) + '\\n')\n"
+        f"open({str(shm)!r} + '/vllm_offload_e1.mmap', 'w').write('region')\n"
+        "os._exit(9)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    (shm / "vllm_offload_e1.mmap").write_text("left by an earlier agent")
+    e = VllmProcess(str(fake), "/models/tiny", "tiny", PORTS, [],
+                    storage=StorageTier(str(tmp_path / "kv")), engine_id="e1",
+                    max_backoff_s=0.1)
+    e.shm_dir = str(shm)
+    await e.start()
+    try:
+        for _ in range(100):
+            if starts.exists() and len(starts.read_text().split()) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await e.stop(timeout=5)
+    assert starts.read_text().split()[:2] == ["False", "False"]
+    assert not (shm / "vllm_offload_e1.mmap").exists()
