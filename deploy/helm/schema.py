@@ -52,7 +52,7 @@ SERVICES: dict[str, tuple[type[Any], frozenset[str]]] = {
         "vllm_nixl_progress_thread", "vllm_storage_dir", "vllm_storage_capacity_bytes",
         "vllm_storage_locality", "vllm_offload_cpu_bytes", "vllm_hash_seed"}),
     "sim": (SimConfig, frozenset({"engines", "http_host", "http_port", "kv_port",
-                                  "kv_replay_port", "kv_transfer_host"})),
+                                  "kv_replay_port", "kv_transfer_host", "storage_dir"})),
 }
 
 # chart -> the control-plane service it runs (None: an engine chart).
@@ -233,8 +233,15 @@ def engine_schema(chart: str) -> dict[str, Any]:
             "startupFailureThreshold": {"type": "integer", "minimum": 1},
             "resources": RESOURCES,
         })
+        props["storage"] = _obj({
+            "enabled": _BOOL, "volume": _OBJ, "mountPath": _STR,
+            "capacityBytes": {"type": "integer", "minimum": 0},
+            "cpuBytes": {"type": "integer", "minimum": 1},
+            "locality": {"type": "string", "enum": ["REMOTE", "LOCAL"]},
+        })
     else:
         props["sim"] = _obj({"resources": RESOURCES, "config": config_schema("sim")})
+        props["storage"] = _obj({"enabled": _BOOL, "volume": _OBJ, "mountPath": _STR})
     return _root(props, f"infermesh {chart} chart values")
 
 

@@ -119,6 +119,17 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     "extraVolumeMounts": [{"name": "models", "mountPath": "/models"}]},
         "scheduler": {"profiles": PROFILES},
     },
+    "storage": {
+        "sim": {"replicaCount": 3, "storage": {
+            "enabled": True, "volume": {"persistentVolumeClaim": {"claimName": "kv-sim"}}},
+            "sim": {"config": {"storage_capacity_bytes": 50_000_000_000}}},
+        "engine": {"enabled": True, "replicaCount": 4,
+                   "model": {"path": "Qwen/Qwen3-8B"},
+                   "storage": {"enabled": True, "capacityBytes": 500_000_000_000,
+                               "cpuBytes": 17_179_869_184,
+                               "volume": {"persistentVolumeClaim": {"claimName": "kv"}}}},
+        "indexer": {"config": {"storage_max_blocks": 2_000_000}},
+    },
 }
 
 # Standalone charts need little: the engine chart only a model.
@@ -487,3 +498,48 @@ def test_simulated_prefill_and_decode_engines_speak_the_nixl_protocol() -> None:
     docs = render("sim", {"role": "prefill", "sim": {"config": {"kv_connector": False}}})
     assert check_config("sim", objects(docs, "ConfigMap")[0]["data"]["sim.yaml"]
                         ).kv_connector is False
+
+
+def test_the_storage_tier_mounts_one_volume_and_wires_vllm_as_the_agent_does() -> None:
+    """The engine chart's storage tier: the shared claim mounted, infermesh's vLLM extension
+    copied in and on PYTHONPATH, and exactly the --kv-transfer-config the agent gives vLLM
+    (libs/vllm_ext.kv_transfer_config); the simulator chart sets storage_dir to the mount."""
+    from infermesh.libs.vllm_ext import kv_transfer_config
+
+    docs = rendered(SCHEMA.UMBRELLA, "storage")
+    deps = {d["metadata"]["name"]: d for d in objects(docs, "Deployment")}
+    pod = deps["infermesh-engine"]["spec"]["template"]["spec"]
+    vllm = pod["containers"][0]
+    args = vllm["args"]
+    got = json.loads(args[args.index("--kv-transfer-config") + 1])
+    want = kv_transfer_config("/kv-storage", cpu_bytes=17_179_869_184,
+                              capacity_bytes=500_000_000_000, engine_id="$(POD_NAME)")
+    assert got == want
+    env = _env(vllm)
+    assert env["PYTHONPATH"] == "/opt/infermesh-ext" and env["PYTHONHASHSEED"] == "0"
+    assert any(e["name"] == "POD_NAME" for e in vllm["env"])
+    mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
+    assert mounts["kv-storage"] == "/kv-storage" and mounts["vllm-ext"] == "/opt/infermesh-ext"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["kv-storage"]["persistentVolumeClaim"] == {"claimName": "kv"}
+    (init,) = pod["initContainers"]
+    assert init["command"][:2] == ["python", "-c"] and "infermesh" in init["command"][2]
+    assert init["volumeMounts"] == [{"name": "vllm-ext", "mountPath": "/opt/infermesh-ext"}]
+    # The simulator: its config names the mount.
+    sim_pod = deps["infermesh-sim"]["spec"]["template"]["spec"]
+    (sim,) = [c for c in sim_pod["containers"] if c["name"] == "sim"]
+    assert {m["name"]: m["mountPath"] for m in sim["volumeMounts"]}["kv-storage"] == "/kv-storage"
+    (cm,) = [d for d in objects(docs, "ConfigMap") if d["metadata"]["name"] == "infermesh-sim"]
+    cfg = check_config("sim", cm["data"]["sim.yaml"])
+    assert cfg.storage_dir == "/kv-storage" and cfg.storage_capacity_bytes == 50_000_000_000
+
+
+@pytest.mark.parametrize(("values", "complaint"), [
+    ({"role": "prefill", "storage": {"enabled": True, "volume": {"emptyDir": {}}}},
+     "does not combine with role prefill/decode"),
+    ({"storage": {"enabled": True}}, "storage.volume"),
+])
+def test_the_storage_tier_refuses_what_cannot_work(values: dict[str, Any],
+                                                   complaint: str) -> None:
+    with pytest.raises(Exception, match=complaint):
+        render("engine", {"model": {"path": "m"}, **values})

@@ -41,13 +41,13 @@ def test_dd_rates(tmp_path) -> None:
 
 
 def test_tiered_preset_rounds_and_fleets() -> None:
-    from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, ensure_model_folder
+    from infermesh.libs.tinymodel import ensure_model_folder
     from infermesh.libs.tokenization import ModelTokenizer
     from infermesh.services.bench import fleets as F
     from infermesh.services.bench import runner
 
     preset = runner.PRESETS["tiered"]
-    tok = ModelTokenizer.from_folder(ensure_model_folder(DEFAULT_MODEL_NAME))
+    tok = ModelTokenizer.from_folder(ensure_model_folder())
     reqs = preset.workload(tok, 0)
     assert [r.id for r in reqs] == list(range(500))
     # Rounds: each group once in every 100 requests, so it returns after all the others.

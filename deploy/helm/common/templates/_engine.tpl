@@ -84,6 +84,10 @@ spec:
     spec:
       terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds | default 120 }}
       {{- include "im.affinity" $ctx | nindent 6 }}
+      {{- with .initContainers }}
+      initContainers:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       containers:
         - {{- toYaml .engine | nindent 10 }}
           {{- if ($v.drain).enabled }}
