@@ -15,6 +15,13 @@ Layout, chosen for the lookup path (one prompt walks up to thousands of keys):
   known yet waits (``orphans``) until it is;
 * every map is ``int → int``: CPython's garbage collector does not track such dicts, so an index
   of millions of blocks adds nothing to collection pauses (which would land on lookups);
+* blocks in storage the whole pool shares (tier ``SHARED_STORAGE``: any engine mounting the
+  directory can load them) are held by the pool, not by the pod whose engine wrote them: a
+  pseudo-pod per pool (``storage:<pool>``, a name no real pod can have) holds them, so they
+  outlive that pod, and a lookup credits every pod of the pool with the pool's run of blocks
+  past its own. Such blocks usually come without tokens (vLLM's placeholders): the writing
+  pod's engine-hash map keys them. Storage that never reports removals ages out by a TTL or a
+  per-pool block cap (:meth:`KVIndex.expire_storage`);
 * each held key's parent key is kept, and per pod the number of its keys whose parent it does not
   hold (its *holes*). A pod without holes holds whole chains from their first block (what vLLM's
   tail-first eviction leaves), so along a prompt's keys it holds a prefix and nothing after: the
@@ -25,6 +32,7 @@ Layout, chosen for the lookup path (one prompt walks up to thousands of keys):
 from __future__ import annotations
 
 import heapq
+import time
 from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
@@ -34,6 +42,7 @@ from typing import Any
 
 from infermesh.libs import kvblock
 from infermesh.proto.messages import (
+    TIER_SHARED,
     TIERS,
     AllBlocksCleared,
     AnyKVEvent,
@@ -44,6 +53,13 @@ from infermesh.proto.messages import (
 )
 
 _UNKNOWN = -1  # the parent of a key stored without one (an offload known by its engine hash)
+
+STORAGE_PREFIX = "storage:"  # pool storage pseudo-pods: ":" is never in a pod name
+
+
+def storage_holder(pool: str) -> str:
+    """The pseudo-pod holding ``pool``'s shared-storage blocks."""
+    return STORAGE_PREFIX + pool
 
 
 def _neg_bits(mask: int) -> int:
@@ -72,6 +88,9 @@ class IndexStats:
         self.pods_dropped = 0
         self.lookups = 0
         self.lookup_reads = 0  # keys read by lookups (bisection reads few of a long prompt's)
+        self.storage_stored = 0  # shared-storage blocks taken into a pool's holder
+        self.storage_removed = 0  # … removed by an engine's event
+        self.storage_expired = 0  # … aged out (TTL or the per-pool cap)
 
 
 class PodBlocks:
@@ -105,9 +124,17 @@ class KVIndex:
         *,
         retired_per_pod: int = 8192,
         orphans_per_pod: int = 8192,
+        storage_ttl_s: float = 0.0,
+        storage_max_blocks: int = 0,
         stats: IndexStats | None = None,
     ) -> None:
         self.max_blocks = max_blocks
+        # Pool storage that reports no removals (vLLM's own fs tier) ages out: 0 means never.
+        self.storage_ttl_s = storage_ttl_s
+        self.storage_max_blocks = storage_max_blocks
+        self.pool_of: dict[str, str] = {}  # pod → its pool (known from batches or heartbeats)
+        # pool → {engine hash: when stored or last reported}, oldest first
+        self._stamps: dict[str, OrderedDict[int, float]] = {}
         self.retired_per_pod = retired_per_pod
         self.orphans_per_pod = orphans_per_pod
         self.stats = stats if stats is not None else IndexStats()
@@ -140,6 +167,7 @@ class KVIndex:
     def drop_pod(self, name: str) -> bool:
         """Forget a pod and every block it holds; False if it was not known."""
         p = self.pods.pop(name, None)
+        self.pool_of.pop(name, None)
         if p is None:
             return False
         self._forget(p)
@@ -192,12 +220,23 @@ class KVIndex:
 
     # ------------------------------------------------------------------ events
 
-    def apply(self, name: str, model: str, events: Iterable[AnyKVEvent]) -> int:
+    def set_pool(self, name: str, pool: str) -> None:
+        """Record the pool of pod ``name`` (whose shared storage it can load from); the pod is
+        known from now on, blocks or not."""
+        if pool and self.pool_of.get(name) != pool:
+            self.pool_of[name] = pool
+            self.pod(name)
+
+    def apply(self, name: str, model: str, events: Iterable[AnyKVEvent],
+              pool: str | None = None) -> int:
         """Apply one pod's events in order; return how many blocks could not be keyed.
 
+        With ``pool``, blocks in shared storage go to the pool's holder instead of the pod.
         Raises ``OverflowError`` or ``ValueError`` on token ids that are not uint32s (a malformed
         event); the events before it stay applied.
         """
+        if pool:
+            self.set_pool(name, pool)
         p = self.pod(name)
         if model != p.model:
             if p.model:  # same engine hashes, other keys: nothing we knew holds any more
@@ -207,13 +246,25 @@ class KVIndex:
         seed = self.seed(model)
         stats = self.stats
         missing = 0
+        holder = self._holder(pool, model) if pool else None
         for ev in events:
             if isinstance(ev, BlockStored):
-                missing += self._stored(p, ev, seed)
+                if holder is not None and ev.tier == TIER_SHARED:
+                    missing += self._stored_shared(p, holder, pool, ev, seed)  # type: ignore[arg-type]
+                else:
+                    missing += self._stored(p, ev, seed)
             elif isinstance(ev, BlockRemoved):
                 tid = self.tier_id(ev.tier)
-                for h in ev.block_hashes:
-                    self._remove(p, h, tid)
+                if holder is not None and ev.tier == TIER_SHARED:
+                    stamps = self._stamps[pool]  # type: ignore[index]
+                    for h in ev.block_hashes:
+                        if h in holder.masks:
+                            stats.storage_removed += 1
+                        self._remove(holder, h, tid)
+                        stamps.pop(h, None)
+                else:
+                    for h in ev.block_hashes:
+                        self._remove(p, h, tid)
                 stats.blocks_removed += len(ev.block_hashes)
             elif isinstance(ev, AllBlocksCleared):
                 if ev.tier is None:
@@ -282,6 +333,108 @@ class KVIndex:
             if pk is not None and pk in self._held:
                 self._held.move_to_end(pk)
         return 0
+
+    # ------------------------------------------------------------------ pool storage
+
+    def _holder(self, pool: str, model: str) -> PodBlocks:
+        """The pool's storage pseudo-pod (created on first use)."""
+        h = self.pod(storage_holder(pool))
+        if model != h.model:
+            if h.model:  # the pool now serves another model: its stored keys mean nothing
+                self._forget(h)
+                h.retired.clear()
+                self._stamps.pop(pool, None)
+            h.model = model
+        self._stamps.setdefault(pool, OrderedDict())
+        return h
+
+    def _resolve(self, h: int, *maps: dict[int, int]) -> int | None:
+        for m in maps:
+            k = m.get(h)
+            if k is not None:
+                return k
+        return None
+
+    def _stored_shared(self, src: PodBlocks, holder: PodBlocks, pool: str, ev: BlockStored,
+                       seed: int) -> int:
+        """Blocks ``src``'s engine wrote to the pool's shared storage: keyed by their tokens
+        when the event has them, else through the writer's (or the pool's) engine-hash map."""
+        hashes = ev.block_hashes
+        n = len(hashes)
+        if not n:
+            return 0
+        self.stats.blocks_stored += n
+        tid = self.tier_id(TIER_SHARED)
+        bs = ev.block_size
+        toks = ev.token_ids
+        have = bs > 0 and len(toks) >= n * bs
+        maps = (holder.keys, src.keys, src.retired, holder.retired)
+        ph = ev.parent_hash
+        parent: int | None
+        if ph is None:
+            parent = seed if have else None
+        else:
+            parent = self._resolve(ph, *maps)
+        extras = ev.extra_keys
+        if extras is not None and len(extras) != n:
+            extras = None
+        lora = (ev.lora_name,) if ev.lora_name else None
+        found: list[tuple[int, int, int]] = []
+        missing = 0
+        for i, h in enumerate(hashes):
+            k = self._resolve(h, *maps)
+            if k is None and have and parent is not None:
+                extra = extras[i] if extras is not None else lora
+                k = kvblock.key(parent, toks[i * bs : (i + 1) * bs], extra)
+            if k is None:
+                missing += 1
+                parent = None
+                continue
+            found.append((h, k, _UNKNOWN if parent is None else parent))
+            parent = k
+        stamps = self._stamps[pool]
+        now = time.monotonic()
+        for h, k, pk in reversed(found):  # children first: parents end up fresher in LRU order
+            self._link(holder, h, k, tid, pk)
+            stamps[h] = now
+            stamps.move_to_end(h)
+        self.stats.storage_stored += len(found)
+        if self.storage_max_blocks:
+            self._expire(pool, lambda _t: len(stamps) > self.storage_max_blocks)
+        return missing
+
+    def _expire(self, pool: str, old: Any) -> None:
+        """Drop the pool's oldest storage blocks while ``old(stamp)`` holds."""
+        stamps = self._stamps.get(pool)
+        holder = self.pods.get(storage_holder(pool))
+        if not stamps or holder is None:
+            return
+        tid = self.tier_id(TIER_SHARED)
+        while stamps:
+            h, t = next(iter(stamps.items()))
+            if not old(t):
+                break
+            del stamps[h]
+            if h in holder.masks:
+                self._remove(holder, h, tid)
+                self.stats.storage_expired += 1
+
+    def expire_storage(self, now: float | None = None) -> None:
+        """Age out pool storage blocks stored (or last reported) over ``storage_ttl_s`` ago."""
+        if not self.storage_ttl_s:
+            return
+        cutoff = (time.monotonic() if now is None else now) - self.storage_ttl_s
+        for pool in list(self._stamps):
+            self._expire(pool, lambda t: t < cutoff)
+
+    def storage_pools(self) -> list[str]:
+        """Pools with a shared-storage holder."""
+        return list(self._stamps)
+
+    def storage_blocks(self, pool: str) -> int:
+        """Blocks the index holds for ``pool``'s shared storage."""
+        h = self.pods.get(storage_holder(pool))
+        return 0 if h is None else len(h.keys)
 
     def _link(self, p: PodBlocks, h: int, k: int, tid: int, parent: int = _UNKNOWN) -> None:
         """Store, then key whatever waited for this block as its parent."""
@@ -478,11 +631,16 @@ class KVIndex:
 
     # ------------------------------------------------------------------ snapshots
 
-    def replace(self, name: str, model: str, blocks: Iterable[SnapshotBlock]) -> int:
+    def replace(self, name: str, model: str, blocks: Iterable[SnapshotBlock],
+                pool: str | None = None) -> int:
         """Replace a pod's blocks by a snapshot's (parents first); return the blocks not keyed.
 
         The pod's previous map still resolves parents and tokenless blocks the snapshot names.
+        With ``pool``, blocks in shared storage are added to the pool's (which keeps what other
+        pods wrote): a snapshot replaces only what the pod itself holds.
         """
+        if pool:
+            self.set_pool(name, pool)
         p = self.pod(name)
         old = p.keys
         self._forget(p)
@@ -494,6 +652,9 @@ class KVIndex:
         cur = p.keys
         retired = p.retired
         missing = 0
+        holder = self._holder(pool, model) if pool else None
+        shared = self.tier_id(TIER_SHARED)
+        now = time.monotonic()
         for b in blocks:
             if not b.tiers:
                 continue
@@ -508,6 +669,8 @@ class KVIndex:
                     parent = old.get(ph)
                 if parent is None:
                     parent = retired.get(ph)
+                if parent is None and holder is not None:
+                    parent = holder.keys.get(ph)
             k = cur.get(h)
             if k is None:
                 k = old.get(h)
@@ -523,11 +686,21 @@ class KVIndex:
                 k = kvblock.key(parent, b.token_ids, extra)
             elif k is None:
                 k = retired.get(h)
+                if k is None and holder is not None:
+                    k = self._resolve(h, holder.keys, holder.retired)
                 if k is None:
                     missing += 1
                     continue
             for t in b.tiers:
-                self._link(p, h, k, self.tier_id(t), _UNKNOWN if parent is None else parent)
+                tid = self.tier_id(t)
+                pk = _UNKNOWN if parent is None else parent
+                if holder is not None and tid == shared:
+                    self._link(holder, h, k, tid, pk)
+                    stamps = self._stamps[pool]  # type: ignore[index]
+                    stamps[h] = now
+                    stamps.move_to_end(h)
+                else:
+                    self._link(p, h, k, tid, pk)
         self.stats.unkeyable += missing
         self._evict()
         return missing
@@ -652,12 +825,36 @@ class KVIndex:
             lo += 1
         self.stats.lookup_reads += reads
 
+    def _credit_storage(self, lengths: dict[int, int], tiers: dict[int, list[str]],
+                        pods: Sequence[str] | None) -> None:
+        """Extend each pod's match by its pool's shared-storage run past it (those blocks load
+        from storage), then drop the pools' own entries from the answer."""
+        gpu = self._tier_names[0]
+        for slot in [s for s in lengths if self._slots[s].name.startswith(STORAGE_PREFIX)]:
+            run = lengths.pop(slot)
+            tiers.pop(slot, None)
+            pool = self._slots[slot].name[len(STORAGE_PREFIX):]
+            names = pods if pods is not None else list(self.pool_of)
+            for name in names:
+                if self.pool_of.get(name) != pool:
+                    continue
+                q = self.pods.get(name)
+                if q is None:
+                    continue
+                own = lengths.get(q.slot, 0)
+                if run > own:
+                    row = tiers.get(q.slot) or [gpu] * own
+                    row.extend([TIER_SHARED] * (run - own))
+                    tiers[q.slot] = row
+                    lengths[q.slot] = run
+
     def lookup(self, keys: Sequence[int], pods: Sequence[str] | None = None) -> list[PodMatch]:
         """Each pod's longest run of held blocks from the prompt's start, with the best tiers.
 
         With ``pods``, exactly those pods are answered (0 blocks for those holding none, in the
         order asked); without, every pod holding the first block, longest match first. The walk
-        keeps the set of pods still matching as a bit mask and stops when it is empty.
+        keeps the set of pods still matching as a bit mask and stops when it is empty. A pod's
+        match includes its pool's shared storage (tier ``SHARED_STORAGE``) past its own blocks.
         """
         self.stats.lookups += 1
         if pods is not None:
@@ -666,6 +863,13 @@ class KVIndex:
                 p = self.pods.get(name)
                 if p is not None:
                     want |= p.bit
+            if self._stamps:  # the pools' shared storage counts for every pod of the pool
+                for name in pods:
+                    pool = self.pool_of.get(name)
+                    if pool is not None:
+                        hp = self.pods.get(STORAGE_PREFIX + pool)
+                        if hp is not None:
+                            want |= hp.bit
         else:
             want = -1  # every pod: narrowed to the first block's holders
         ends, marks = self._walk(keys, want)
@@ -692,6 +896,8 @@ class KVIndex:
                             row = tiers[slot] = [gpu] * lengths[slot]
                         row[i] = name
                         break
+        if self._stamps and lengths:
+            self._credit_storage(lengths, tiers, pods)
         if lengths and len(self._held) * 2 > self.max_blocks:
             # Matched keys are in use: keep them, parents freshest (touched last). Only once
             # the index is half full (touching a 100k-token prompt's keys costs more than the

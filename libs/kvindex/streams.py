@@ -121,7 +121,7 @@ class StreamTracker:
             return self._sync(s, "model", b)  # every key of the pod changes: start over
         s.model = model
         try:
-            missing = self.index.apply(s.pod, model, b.events)
+            missing = self.index.apply(s.pod, model, b.events, pool=s.pool or None)
         except (OverflowError, ValueError, TypeError):
             self.stats.bad_messages["kv"] += 1
             s.epoch, s.seq = b.epoch, b.seq
@@ -145,6 +145,7 @@ class StreamTracker:
         s.heard_since = liveness.since(s.last_heartbeat, s.heard_since, now, self.pod_late_s)
         s.last_heartbeat = now
         s.pool = st.pool
+        self.index.set_pool(st.pod, st.pool)
         if st.model and not s.model:
             s.model = st.model
         if s.syncing:
@@ -200,7 +201,8 @@ class StreamTracker:
             return True
         self.stats.snapshots_applied += 1
         s.model = model
-        missing = self.index.replace(pod, model, (b for p in parts for b in p.blocks))
+        missing = self.index.replace(pod, model, (b for p in parts for b in p.blocks),
+                                     pool=head.pool or s.pool or None)
         # Blocks of a snapshot that cannot be keyed have lost their parent in the engine too:
         # asking again would not help. They are kept aside until their parent is stored.
         del missing
@@ -238,4 +240,5 @@ class StreamTracker:
             del self.streams[p]
             self.index.drop_pod(p)
             self.stats.pods_dropped += 1
+        self.index.expire_storage(now)
         return gone

@@ -46,6 +46,15 @@ class IndexerConfig(BusKnobs):
     orphans_per_pod: int = knob(
         8192, "Blocks per pod kept while their parent is unknown, keyed once the parent arrives"
     )
+    storage_ttl_s: float = knob(
+        0.0,
+        "Forget a pool's shared-storage block this long after it was stored (0: keep until an "
+        "engine reports its removal). Set it for storage whose engines never report removals "
+        "(vLLM's own fs tier); infermesh's tier reports its evictions",
+    )
+    storage_max_blocks: int = knob(
+        0, "Shared-storage blocks kept per pool, oldest forgotten first (0: no cap)"
+    )
     http_host: str = knob("127.0.0.1", "Address of the indexer's /health and /metrics")
     http_port: int = knob(0, "Port of /health and /metrics (0: a free port, -1: none)")
 
@@ -61,5 +70,7 @@ class IndexerConfig(BusKnobs):
             raise ValueError("snapshot_part_blocks and max_buffered_batches must be positive")
         if self.snapshot_backoff_s <= 0 or self.snapshot_backoff_max_s < self.snapshot_backoff_s:
             raise ValueError("need 0 < snapshot_backoff_s <= snapshot_backoff_max_s")
+        if self.storage_ttl_s < 0 or self.storage_max_blocks < 0:
+            raise ValueError("storage_ttl_s and storage_max_blocks must be >= 0")
         if self.retired_per_pod < 0 or self.orphans_per_pod < 0:
             raise ValueError("retired_per_pod and orphans_per_pod must be >= 0")

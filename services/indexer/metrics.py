@@ -81,6 +81,21 @@ class _StatsCollector(Collector):
         yield counter("infermesh_indexer_lookup_reads",
                       "Block keys read by lookups (few per pod whose chains have no holes)",
                       st.lookup_reads)
+        storage = CounterMetricFamily(
+            "infermesh_indexer_storage_blocks",
+            "Shared-storage blocks taken into a pool's holder (stored), removed by an engine's "
+            "event (removed) or aged out by storage_ttl_s / storage_max_blocks (expired)",
+            labels=["outcome"])
+        storage.add_metric(["stored"], st.storage_stored)
+        storage.add_metric(["removed"], st.storage_removed)
+        storage.add_metric(["expired"], st.storage_expired)
+        yield storage
+        held = GaugeMetricFamily("infermesh_indexer_pool_storage_blocks",
+                                 "Shared-storage blocks the index holds per pool",
+                                 labels=["pool"])
+        for pool in idx.storage_pools():
+            held.add_metric([pool], idx.storage_blocks(pool))
+        yield held
         yield gauge("infermesh_indexer_pods", "Pods known", len(t.streams))
         yield gauge("infermesh_indexer_pods_syncing", "Pods waiting for a snapshot",
                     sum(1 for s in t.streams.values() if s.syncing))

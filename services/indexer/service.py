@@ -36,6 +36,8 @@ class IndexerService:
             cfg.max_blocks,
             retired_per_pod=cfg.retired_per_pod,
             orphans_per_pod=cfg.orphans_per_pod,
+            storage_ttl_s=cfg.storage_ttl_s,
+            storage_max_blocks=cfg.storage_max_blocks,
         )
         self.tracker = StreamTracker(
             self.index,

@@ -91,7 +91,7 @@ def test_names_default_to_types_weights_to_one_and_pickers_to_max_score(handle):
     scorer, weight = prof.scorers[0]
     assert isinstance(scorer, PrecisePrefixCacheScorer) and weight == 2.5
     assert scorer.timeout_s == 0.2 and scorer.tier_weights == {
-        "GPU": 1.0, "CPU": 0.5, "SHARED_STORAGE": 0.5}
+        "GPU": 1.0, "CPU": 0.5, "LOCAL_STORAGE": 0.6, "SHARED_STORAGE": 0.5}
     assert prof.scorers[1][1] == 1.0
     assert isinstance(prof.picker, MaxScorePicker)
 
