@@ -60,6 +60,10 @@ class Fleet:
     prefill: int = 0
     decode: int = 0
     profile: str | None = None
+    # More simulator arguments for this row's engines (the `tiered` preset: a CPU tier), and
+    # whether they share a storage tier (a fresh directory in the row's state folder).
+    engine_args: str = ""
+    storage: bool = False
 
     def __post_init__(self) -> None:
         if (self.prefill or self.decode) and self.engines != self.prefill + self.decode:
@@ -91,11 +95,15 @@ def hold_s(startup_delay_s: float) -> float:
 
 
 def fleet_spec(base: SystemSpec, fleet: Fleet, time_scale: float,
-               startup_delay_s: float) -> SystemSpec:
-    """The system of one row: the preset's, with this row's engines, the simulator's start-up
-    delay and, when autoscaled, the autoscaler and an ingress that holds requests at zero."""
+               startup_delay_s: float, storage_dir: str = "<state>/kv-storage") -> SystemSpec:
+    """The system of one row: the preset's, with this row's engines, engine arguments (and
+    shared storage in ``storage_dir``), the simulator's start-up delay and, when autoscaled, the
+    autoscaler and an ingress that holds requests at zero."""
     settings = {k: dict(v) for k, v in base.settings.items()}
     settings.setdefault("sim", {})["startup_delay_s"] = startup_delay_s
+    args = " ".join(a for a in (base.engine_args, fleet.engine_args,
+                                f"--storage-dir {storage_dir}" if fleet.storage else "") if a)
+    base = dataclasses.replace(base, engine_args=args)
     if fleet.autoscaler is None:
         return dataclasses.replace(base, engines=fleet.engines, autoscale=False,
                                    prefill=fleet.prefill, decode=fleet.decode,
@@ -350,6 +358,19 @@ PD_TABLE_COLUMNS: tuple[tuple[str, str, str, float, bool], ...] = (
     ("ITL p50 ms", "itl_p50_s", ".1f", 1000.0, True),
     ("ITL p99 ms", "itl_p99_s", ".1f", 1000.0, True),
     ("out tok/s", "output_tok_s", ".0f", 1.0, True),
+    ("failed", "errors", "d", 1.0, True),
+)
+
+TIERED_TABLE_COLUMNS: tuple[tuple[str, str, str, float, bool], ...] = (
+    ("TTFT p50 s", "ttft_p50_s", ".3f", 1.0, True),
+    ("TTFT p90 s", "ttft_p90_s", ".3f", 1.0, True),
+    ("out tok/s", "output_tok_s", ".0f", 1.0, True),
+    ("hit GPU", "hit_gpu", ".2f", 1.0, False),
+    ("hit CPU", "hit_cpu", ".2f", 1.0, False),
+    ("hit storage", "hit_storage", ".2f", 1.0, False),
+    ("hit all", "hit_total", ".2f", 1.0, True),
+    ("store wr MB/s", "storage_write_MBps", ".0f", 1.0, False),
+    ("store rd MB/s", "storage_read_MBps", ".0f", 1.0, False),
     ("failed", "errors", "d", 1.0, True),
 )
 

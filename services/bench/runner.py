@@ -32,6 +32,8 @@ import dataclasses
 import json
 import math
 import os
+import random
+import shutil
 import signal
 import sys
 import threading
@@ -56,6 +58,7 @@ from . import fleets as F
 from . import metrics as M
 from . import peers as P
 from . import repeats as R
+from . import storage as S
 from . import workload as W
 from .client import send
 from .cpu import CpuMeter, self_cpu_s
@@ -107,6 +110,25 @@ def _pd_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
     long = W.low_sharing(tok, num_prompts=60, prompt_len=6000, output_len=128, seed=seed)
     short = W.low_sharing(tok, num_prompts=60, prompt_len=300, output_len=128, seed=seed + 1)
     out = [r for pair in zip(long, short, strict=True) for r in pair]
+    return [dataclasses.replace(r, id=i) for i, r in enumerate(out)]
+
+
+def _tiered_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
+    # llm-d's tiered-caching guide (250 groups x 5 users, long system prompts) scaled to this
+    # machine: 100 groups x 5, 2,000-token system prompts + 200-token questions. Requests come
+    # in rounds (every group's first prompt, in random order, then every group's second, …),
+    # so a group returns only after the 99 others: its prefix has left the GPU by then.
+    reqs = W.shared_prefix(tok, num_groups=100, prompts_per_group=5, system_prompt_len=2000,
+                           question_len=200, output_len=16, seed=seed)
+    by_group: dict[int, list[W.BenchRequest]] = {}
+    for r in reqs:
+        by_group.setdefault(r.group if r.group is not None else -1, []).append(r)
+    rng = random.Random(f"tiered:{seed}")
+    out: list[W.BenchRequest] = []
+    for k in range(max(len(v) for v in by_group.values())):
+        groups = sorted(g for g, v in by_group.items() if len(v) > k)
+        rng.shuffle(groups)
+        out += [by_group[g][k] for g in groups]
     return [dataclasses.replace(r, id=i) for i, r in enumerate(out)]
 
 
@@ -205,6 +227,28 @@ PRESETS: dict[str, Preset] = {
                 F.Fleet("disaggregated", 4, prefill=2, decode=2, profile="pd-always"),
                 F.Fleet("prefix-aware", 4, prefill=2, decode=2, profile="default")],
         table=F.PD_TABLE_COLUMNS,
+    ),
+    "tiered": Preset(
+        name="tiered",
+        description=("KV tiers on 4 engines: 100 groups x 5 prompts (2,000-token system "
+                     "prompts + 200) in rounds, a working set ~3x the fleet's GPU KV, 8 QPS; "
+                     "GPU-only caching, + a CPU tier, + a shared storage tier, each routed by "
+                     "the default (precise) profile"),
+        workload=_tiered_workload,
+        stages=[W.Stage(8, 63)],
+        # GPU: 1,000 blocks of 16 tokens an engine (4,000 in all; the working set is 100 x 138
+        # blocks ≈ 13,800). CPU tier: 1,500 blocks an engine. Storage: one shared directory,
+        # unbounded, at the simulator's modelled bandwidths (5 GB/s read, 1.5 GB/s write an
+        # engine). Prefill 12k tokens/s: a 2,200-token miss costs 0.18 s, loading its 2,000
+        # cached tokens (256 MB of KV at 128 KiB a token) from storage 0.05 s, from CPU 0.005 s.
+        system=SystemSpec(engines=4, num_gpu_blocks=1000, time_scale=1.0,
+                          engine_args="--prefill-tokens-per-s 12000"),
+        profiles=["default"],
+        fleets=[F.Fleet("gpu-only", 4),
+                F.Fleet("gpu+cpu", 4, engine_args="--num-cpu-blocks 1500"),
+                F.Fleet("gpu+cpu+storage", 4, engine_args="--num-cpu-blocks 1500",
+                        storage=True)],
+        table=F.TIERED_TABLE_COLUMNS,
     ),
 }
 
@@ -414,7 +458,8 @@ def run_fleet(spec: SystemSpec, fleet: F.Fleet, work: Workload, state_dir: Path,
     zero. Besides the usual summary: engine-seconds, replicas over time and the requests that
     arrived while no replica was ready."""
     t0 = time.monotonic()
-    fspec = F.fleet_spec(spec, fleet, work.time_scale, startup_delay_s)
+    storage = state_dir / "kv-storage"
+    fspec = F.fleet_spec(spec, fleet, work.time_scale, startup_delay_s, str(storage))
     system = local_system(fspec, state_dir).start()
     try:
         actuator = system.actuator
@@ -425,9 +470,16 @@ def run_fleet(spec: SystemSpec, fleet: F.Fleet, work: Workload, state_dir: Path,
             used = F.engine_seconds(intervals, m0, m0 + duration)
         else:
             used = fleet.engines * duration
+        # Cache hits per tier and the storage tier's traffic, from the engines' own metrics.
+        tiers = S.summarize_tiers(S.tier_stats(
+            [f"http://{system.plan.spec.host}:{p}" for p in system.plan.layout.engine_http]))
+        if fleet.storage:
+            tiers["storage_files_MB"] = sum(
+                f.stat().st_size for f in storage.rglob("*.kv")) / 1e6
     finally:
         system.stop()
         system.remove_secrets()
+        shutil.rmtree(storage, ignore_errors=True)  # tens of thousands of small files
     scale = work.time_scale
     summary = _summarize(results, duration, work, {}, list(system.plan.pods))
     summary.update({
@@ -439,6 +491,7 @@ def run_fleet(spec: SystemSpec, fleet: F.Fleet, work: Workload, state_dir: Path,
         "ready_max": max((x.ready for x in samples), default=None),
         "replicas": F.sparkline(samples, duration, fleet.max_engines or 1),
         **F.zero_stats(results, samples, scale),
+        **tiers,
     })
     return RowRun(summary=summary, per_rate=M.by_offered_rate(results, scale), results=results,
                   wall_s=time.monotonic() - t0, replicas=F.series(samples, scale))
@@ -537,6 +590,14 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
     if not rows:
         raise ValueError("nothing to run: no profile and no peer policy")
     out.mkdir(parents=True, exist_ok=True)
+    disk: dict[str, Any] | None = None
+    if any(f.storage for f in preset.fleets):
+        # The disk under the storage tier, for its bandwidth to be read against.
+        disk = S.dd_rates(out)
+        print(f"[bench] disk (dd, {disk['dd_MB']:.0f} MB): write "
+              f"{_fmt(disk.get('dd_write_MBps'), '.0f')} MB/s, read "
+              f"{_fmt(disk.get('dd_read_MBps'), '.0f')} MB/s"
+              f"{' (page cache)' if disk.get('dd_read_cached') else ''}", flush=True)
     work = build_workload(preset, seed, scale, model)
     started = time.monotonic()
     runs: list[dict[str, RowRun]] = []
@@ -592,6 +653,7 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
                             "system": dataclasses.asdict(F.fleet_spec(spec, f, scale, delay))}
                    for f in preset.fleets},
         "baseline": baseline.name if baseline is not None else None,
+        "disk": disk,
         "rows": names,
         "kinds": {row.name: row.kind for row in rows},
         # Every row (profiles and peer policies): the median over the repeats.

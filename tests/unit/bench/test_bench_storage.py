@@ -38,3 +38,27 @@ def test_dd_rates(tmp_path) -> None:
     r = dd_rates(tmp_path, size_mb=4)
     assert r["dd_write_MBps"] > 0 and r["dd_read_MBps"] > 0
     assert not (tmp_path / ".dd-probe").exists()
+
+
+def test_tiered_preset_rounds_and_fleets() -> None:
+    from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, ensure_model_folder
+    from infermesh.libs.tokenization import ModelTokenizer
+    from infermesh.services.bench import fleets as F
+    from infermesh.services.bench import runner
+
+    preset = runner.PRESETS["tiered"]
+    tok = ModelTokenizer.from_folder(ensure_model_folder(DEFAULT_MODEL_NAME))
+    reqs = preset.workload(tok, 0)
+    assert [r.id for r in reqs] == list(range(500))
+    # Rounds: each group once in every 100 requests, so it returns after all the others.
+    for k in range(5):
+        assert sorted(r.group for r in reqs[k * 100 : (k + 1) * 100]) == list(range(100))
+    # The working set is several times the fleet's GPU KV.
+    blocks = len({(r.group) for r in reqs}) * (2000 // 16)
+    spec = preset.system
+    assert blocks > 3 * spec.engines * spec.num_gpu_blocks
+    rows = {f.name: F.fleet_spec(spec, f, 1.0, 0.0, "/s") for f in preset.fleets}
+    assert "--storage-dir" not in rows["gpu+cpu"].engine_args
+    assert rows["gpu+cpu"].engine_args.endswith("--num-cpu-blocks 1500")
+    assert rows["gpu+cpu+storage"].engine_args.endswith("--storage-dir /s")
+    assert rows["gpu-only"].engine_args == spec.engine_args
