@@ -10,6 +10,8 @@ Latency model (seconds of modelled GPU time, multiplied by ``time_scale`` for th
 * prefill = uncached tokens / prefill_tokens_per_s + cached tokens × cached_token_cost_s
   + CPU-tier blocks × block bytes / cpu_load_bytes_per_s. Prefills run one at a time (FIFO),
   so a burst of long prompts queues up and TTFT grows under load, as on a real GPU;
+* a storage-tier hit adds its read (blocks × block bytes / storage_read_bytes_per_s, one read
+  at a time per engine) before the request's prefill, without holding the GPU's queue;
 * the first token is ready after request_overhead_s and the prefill;
 * inter-token latency = itl_s + itl_per_seq_s × running, slower by prefill_itl_penalty while a
   prefill is in progress (decode steps share the GPU with prefill chunks).
@@ -142,6 +144,7 @@ class SimEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._prefill_free_at = 0.0
+        self._storage_free_at = 0.0  # when the modelled link to the storage tier is free
         self._scale = cfg.time_scale
         self._lora_state: tuple[list[str], list[str]] | None = None
         # prefill/decode disaggregation: who this engine is to its peers, the blocks it
@@ -339,17 +342,23 @@ class SimEngine:
                 + req.cached_tokens * cfg.cached_token_cost_s
                 # storage blocks are promoted through the CPU tier, then copied like its own
                 + (loaded + req.storage_tokens) * cfg.kv_bytes_per_token / cfg.cpu_load_bytes_per_s
-                + disk_s
             )
             ready = now + cfg.request_overhead_s * self._scale
             start = max(ready, self._prefill_free_at)
             done = start + compute * self._scale
             self._prefill_free_at = done
+            if disk_s:
+                # The read runs on the storage link, not the GPU (vLLM schedules other
+                # requests while one waits for its KV): the GPU's queue keeps only this
+                # request's compute, and its first token waits for the read as well.
+                load_done = max(ready, self._storage_free_at) + disk_s * self._scale
+                self._storage_free_at = load_done
+                done = max(done, load_done + compute * self._scale)
             if self.storage is not None:
                 self._store_computed(req, alloc, gpu_hit, gpu_hit + cpu_hit + disk_blocks, done)
             req.scheduled_at = now
             req.next_at = done
-            req.modelled_ttft = cfg.request_overhead_s + compute  # without queueing
+            req.modelled_ttft = cfg.request_overhead_s + compute + disk_s  # without queueing
             self.running.append(req)
 
     # ------------------------------------------------------------------ the storage tier
