@@ -104,9 +104,8 @@ class SimConfig:
         "files are removed (BlockRemoved, medium STORAGE) (0: unbounded)"
     )
     storage_read_bytes_per_s: float = knob(
-        5.0e9, "Modelled read bandwidth of the storage tier per engine (a shared-filesystem "
-        "client's 40 GiB/s over one 400 Gb/s NIC, shared by 8 GPUs: DeepSeek 3FS's KVCache "
-        "reads)"
+        5.0e9, "Modelled read bandwidth of the storage tier per engine (DeepSeek's 3FS: 40+ "
+        "GiB/s peak KVCache reads per client node, shared by its 8 GPUs)"
     )
     storage_write_bytes_per_s: float = knob(
         1.5e9, "Modelled write bandwidth of the storage tier per engine (CephFS sustains "
