@@ -2,10 +2,11 @@
 blocks to the directory and announces them on ZMQ as vLLM does (medium STORAGE, placeholders);
 engine B, another process on the same directory with a cold GPU, answers the same prompt from
 disk; capacity eviction announces removals; bad files are misses; concurrent writers leave good
-files."""
+files; the pool's storage in the index credits every pod."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import random
 from pathlib import Path
@@ -15,13 +16,30 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
+from infermesh.libs import kvblock
+from infermesh.libs.bus import connect, request
 from infermesh.libs.kvstore import BlockStore
-from infermesh.proto.messages import TIER_SHARED, BlockRemoved, BlockStored
+from infermesh.libs.process.ports import free_port
+from infermesh.proto.messages import (
+    TIER_SHARED,
+    BlockRemoved,
+    BlockStored,
+    LookupReply,
+    LookupRequest,
+)
 from infermesh.proto.vllm_kv import VllmEventDecoder
 from infermesh.services.sim.block_hash import BlockHasher, to_wire
 
 from . import vllm_reference as ref
-from .helpers import SIM_BLOCK_SIZE, complete_ids, random_prompt, sim_cache, wait_until, zmq_replay
+from .helpers import (
+    SIM_BLOCK_SIZE,
+    complete_ids,
+    random_prompt,
+    sim_cache,
+    wait_healthy,
+    wait_until,
+    zmq_replay,
+)
 
 BS = SIM_BLOCK_SIZE
 
@@ -113,9 +131,13 @@ async def test_capacity_eviction_announces_removals(procs, tmp_path: Path) -> No
     a = _sim(procs, storage, "--storage-capacity-bytes", str(12 * per_file))
     rng = random.Random(8)
     async with aiohttp.ClientSession() as http:
-        for _ in range(4):  # 4 × 6 blocks into room for 12
+        for k in range(1, 5):  # 4 × 6 blocks into room for 12
             await complete_ids(http, a["http"], random_prompt(rng, 6 * BS + 1))
-        await wait_until(lambda: _writes(http, a["http"], 24), what="24 writes")
+            await wait_until(lambda k=k: _writes(http, a["http"], 6 * k), what="the writes")
+            # file times tick coarsely: the next prompt's files must be strictly newer
+            newest = max(f.stat().st_mtime_ns for f in _block_files(storage))
+            await wait_until(lambda n=newest: _fs_now_ns(tmp_path) > n, what="a clock tick",
+                             interval=0.001)
         left = set(await _storage_files(http, a["http"]))
     assert len(left) <= 12 and len(_block_files(storage)) == len(left)
     decoder = VllmEventDecoder()
@@ -128,9 +150,16 @@ async def test_capacity_eviction_announces_removals(procs, tmp_path: Path) -> No
             elif isinstance(e, BlockRemoved) and e.tier == TIER_SHARED:
                 removed += e.block_hashes
     assert len(stored) == 24
-    assert removed and set(removed) == set(stored) - left
-    # least recently used first: the first prompt's blocks went before the last one's
-    assert set(stored[:6]) <= set(removed) and not set(stored[-6:]) & set(removed)
+    # least recently used first: past 12 files, down to 10, three at a time; the first two
+    # prompts' blocks went, the last two's stay
+    assert sorted(removed) == sorted(stored[:12]) and left == set(stored[12:])
+
+
+def _fs_now_ns(where: Path) -> int:
+    """The filesystem's clock: the time it stamps on a file written now."""
+    probe = where / "clock-probe"
+    probe.write_bytes(b"")
+    return probe.stat().st_mtime_ns
 
 
 async def _writes(http: aiohttp.ClientSession, base: str, n: int) -> bool:
@@ -182,8 +211,6 @@ async def test_two_engines_writing_the_same_blocks(procs, tmp_path: Path) -> Non
     rng = random.Random(10)
     prompts = [random_prompt(rng, 16 * BS + 1) for _ in range(4)]
     async with aiohttp.ClientSession() as http:
-        import asyncio
-
         await asyncio.gather(*(complete_ids(http, e["http"], p)
                                for p in prompts for e in (a, b)))
         await wait_until(lambda: _count(http, a["http"], 64), what="64 files")
@@ -218,3 +245,57 @@ def test_processes_racing_on_one_block_leave_one_good_file(tmp_path: Path) -> No
     assert sorted(store.keys()) == sorted(keys)
     assert all(store.get(k) == k * 1000 for k in keys)
     assert store.stats.corrupt == 0 and not list(tmp_path.rglob(".tmp-*"))
+
+
+async def test_storage_blocks_count_for_every_pod_of_the_pool(nats_server, procs,
+                                                             tmp_path: Path) -> None:
+    """Through agents and the indexer: A's stored prefix is credited to B (cold) as
+    SHARED_STORAGE, still after A is gone, and B then serves it from disk."""
+    storage = tmp_path / "kv"
+    url = nats_server.url
+    port = free_port()
+    idx = procs.service("indexer", "--nats-url", url, "--http-port", str(port),
+                        "--pod-timeout-s", "3", name="indexer")
+    sim_a, info_a = procs.sim("--time-scale", "0", "--storage-dir", str(storage))
+    _, info_b = procs.sim("--time-scale", "0", "--storage-dir", str(storage))
+    a, b = info_a["engines"][0], info_b["engines"][0]
+    agent_a = procs.agent(url, a, "sim-a")
+    procs.agent(url, b, "sim-b")
+    model = info_a["model"]
+    rng = random.Random(11)
+    prompt = random_prompt(rng, 12 * BS + 3)
+    keys = kvblock.prompt_keys(model, prompt, BS)
+    nc = await connect(url, "test")
+
+    async def matches() -> dict[str, tuple[int, list[str]]]:
+        reply = await request(nc, "im.index.lookup",
+                              LookupRequest(model=model, block_keys=keys,
+                                            pods=["sim-a", "sim-b"]), LookupReply, timeout=5)
+        return {m.pod: (m.blocks, m.tiers) for m in reply.matches}
+
+    async def b_credited() -> bool:
+        got = (await matches()).get("sim-b", (0, []))
+        return got[0] == 12 and set(got[1]) == {"SHARED_STORAGE"}
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_healthy(http, idx, port, "indexer")
+            await complete_ids(http, a["http"], prompt, model=model)
+            await wait_until(b_credited, what="B credited with A's stored blocks")
+            assert (await matches())["sim-a"][0] == 12  # A: its own GPU blocks
+            # A goes away (engine and agent): the pool's storage outlives it
+            agent_a.stop()
+            sim_a.stop()
+            await wait_until(lambda: _gone(nc, model, keys, "sim-a"),
+                             what="sim-a dropped from the index")
+            assert await b_credited()
+            got = await complete_ids(http, b["http"], prompt, model=model)
+            assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == 12 * BS
+    finally:
+        await nc.close()
+
+
+async def _gone(nc: Any, model: str, keys: list[int], pod: str) -> bool:
+    reply = await request(nc, "im.index.lookup", LookupRequest(model=model, block_keys=keys),
+                          LookupReply, timeout=5)
+    return all(m.pod != pod for m in reply.matches)
