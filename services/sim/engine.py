@@ -355,7 +355,7 @@ class SimEngine:
                 self._storage_free_at = load_done
                 done = max(done, load_done + compute * self._scale)
             if self.storage is not None:
-                self._store_computed(req, alloc, gpu_hit, gpu_hit + cpu_hit + disk_blocks, done)
+                self._store_computed(req, alloc, gpu_hit + cpu_hit + disk_blocks, done)
             req.scheduled_at = now
             req.next_at = done
             req.modelled_ttft = cfg.request_overhead_s + compute + disk_s  # without queueing
@@ -425,16 +425,18 @@ class SimEngine:
         self.metrics.on_tier_lookup(STORAGE_TIER_LABEL, hits + missed, hits)
         return hits
 
-    def _store_computed(self, req: SimRequest, alloc: Allocation, gpu_hit: int, loaded: int,
+    def _store_computed(self, req: SimRequest, alloc: Allocation, loaded: int,
                         done: float) -> None:
-        """Queue the prompt blocks this request computes (not those it loaded) for the
-        storage tier, to be written once its prefill is done at ``done``."""
+        """Queue the prompt blocks this request computes (not the ``loaded`` first ones it
+        hit or loaded) for the storage tier, to be written once its prefill is done at
+        ``done``."""
         assert self.storage is not None
         skip = set(req.hashes[:loaded])
         blocks = [self._to_store(h, req) for h in alloc.held if h not in skip]
         self.storage.store([b for b in blocks if b is not None], done)
 
     def _to_store(self, h: bytes, req: SimRequest) -> BlockToStore | None:
+        """The cached block ``h`` as a store job carries it (None if it is gone)."""
         blk = self.cache.blocks.get(h)
         if blk is None:
             return None
