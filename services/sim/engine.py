@@ -320,10 +320,12 @@ class SimEngine:
             if self.storage is not None:
                 disk_blocks = self._storage_hits(req, gpu_hit, cpu_hit)
                 req.storage_tokens = disk_blocks * bs
+            req.cached_tokens = cached + loaded + req.storage_tokens
+            if cfg.num_cpu_blocks or self.storage is not None:
+                # vLLM's offloading connector: GPU hits are local, the tiers' are external
                 self.metrics.on_offload_query(n, cached, host_tokens=loaded,
                                               disk_tokens=req.storage_tokens)
-            req.cached_tokens = cached + loaded + req.storage_tokens
-            if self.storage is None:
+            else:
                 self.metrics.on_prefix_query(n, req.cached_tokens)
             if cfg.kv_connector:
                 # vLLM asks the connector about every token past the local hit.
