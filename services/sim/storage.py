@@ -187,6 +187,7 @@ class StorageTier:
                 await asyncio.sleep(done - now)
             self._jobs.popleft()
             self._queued_blocks -= len(job.blocks)
+            errors = self.files.stats.write_errors
             try:
                 wrote, evicted = await loop.run_in_executor(self._writer, self._put_all,
                                                             job.blocks)
@@ -194,6 +195,9 @@ class StorageTier:
                 log.exception("storage_store_failed")
                 self.metrics.on_storage_cascade_failed(STORAGE_TIER_LABEL)
                 continue
+            if self.files.stats.write_errors > errors:  # a full disk, a vanished mount, ...
+                log.warning("storage_write_failed", errors=self.files.stats.errors[-1:])
+                self.metrics.on_storage_cascade_failed(STORAGE_TIER_LABEL)
             self.metrics.on_storage_write(STORAGE_TIER_LABEL, len(job.blocks) * self.block_bytes,
                                           write_s)
             self._report(wrote, evicted)

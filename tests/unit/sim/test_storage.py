@@ -263,3 +263,19 @@ async def _wait(req: SimRequest) -> None:
         _, reason = await asyncio.wait_for(req.out.get(), 20)
         if reason is not None:
             return
+
+
+async def test_a_failing_disk_counts_failed_stores_and_the_engine_serves_on(make: Make) -> None:
+    e = make()
+    assert e.storage is not None
+    prompt = tokens(3 * BS + 1)
+    first_block = e.prompt_hashes(request(prompt))[0]
+    # a file where the block's shard directory goes: its write fails, as on a broken mount
+    e.storage.files.path(first_block).parent.write_bytes(b"not a directory")
+    await run(e, request(prompt))
+    await until(lambda: sample(e, "vllm:kv_offload_tiering_cascade_job_failures_total",
+                               tier="1:fs") == 1)
+    assert e.storage.files.stats.write_errors == 1
+    again = request(prompt)
+    await run(e, again)  # still serving, from its GPU
+    assert again.cached_tokens == 3 * BS
