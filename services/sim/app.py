@@ -313,6 +313,7 @@ class EngineApp:
             "waiting": len(self.engine.waiting),
             "leased": len(self.engine.leases),
             "fetching": len(self.engine.fetching),
+            **({"storage": self.engine.storage.describe()} if self.engine.storage else {}),
         }
         return web.json_response(body)
 

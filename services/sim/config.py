@@ -94,6 +94,39 @@ class SimConfig:
         5.0, "Wall-clock limit of one KV pull from the prefill engine before it counts as "
         "a failed transfer"
     )
+    storage_dir: str = knob(
+        "", "Shared directory of the storage KV tier, mounted by every engine of the pool "
+        "(empty: no storage tier). Computed blocks are written there and any engine loads "
+        "a prefix from it that its GPU and CPU tiers miss (vLLM's tiering offload, fs tier)"
+    )
+    storage_capacity_bytes: int = knob(
+        0, "Bytes of block files the storage tier keeps; past it the least recently used "
+        "files are removed (BlockRemoved, medium STORAGE) (0: unbounded)"
+    )
+    storage_read_bytes_per_s: float = knob(
+        5.0e9, "Modelled read bandwidth of the storage tier per engine (DeepSeek's 3FS: 40+ "
+        "GiB/s peak KVCache reads per client node, shared by its 8 GPUs)"
+    )
+    storage_write_bytes_per_s: float = knob(
+        1.5e9, "Modelled write bandwidth of the storage tier per engine (CephFS sustains "
+        "~1.5 GB/s: vLLM's back-pressure defaults for a REMOTE tier)"
+    )
+    storage_max_write_backlog_s: float = knob(
+        2.0, "Modelled seconds of writes an engine queues for the storage tier; a store "
+        "that would queue more is dropped (vLLM's back-pressure)"
+    )
+    storage_file_bytes: int = knob(
+        4096, "Real payload bytes per block file (the modelled size is block_size × "
+        "kv_bytes_per_token; the file only proves which block it holds)"
+    )
+    storage_self_describing_events: bool = knob(
+        False, "Storage BlockStored events carry the block's tokens, parent and size "
+        "(vLLM's self_describing_kv_events); off: placeholders (the hash alone), vLLM's default"
+    )
+    storage_locality: Literal["REMOTE", "LOCAL", ""] = knob(
+        "REMOTE", "locality of storage events: REMOTE (a shared filesystem, every engine of "
+        "the pool can load it), LOCAL (this node's disk) or empty (unspecified)"
+    )
     sglang_info: bool = knob(
         True, "Also serve SGLang's /get_server_info, /model_info and /get_model_info, which "
         "peer routers probe (off: 404, as vLLM)"
@@ -118,6 +151,14 @@ class SimConfig:
             raise ValueError("kv_transfer_bytes_per_s must be positive")
         if self.kv_lease_s <= 0 or self.kv_transfer_timeout_s <= 0:
             raise ValueError("kv_lease_s and kv_transfer_timeout_s must be positive")
+        if self.storage_capacity_bytes < 0:
+            raise ValueError("storage_capacity_bytes must be >= 0")
+        if min(self.storage_read_bytes_per_s, self.storage_write_bytes_per_s) <= 0:
+            raise ValueError("storage_read_bytes_per_s and storage_write_bytes_per_s must be "
+                             "positive")
+        if self.storage_file_bytes < 1 or self.storage_max_write_backlog_s < 0:
+            raise ValueError("storage_file_bytes must be positive, "
+                             "storage_max_write_backlog_s >= 0")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         for code in self.failure_codes:

@@ -10,9 +10,17 @@ Latency model (seconds of modelled GPU time, multiplied by ``time_scale`` for th
 * prefill = uncached tokens / prefill_tokens_per_s + cached tokens × cached_token_cost_s
   + CPU-tier blocks × block bytes / cpu_load_bytes_per_s. Prefills run one at a time (FIFO),
   so a burst of long prompts queues up and TTFT grows under load, as on a real GPU;
+* a storage-tier hit adds its read (blocks × block bytes / storage_read_bytes_per_s, one read
+  at a time per engine) before the request's prefill, without holding the GPU's queue;
 * the first token is ready after request_overhead_s and the prefill;
 * inter-token latency = itl_s + itl_per_seq_s × running, slower by prefill_itl_penalty while a
   prefill is in progress (decode steps share the GPU with prefill chunks).
+
+With ``storage_dir`` the engine also has vLLM's shared-storage tier (:mod:`.storage`): the
+blocks it computes are written to the directory once their prefill is done, and a prefix its
+GPU and CPU tiers miss is looked up there (read and verified in a thread before the request is
+admitted) and loaded at storage_read_bytes_per_s, then copied to the GPU at
+cpu_load_bytes_per_s, as vLLM promotes storage blocks through its CPU primary tier.
 
 With ``kv_connector`` the engine also plays either side of vLLM's NIXL prefill/decode split
 (:mod:`.nixl`): a request asking for a remote decode keeps its blocks on a lease when it
@@ -53,6 +61,7 @@ from .kv_leases import LeaseTable
 from .metrics import EngineMetrics
 from .nixl import RemotePrefill, producer_params
 from .publisher import ZmqKVPublisher
+from .storage import PRIMARY_TIER_LABEL, STORAGE_TIER_LABEL, BlockToStore, StorageTier
 
 log = get_logger("sim.engine")
 
@@ -94,6 +103,10 @@ class SimRequest:
     external_tokens: int = 0  # prompt tokens read from the remote prefill
     kv_read: bool = False  # the remote read was made (the prefill engine released them)
     xfer_start: float = 0.0
+    # the storage tier: the blocks read and verified before admission (None: not looked up)
+    storage_verified: frozenset[bytes] | None = None
+    storage_probe: asyncio.Task[None] | None = None
+    storage_tokens: int = 0  # prompt tokens loaded from storage
 
 
 class SimEngine:
@@ -131,6 +144,7 @@ class SimEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._prefill_free_at = 0.0
+        self._storage_free_at = 0.0  # when the modelled link to the storage tier is free
         self._scale = cfg.time_scale
         self._lora_state: tuple[list[str], list[str]] | None = None
         # prefill/decode disaggregation: who this engine is to its peers, the blocks it
@@ -145,6 +159,23 @@ class SimEngine:
         self._hb_wake = asyncio.Event()
         self._hb_task: asyncio.Task[None] | None = None
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self.storage: StorageTier | None = None
+        if cfg.storage_dir:
+            self.storage = StorageTier(
+                root=cfg.storage_dir,
+                namespace=StorageTier.namespace(
+                    model=model_name, block_size=cfg.block_size,
+                    none_hash=self.hasher.none_hash, kv_bytes_per_token=cfg.kv_bytes_per_token,
+                    file_bytes=cfg.storage_file_bytes),
+                capacity_bytes=cfg.storage_capacity_bytes,
+                block_bytes=cfg.block_size * cfg.kv_bytes_per_token,
+                file_bytes=cfg.storage_file_bytes,
+                read_bytes_per_s=cfg.storage_read_bytes_per_s,
+                write_bytes_per_s=cfg.storage_write_bytes_per_s,
+                max_write_backlog_s=cfg.storage_max_write_backlog_s,
+                time_scale=cfg.time_scale, locality=cfg.storage_locality or None,
+                self_describing=cfg.storage_self_describing_events,
+                block_size=cfg.block_size, metrics=metrics, wire=wire, wake=self._wake.set)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -153,6 +184,8 @@ class SimEngine:
         if self.publisher is not None:
             self.publisher.start()
         self._task = asyncio.create_task(self._run(), name=f"sim-engine-{self.index}")
+        if self.storage is not None:
+            self.storage.start()
         if self.cfg.kv_connector and self.kv_client is not None:
             self._hb_task = asyncio.create_task(self._heartbeats(),
                                                 name=f"sim-kv-heartbeats-{self.index}")
@@ -170,6 +203,8 @@ class SimEngine:
         self.leases.release_all()
         for t in list(self._side_tasks):
             t.cancel()
+        if self.storage is not None:
+            await self.storage.stop()
         if self.publisher is not None:
             await self.publisher.close()
 
@@ -259,6 +294,9 @@ class SimEngine:
         while self.waiting and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
             n = len(req.prompt_ids)
+            if self.storage is not None and req.remote_prefill is None:
+                if not self._storage_ready(req):
+                    return  # FCFS: the head waits for its storage lookup
             try:
                 alloc, gpu_hit, cpu_hit = self.cache.allocate(
                     req.hashes, req.prompt_ids, n, req.max_tokens,
@@ -278,8 +316,17 @@ class SimEngine:
             bs = cfg.block_size
             cached = gpu_hit * bs
             loaded = cpu_hit * bs
-            req.cached_tokens = cached + loaded
-            self.metrics.on_prefix_query(n, req.cached_tokens)
+            disk_blocks = 0
+            if self.storage is not None:
+                disk_blocks = self._storage_hits(req, gpu_hit, cpu_hit)
+                req.storage_tokens = disk_blocks * bs
+            req.cached_tokens = cached + loaded + req.storage_tokens
+            if cfg.num_cpu_blocks or self.storage is not None:
+                # vLLM's offloading connector: GPU hits are local, the tiers' are external
+                self.metrics.on_offload_query(n, cached, host_tokens=loaded,
+                                              disk_tokens=req.storage_tokens)
+            else:
+                self.metrics.on_prefix_query(n, req.cached_tokens)
             if cfg.kv_connector:
                 # vLLM asks the connector about every token past the local hit.
                 external = n - req.cached_tokens if req.remote_prefill is not None else 0
@@ -287,19 +334,116 @@ class SimEngine:
                 if req.remote_prefill is not None:
                     self._start_read(req, now, gpu_hit + cpu_hit)
                     continue
+            disk_s = 0.0
+            if self.storage is not None and disk_blocks:
+                disk_s = self.storage.load_seconds(disk_blocks)
+                self.metrics.on_storage_read(STORAGE_TIER_LABEL,
+                                             disk_blocks * bs * cfg.kv_bytes_per_token, disk_s)
             compute = (
-                (n - cached - loaded) / cfg.prefill_tokens_per_s
-                + (cached + loaded) * cfg.cached_token_cost_s
-                + loaded * cfg.kv_bytes_per_token / cfg.cpu_load_bytes_per_s
+                (n - req.cached_tokens) / cfg.prefill_tokens_per_s
+                + req.cached_tokens * cfg.cached_token_cost_s
+                # storage blocks are promoted through the CPU tier, then copied like its own
+                + (loaded + req.storage_tokens) * cfg.kv_bytes_per_token / cfg.cpu_load_bytes_per_s
             )
             ready = now + cfg.request_overhead_s * self._scale
             start = max(ready, self._prefill_free_at)
             done = start + compute * self._scale
             self._prefill_free_at = done
+            if disk_s:
+                # The read runs on the storage link, not the GPU (vLLM schedules other
+                # requests while one waits for its KV): the GPU's queue keeps only this
+                # request's compute, and its first token waits for the read as well.
+                load_done = max(ready, self._storage_free_at) + disk_s * self._scale
+                self._storage_free_at = load_done
+                done = max(done, load_done + compute * self._scale)
+            if self.storage is not None:
+                self._store_computed(req, alloc, gpu_hit + cpu_hit + disk_blocks, done)
             req.scheduled_at = now
             req.next_at = done
-            req.modelled_ttft = cfg.request_overhead_s + compute  # without queueing
+            req.modelled_ttft = cfg.request_overhead_s + compute + disk_s  # without queueing
             self.running.append(req)
+
+    # ------------------------------------------------------------------ the storage tier
+
+    def _hit_limit(self, req: SimRequest) -> int:
+        """Blocks of the prompt that can hit at most (vLLM computes the last token)."""
+        return min(len(req.hashes), max(0, (len(req.prompt_ids) - 1) // self.cfg.block_size))
+
+    def _storage_ready(self, req: SimRequest) -> bool:
+        """Whether the request's storage lookup is done; starts it when the directory has
+        the first block its GPU and CPU tiers miss (a ``stat``), else settles at no hit."""
+        if req.storage_verified is not None:
+            return True
+        if req.storage_probe is not None:
+            return False
+        storage = self.storage
+        assert storage is not None
+        gpu_hit, cpu_hit = self.cache.match(req.hashes, len(req.prompt_ids))
+        start, limit = gpu_hit + cpu_hit, self._hit_limit(req)
+        if start >= limit or not storage.may_hold(req.hashes[start]):
+            req.storage_verified = frozenset()
+            return True
+        task = asyncio.create_task(self._probe(req, start, limit),
+                                   name=f"sim-storage-probe-{req.request_id}")
+        req.storage_probe = task
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+        return False
+
+    async def _probe(self, req: SimRequest, start: int, limit: int) -> None:
+        """Read and verify the prompt's blocks from ``start`` until one is missing or bad."""
+        storage = self.storage
+        assert storage is not None
+        bs = self.cfg.block_size
+        hashes = req.hashes[start:limit]
+        tokens = [req.prompt_ids[i * bs:(i + 1) * bs] for i in range(start, limit)]
+        corrupt = storage.files.stats.corrupt + storage.mismatched
+        try:
+            found = await storage.probe(hashes, tokens)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a failed lookup is a miss, never a dead engine
+            log.exception("storage_lookup_failed", engine=self.index)
+            found = 0
+        if storage.files.stats.corrupt + storage.mismatched > corrupt:
+            # vLLM finds the file, fails to load it and recomputes the block.
+            self.metrics.on_storage_promotion_failed(STORAGE_TIER_LABEL)
+        req.storage_verified = frozenset(hashes[:found])
+        req.storage_probe = None
+        self._wake.set()
+
+    def _storage_hits(self, req: SimRequest, gpu_hit: int, cpu_hit: int) -> int:
+        """Blocks loaded from storage after the GPU and CPU hits; counts the lookups as
+        vLLM's tiering manager does (the CPU primary tier first, the storage tier on its
+        miss, until a block is missing from both)."""
+        verified = req.storage_verified or frozenset()
+        limit = self._hit_limit(req)
+        start = gpu_hit + cpu_hit
+        hits = 0
+        while start + hits < limit and req.hashes[start + hits] in verified:
+            hits += 1
+        missed = 1 if start + hits < limit else 0
+        self.metrics.on_tier_lookup(PRIMARY_TIER_LABEL, cpu_hit + hits + missed, cpu_hit)
+        self.metrics.on_tier_lookup(STORAGE_TIER_LABEL, hits + missed, hits)
+        return hits
+
+    def _store_computed(self, req: SimRequest, alloc: Allocation, loaded: int,
+                        done: float) -> None:
+        """Queue the prompt blocks this request computes (not the ``loaded`` first ones it
+        hit or loaded) for the storage tier, to be written once its prefill is done at
+        ``done``."""
+        assert self.storage is not None
+        skip = set(req.hashes[:loaded])
+        blocks = [self._to_store(h, req) for h in alloc.held if h not in skip]
+        self.storage.store([b for b in blocks if b is not None], done)
+
+    def _to_store(self, h: bytes, req: SimRequest) -> BlockToStore | None:
+        """The cached block ``h`` as a store job carries it (None if it is gone)."""
+        blk = self.cache.blocks.get(h)
+        if blk is None:
+            return None
+        return BlockToStore(h, blk.parent, blk.token_ids,
+                            self._lora_ids.get(req.lora_name or ""), blk.lora_name, blk.extra)
 
     # ------------------------------------------------------------------ remote KV (decode)
 
@@ -520,6 +664,10 @@ class SimEngine:
             alloc, h, toks, req.lora_name, self._lora_ids.get(req.lora_name or ""),
             event_extra_keys(extra),
         )
+        if self.storage is not None and alloc.held and alloc.held[-1] == h:
+            block = self._to_store(h, req)
+            if block is not None:
+                self.storage.store([block], time.monotonic())
 
     def _finish(self, req: SimRequest, reason: str, notify: bool = True) -> None:
         if req.finished:
@@ -567,6 +715,8 @@ class SimEngine:
 
     async def _publish_events(self) -> None:
         events = self.cache.drain_events()
+        if self.storage is not None:
+            events += self.storage.drain_events()
         if not events or self.publisher is None:
             return
         payload = self._encoder.encode(time.time(), events, 0)
@@ -603,7 +753,10 @@ class SimEngine:
     def cache_contents(self) -> dict[str, Any]:
         """Cached block hashes per tier as the engine's events name them."""
         wire = to_wire if self.cfg.int_block_hashes else (lambda h: h.hex())
-        return {tier: [wire(h) for h in hs] for tier, hs in self.cache.contents().items()}
+        out = {tier: [wire(h) for h in hs] for tier, hs in self.cache.contents().items()}
+        if self.storage is not None:
+            out["STORAGE"] = [wire(h) for h in self.storage.keys()]
+        return out
 
 
 def _env_seed() -> str | None:

@@ -201,13 +201,15 @@ class EngineMetrics:
         enable_lora: bool = False,
         process_metrics: bool = False,
         kv_connector: bool = False,
+        storage_tier: bool = False,
     ) -> None:
         """Register all families.
 
         ``max_model_len`` caps the token-count buckets as in vLLM. With ``kv_connector``
         the registry also carries what vLLM registers with the NIXL connector as
         ``kv_both``: ``vllm:num_requests_kv_fetch_by_stage`` and the ``vllm:nixl_*``
-        families. With
+        families. With ``storage_tier`` it carries the families of vLLM's offloading connector
+        with a tiering spec (``vllm:kv_offload_tiering_*``, labelled by ``tier``). With
         ``process_metrics`` the registry also carries prometheus_client's
         ``process_*``, ``python_gc_*`` and ``python_info`` families, which a real
         server exposes from its default registry (they describe the shared
@@ -215,6 +217,7 @@ class EngineMetrics:
         """
         self.model_name = model_name
         self.engine_index = engine_index
+        self._values = (model_name, str(engine_index))
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         values = (model_name, str(engine_index))
@@ -239,6 +242,9 @@ class EngineMetrics:
         self._nixl: _NixlFamilies | None = None
         if kv_connector:
             self._nixl = _NixlFamilies(reg, values)
+        self._tiering: _TieringFamilies | None = None
+        if storage_tier:
+            self._tiering = _TieringFamilies(reg, values)
 
         # Model-FLOPs-utilisation estimates. vLLM registers them first, always, but only
         # advances them with --enable-mfu-metrics, which the simulator does not model: 0.
@@ -527,6 +533,53 @@ class EngineMetrics:
             )
             self._cached_by_source[source].inc(external_hit_tokens)
 
+    def on_offload_query(self, queried_tokens: int, gpu_tokens: int, *, host_tokens: int,
+                         disk_tokens: int) -> None:
+        """Count one lookup of an engine with vLLM's offloading connector: GPU hits are local
+        (``device``); the connector is asked about every token past them and answers with
+        the CPU tier's (``host``) and the storage tier's (``disk``) blocks."""
+        self.on_prefix_query(queried_tokens, gpu_tokens,
+                             external_queried_tokens=queried_tokens - gpu_tokens,
+                             external_hit_tokens=host_tokens, external_source="host")
+        if disk_tokens:
+            self._external_hits.inc(disk_tokens)
+            self._cached_by_source["disk"].inc(disk_tokens)
+
+    def on_tier_lookup(self, tier: str, queries: int, hits: int) -> None:
+        """Count chunk lookups in an offload tier (``tier`` as vLLM labels it)."""
+        if self._tiering is not None and queries:
+            self._tiering.queries.labels(*self._values, tier).inc(queries)
+            if hits:
+                self._tiering.hits.labels(*self._values, tier).inc(hits)
+
+    def on_storage_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        """A promotion from a secondary tier finished: its bytes and (modelled) time."""
+        if self._tiering is not None:
+            self._tiering.read_bytes.labels(*self._values, tier).inc(nbytes)
+            self._tiering.read_time.labels(*self._values, tier).inc(seconds)
+
+    def on_storage_write(self, tier: str, nbytes: int, seconds: float) -> None:
+        """A cascade to a secondary tier finished: its bytes and (modelled) time."""
+        if self._tiering is not None:
+            self._tiering.write_bytes.labels(*self._values, tier).inc(nbytes)
+            self._tiering.write_time.labels(*self._values, tier).inc(seconds)
+
+    def on_storage_promotion_failed(self, tier: str) -> None:
+        """A load from a secondary tier failed (a bad file): the block is recomputed."""
+        if self._tiering is not None:
+            self._tiering.promotion_failures.labels(*self._values, tier).inc()
+
+    def on_storage_cascade_failed(self, tier: str) -> None:
+        """A store to a secondary tier failed."""
+        if self._tiering is not None:
+            self._tiering.cascade_failures.labels(*self._values, tier).inc()
+
+    def on_storage_store_dropped(self, tier: str, blocks: int) -> None:
+        """A store was dropped because the tier is too far behind (back-pressure)."""
+        if self._tiering is not None:
+            self._tiering.stores_dropped.labels(*self._values, tier).inc()
+            self._tiering.blocks_dropped.labels(*self._values, tier).inc(blocks)
+
     def on_connector_query(self, queried_tokens: int, hit_tokens: int) -> None:
         """Count one lookup by the KV connector (NIXL: hits are read from a prefill
         engine, source ``p2p``), as vLLM records it at admission."""
@@ -671,6 +724,48 @@ class EngineMetrics:
         """
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+class _TieringFamilies:
+    """The counters of vLLM's ``TieringOffloadingSpec`` the simulator feeds, labelled by
+    ``tier`` (``vllm/v1/kv_offload/tiering/spec.py``, ``metrics.py``)."""
+
+    def __init__(self, reg: CollectorRegistry, values: tuple[str, str]) -> None:
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, (*_LABELS, "tier"), registry=reg)
+
+        self.read_bytes = counter(
+            "vllm:kv_offload_tiering_read_bytes",
+            "Total bytes read from secondary tiers into the primary tier, labeled by tier.")
+        self.read_time = counter(
+            "vllm:kv_offload_tiering_read_time",
+            "Total time spent reading from secondary tiers into the primary tier, in seconds, "
+            "labeled by tier.")
+        self.write_bytes = counter(
+            "vllm:kv_offload_tiering_write_bytes",
+            "Total bytes written from the primary tier to secondary tiers, labeled by tier.")
+        self.write_time = counter(
+            "vllm:kv_offload_tiering_write_time",
+            "Total time spent writing from the primary tier to secondary tiers, in seconds, "
+            "labeled by tier.")
+        self.promotion_failures = counter(
+            "vllm:kv_offload_tiering_promotion_job_failures",
+            "Number of failed secondary-tier promotion jobs, labeled by tier.")
+        self.cascade_failures = counter(
+            "vllm:kv_offload_tiering_cascade_job_failures",
+            "Number of failed secondary-tier cascade jobs, labeled by tier.")
+        self.queries = counter(
+            "vllm:kv_offload_tiering_chunk_queries",
+            "Number of chunk lookup queries sent to a tier, labeled by tier.")
+        self.hits = counter(
+            "vllm:kv_offload_tiering_chunk_hits",
+            "Number of chunk lookup hits in a tier, labeled by tier.")
+        self.stores_dropped = counter(
+            "vllm:kv_offload_tiering_backpressure_stores_dropped",
+            "Number of store operations dropped due to back-pressure on a secondary tier.")
+        self.blocks_dropped = counter(
+            "vllm:kv_offload_tiering_backpressure_blocks_dropped",
+            "Number of blocks dropped due to back-pressure on a secondary tier.")
 
 
 class _NixlFamilies:

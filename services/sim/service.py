@@ -96,7 +96,7 @@ class SimService:
                     num_cpu_blocks=cfg.num_cpu_blocks or None,
                     prefix_caching_hash_algo=cfg.hash_algo),
                 max_model_len=cfg.max_model_len, enable_lora=bool(cfg.loras),
-                kv_connector=cfg.kv_connector)
+                kv_connector=cfg.kv_connector, storage_tier=bool(cfg.storage_dir))
             kv_client = None
             if cfg.kv_connector:
                 kv_client = KVTransferClient(cfg.kv_transfer_timeout_s)

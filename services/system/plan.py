@@ -344,7 +344,30 @@ class _Builder:
             values["num_gpu_blocks"] = s.num_gpu_blocks
         if s.prefill:  # P/D: the engines speak vLLM's NIXL connector protocol
             values["kv_connector"] = True
+        if s.storage_dir:
+            values["storage_dir"] = str(self.storage_dir())
+            if s.storage_capacity_bytes:
+                values["storage_capacity_bytes"] = s.storage_capacity_bytes
         return values
+
+    def storage_dir(self) -> Path:
+        """The shared-storage tier's directory, absolute (every engine must name the same)."""
+        return Path(self.spec.storage_dir).expanduser().resolve()
+
+    def vllm_storage(self) -> tuple[dict[str, Any], list[str]]:
+        """The agent's storage-tier settings for a vLLM engine: (values its config knows,
+        flags for those it does not know yet)."""
+        s = self.spec
+        if not s.storage_dir:
+            return {}, []
+        wanted: dict[str, Any] = {"vllm_storage_dir": str(self.storage_dir())}
+        if s.storage_capacity_bytes:
+            wanted["vllm_storage_capacity_bytes"] = s.storage_capacity_bytes
+        known = {f.name for f in fields(AgentConfig)}
+        values = {k: v for k, v in wanted.items() if k in known}
+        flags = [x for k, v in wanted.items() if k not in known
+                 for x in ("--" + k.replace("_", "-"), str(v))]
+        return values, flags
 
     def sims(self) -> list[tuple[str, str, dict[str, str]]]:
         """Simulated engines; for each: its pod, its process and where the agent finds it."""
@@ -382,13 +405,13 @@ class _Builder:
 
     def agent(self, pod: str, values: dict[str, Any], after: tuple[str, ...],
               vllm_args: list[str] | None = None, env: Mapping[str, str] | None = None,
-              links: Mapping[str, str] | None = None, extra_ports: tuple[Port, ...] = ()
-              ) -> None:
+              links: Mapping[str, str] | None = None, extra_ports: tuple[Port, ...] = (),
+              extra_flags: list[str] | None = None) -> None:
         port = self.ops_port()
         ports, _, ops_links = self.ops(port)
         argv = command("agent") + self.argv("agent", {
             **self.bus(), "pool": self.spec.pool, "pod": pod, "http_host": self.host,
-            "http_port": port, **values})
+            "http_port": port, **values}) + (extra_flags or [])
         if vllm_args is not None:
             argv += ["--", *vllm_args]
         self.procs.append(ProcessSpec(
@@ -415,6 +438,7 @@ class _Builder:
         cache = self.state_dir / "vllm-cache"
         env = {**VLLM_ENV, **ENGINE_ENV, "VLLM_CACHE_ROOT": str(cache),
                "XDG_CACHE_HOME": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+        storage_values, storage_flags = self.vllm_storage()
         for i in range(engine_slots(s)):
             pod = pod_name("vllm", i)
             http, kv = lay.engine_http[i], lay.engine_kv[i]
@@ -424,8 +448,8 @@ class _Builder:
                 "launch_vllm": str(self.model_dir), "model": self.served_model(),
                 "vllm_command": command,
                 "vllm_port": http, "vllm_kv_port": kv, "vllm_replay_port": kv + 1,
-                "vllm_log": str(log),
-            }, after=(), vllm_args=[
+                "vllm_log": str(log), **storage_values,
+            }, after=(), extra_flags=storage_flags, vllm_args=[
                 "--block-size", str(block), *VLLM_ARGS, "--num-gpu-blocks-override",
                 str(blocks), *shlex.split(s.engine_args),
             ], env=env, links={f"engine {pod}": f"http://{host}:{http}", "vLLM log": str(log)},

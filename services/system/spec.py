@@ -60,6 +60,15 @@ class SystemSpec:
         "", "Extra arguments of every engine, as one shell-quoted string: simulator flags "
         "(e.g. '--prefill-tokens-per-s 12000'), or `vllm serve` flags")
     vllm_command: str = knob("", "The vllm executable (empty: .venv-vllm/bin/vllm here)")
+    storage_dir: str = knob(
+        "", "Shared-storage KV tier: a directory every engine writes the blocks it computes "
+        "to and loads any engine's from (simulators: --storage-dir; vLLM: the agent's "
+        "--vllm-storage-dir); the indexer credits the pool with them (docs/storage-tier.md). "
+        "Empty: no storage tier")
+    storage_capacity_bytes: int = knob(
+        default_of(SimConfig, "storage_capacity_bytes"),
+        "Bytes of block files the storage tier keeps; past it the least recently used files "
+        "are removed and announced (0: unbounded)")
     # ------------------------------------------------------------------ replicas
     tokenizers: int = knob(1, "Tokenizer replicas")
     indexers: int = knob(1, "Indexer replicas (each follows every pod's KV stream)")
@@ -144,6 +153,10 @@ class SystemSpec:
             raise ValueError("nats_cluster must be at least 1")
         if self.nats_url and self.nats_cluster != 1:
             raise ValueError("nats_cluster starts nats-server nodes; it cannot go with nats_url")
+        if self.storage_capacity_bytes < 0:
+            raise ValueError("storage_capacity_bytes must be >= 0 (0: unbounded)")
+        if self.storage_capacity_bytes and not self.storage_dir:
+            raise ValueError("storage_capacity_bytes needs storage_dir")
         if self.block_size < 0 or self.num_gpu_blocks < 0:
             raise ValueError("block_size and num_gpu_blocks must be >= 0 (0: the default)")
         if bool(self.nats_tls_cert) != bool(self.nats_tls_key):

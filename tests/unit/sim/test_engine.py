@@ -438,3 +438,23 @@ async def test_stop_aborts_everything(make_engine) -> None:
     assert (await collect(a))[-1] == (None, "abort")
     assert await collect(b) == [(None, "abort")]
     assert e.cache.used == 0
+
+
+async def test_cpu_tier_hits_count_as_host(make_engine) -> None:
+    e = make_engine(num_gpu_blocks=12, num_cpu_blocks=40, time_scale=0.0)
+    first = tokens(8 * BS + 1)
+    await collect_req(e, request(first))
+    await collect_req(e, request(tokens(10 * BS + 1)))  # pushes the first prompt to CPU
+    again = request(first)
+    await collect_req(e, again)
+    assert again.cached_tokens == 8 * BS
+    gpu = sample(e, "vllm:prompt_tokens_cached_by_source_total", source="device")
+    host = sample(e, "vllm:prompt_tokens_cached_by_source_total", source="host")
+    assert gpu + host == 8 * BS and host > 0
+    assert sample(e, "vllm:external_prefix_cache_hits_total") == host
+    assert sample(e, "vllm:prefix_cache_hits_total") == gpu
+
+
+async def collect_req(e: SimEngine, req: SimRequest) -> None:
+    e.submit(req)
+    await collect(req)

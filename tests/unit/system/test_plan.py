@@ -238,3 +238,40 @@ def test_the_console_is_started_by_default_on_its_own_port_and_identity(tmp_path
     off = plan(SystemSpec(engines=1, state_dir=str(tmp_path), console=False))
     assert not off.of_kind("console") and off.layout.console == ()
     assert not any("/console" in line for line in summary(off))
+
+
+def test_storage_dir_reaches_every_sim_and_vllm_agent(tmp_path: Path) -> None:
+    shared = tmp_path / "shared-kv"
+    args = build_parser().parse_args([
+        "--engines", "2", "--sim-processes", "each", "--state-dir", str(tmp_path),
+        "--storage-dir", str(shared), "--storage-capacity-bytes", "1000000"])
+    p = plan(spec_from_args(args))
+    for i in range(2):
+        sim = parsed("sim", p.process(f"sim-{i}").argv)
+        assert (sim.storage_dir, sim.storage_capacity_bytes) == (str(shared), 1_000_000)
+    # one process with every engine: the same directory
+    one = plan(SystemSpec(engines=3, sim_processes="one", state_dir=str(tmp_path),
+                          storage_dir=str(shared)))
+    cfg = parsed("sim", one.of_kind("sim")[0].argv)
+    assert cfg.storage_dir == str(shared) and cfg.storage_capacity_bytes == 0
+    # vLLM: the agents launch their engines on it; the flags go before vLLM's own arguments
+    v = plan(SystemSpec(engine="vllm", engines=2, state_dir=str(tmp_path),
+                        storage_dir=str(shared), storage_capacity_bytes=5 << 30))
+    for q in v.of_kind("agent"):
+        own = list(q.argv[:q.argv.index("--")])
+        assert own[own.index("--vllm-storage-dir") + 1] == str(shared)
+        assert own[own.index("--vllm-storage-capacity-bytes") + 1] == str(5 << 30)
+        assert "--storage-dir" not in q.argv[q.argv.index("--"):]
+
+
+def test_storage_dir_is_made_absolute_and_off_by_default(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    p = plan(SystemSpec(engines=1, state_dir=str(tmp_path), storage_dir="kv"))
+    assert parsed("sim", p.of_kind("sim")[0].argv).storage_dir == str(tmp_path / "kv")
+    off = plan(SystemSpec(engines=1, state_dir=str(tmp_path)))
+    assert "--storage-dir" not in off.of_kind("sim")[0].argv
+    v = plan(SystemSpec(engine="vllm", engines=1, state_dir=str(tmp_path)))
+    assert not [a for a in v.of_kind("agent")[0].argv if a.startswith("--vllm-storage")]
+    with pytest.raises(ValueError, match="needs storage_dir"):
+        SystemSpec(storage_capacity_bytes=10)
