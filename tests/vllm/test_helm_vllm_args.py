@@ -30,15 +30,16 @@ print("RESULT " + json.dumps(out))
 def test_vllm_accepts_every_command_line_the_charts_render() -> None:
     _needs_vllm()
     argvs, roles = [], []
-    for value_set in ("pd-pools", "vllm-observed"):
+    for value_set in ("pd-pools", "vllm-observed", "storage"):
         for d in render(SCHEMA.UMBRELLA, VALUE_SETS[value_set]):
             if d["kind"] != "Deployment":
                 continue
             for c in d["spec"]["template"]["spec"]["containers"]:
                 if c.get("command") == ["vllm", "serve"]:
                     argvs.append(c["args"])
-                    roles.append(d["metadata"]["labels"]["infermesh.io/role"])
-    assert sorted(roles) == ["both", "decode", "prefill"]
+                    role = d["metadata"]["labels"]["infermesh.io/role"]
+                    roles.append("storage" if value_set == "storage" else role)
+    assert sorted(roles) == ["both", "decode", "prefill", "storage"]
     r = subprocess.run([str(ROOT / ".venv-vllm" / "bin" / "python"), "-c", PARSE],
                        input=json.dumps(argvs), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -47,6 +48,8 @@ def test_vllm_accepts_every_command_line_the_charts_render() -> None:
     for role, got in zip(roles, parsed, strict=True):
         assert got["port"] == 8000 and got["prefix_caching"] is True
         assert got["events"] == [True, "zmq", "tcp://*:5557", "tcp://*:5558"]
-        kv_role = {"both": None, "prefill": "kv_producer", "decode": "kv_consumer"}[role]
-        assert got["transfer"] == (None if kv_role is None else ["NixlConnector", kv_role])
+        want = {"both": None, "prefill": ["NixlConnector", "kv_producer"],
+                "decode": ["NixlConnector", "kv_consumer"],
+                "storage": ["OffloadingConnector", "kv_both"]}[role]
+        assert got["transfer"] == want
     assert {g["served"][0] for g in parsed} == {"Qwen/Qwen3-8B", "llama-3.1-8b"}
