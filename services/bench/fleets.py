@@ -364,13 +364,14 @@ PD_TABLE_COLUMNS: tuple[tuple[str, str, str, float, bool], ...] = (
 TIERED_TABLE_COLUMNS: tuple[tuple[str, str, str, float, bool], ...] = (
     ("TTFT p50 s", "ttft_p50_s", ".3f", 1.0, True),
     ("TTFT p90 s", "ttft_p90_s", ".3f", 1.0, True),
-    ("out tok/s", "output_tok_s", ".0f", 1.0, True),
+    ("peak tok/s", "peak_output_tok_s", ".0f", 1.0, True),
     ("hit GPU", "hit_gpu", ".2f", 1.0, False),
     ("hit CPU", "hit_cpu", ".2f", 1.0, False),
     ("hit storage", "hit_storage", ".2f", 1.0, False),
     ("hit all", "hit_total", ".2f", 1.0, True),
-    ("store wr MB/s", "storage_write_MBps", ".0f", 1.0, False),
-    ("store rd MB/s", "storage_read_MBps", ".0f", 1.0, False),
+    ("files", "files_written", ".0f", 1.0, False),
+    ("file wr MB/s", "files_write_MBps", ".0f", 1.0, False),
+    ("file rd MB/s", "files_read_MBps", ".0f", 1.0, False),
     ("failed", "errors", "d", 1.0, True),
 )
 

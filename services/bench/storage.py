@@ -6,14 +6,17 @@ Hits per tier are ``vllm:prompt_tokens_cached_by_source{source=device|host|disk|
 bandwidth is ``vllm:kv_offload_tiering_{read,write}_bytes`` over ``…_{read,write}_time`` (bytes
 actually written to and read from the shared directory, and the seconds those reads and writes
 took), next to what ``dd`` writes and reads in the same directory: how close the tier comes to
-the disk it sits on.
+the disk it sits on. The simulator models those seconds (its bandwidth knobs); its real file
+I/O — small files, one per block — comes from ``GET /sim/cache`` (:func:`file_stats`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,38 @@ def tier_stats_of(pages: Sequence[str]) -> dict[str, Any]:
             out[f"storage_{what}_bytes"] += _total(text, f"vllm:kv_offload_tiering_{what}_bytes")
             out[f"storage_{what}_s"] += _total(text, f"vllm:kv_offload_tiering_{what}_time")
     return out
+
+
+def file_stats(urls: Sequence[str]) -> dict[str, float]:
+    """The simulators' real block-file I/O (``GET /sim/cache`` → ``storage``), summed: bytes
+    and seconds spent writing and reading files, which the modelled rates do not show."""
+    out = dict.fromkeys(("write_bytes", "write_s", "read_bytes", "read_s", "writes", "reads"),
+                        0.0)
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/sim/cache", timeout=10) as r:
+                body = json.loads(r.read())
+        except (OSError, ValueError):
+            continue
+        st = body.get("storage") if isinstance(body, dict) else None
+        if isinstance(st, dict):
+            for k in out:
+                v = st.get(k)
+                if isinstance(v, (int, float)):
+                    out[k] += float(v)
+    return out
+
+
+def summarize_files(st: dict[str, float]) -> dict[str, Any]:
+    """MB/s of the block files actually written and read (None when none were)."""
+    s: dict[str, Any] = {}
+    for what in ("write", "read"):
+        b, t = st.get(f"{what}_bytes", 0.0), st.get(f"{what}_s", 0.0)
+        s[f"files_{what}_MBps"] = b / t / 1e6 if t > 0 else None
+        s[f"files_{what}_MB"] = b / 1e6
+    s["files_written"] = int(st.get("writes", 0))
+    s["files_read"] = int(st.get("reads", 0))
+    return s
 
 
 def summarize_tiers(st: dict[str, Any]) -> dict[str, Any]:

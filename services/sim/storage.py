@@ -279,6 +279,9 @@ class StorageTier:
             "misses": st.misses, "corrupt": st.corrupt, "mismatched": self.mismatched,
             "evicted": st.evicted, "write_errors": st.write_errors,
             "read_errors": st.read_errors, "queued_blocks": self._queued_blocks,
+            # The real file I/O (not the modelled time): what the bench reads against dd.
+            "write_bytes": st.write_bytes, "write_s": st.write_s,
+            "read_bytes": st.read_bytes, "read_s": st.read_s,
         }
 
     def keys(self) -> list[bytes]:

@@ -133,3 +133,55 @@ async def _files(storage) -> list:  # type: ignore[no-untyped-def]
 async def _first(items: list) -> object:
     return items[0] if items else None
 
+
+
+async def test_capacity_eviction_reaches_the_index(stack_factory, tmp_path) -> None:
+    """A bounded directory: a second prompt's files push the first prompt's oldest out; the
+    engine announces the removals and the index stops crediting the pool with them."""
+    storage = tmp_path / "kv-storage"
+    # ≈ 4.1 KB a file (the simulator's 4 KiB payload and the header): room for ≈ 100 blocks.
+    stack = stack_factory(engines=2, storage_dir=str(storage), storage_capacity_bytes=420_000)
+    rng = random.Random(12)
+    first, second = _text(rng, 600), _text(rng, 600)
+    nc = await nats.connect(stack.nats.url)
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def keys_of(prompt: str) -> list[int]:
+                ask = TokenizeRequest(model=MODEL, block_size=16, prompt=prompt,
+                                      return_token_ids=True)
+                return codec.decode((await nc.request("im.tokenize", codec.encode(ask),
+                                                      timeout=5)).data, TokenizeReply).block_keys
+
+            k1, k2 = await keys_of(first), await keys_of(second)
+            assert len(k1) >= 60 and len(k2) >= 60
+            body = {"model": MODEL, "prompt": first, "max_tokens": 2}
+            async with http.post(stack.ingress_url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+
+            async def stored(keys: list[int], at_least: int):  # type: ignore[no-untyped-def]
+                return await _storage_run(nc, stack.pods, keys) >= at_least
+
+            await _wait("the first prompt in the pool's storage",
+                        lambda: stored(k1, len(k1) - 1))
+            body = {"model": MODEL, "prompt": second, "max_tokens": 2}
+            async with http.post(stack.ingress_url + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+            await _wait("the second prompt in the pool's storage",
+                        lambda: stored(k2, len(k2) - 1))
+
+            async def evicted() -> bool:
+                return await _storage_run(nc, stack.pods, k1) < len(k1) // 2
+
+            await _wait("the first prompt's evicted blocks out of the index", evicted)
+            files = await _files(storage)
+            assert len(files) <= 101  # under the bound again
+    finally:
+        await nc.close()
+
+
+async def _storage_run(nc, pods: list[str], keys: list[int]) -> int:  # type: ignore[no-untyped-def]
+    """The longest run of ``keys`` any pod gets from the pool's shared storage."""
+    reply = codec.decode((await nc.request("im.index.lookup", codec.encode(
+        LookupRequest(model=MODEL, block_keys=keys, pods=pods)), timeout=5)).data, LookupReply)
+    return max((m.tiers.count(TIER_SHARED) for m in reply.matches), default=0)
