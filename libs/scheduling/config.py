@@ -80,6 +80,14 @@ class SchedulingKnobs:
         4_000_000, "Cap on (block key, pod) entries of the local index (as the indexer's "
         "max_blocks)"
     )
+    local_index_storage_ttl_s: float = knob(
+        0.0, "The local index forgets a pool's shared-storage block this long after it was "
+        "stored (0: when an engine reports its removal); set it as the indexer's storage_ttl_s"
+    )
+    local_index_storage_max_blocks: int = knob(
+        0, "Shared-storage blocks the local index keeps per pool (0: no cap); set it as the "
+        "indexer's storage_max_blocks"
+    )
     seed: int = knob(0, "Seed of random picks and tie-breaks (0: unseeded)")
 
     def check_scheduling(self) -> None:
@@ -91,6 +99,9 @@ class SchedulingKnobs:
             raise ValueError("warmup_s must be >= 0")
         if self.local_index_max_pods < 0 or self.local_index_max_blocks < 1:
             raise ValueError("local_index_max_pods must be >= 0 and local_index_max_blocks >= 1")
+        if self.local_index_storage_ttl_s < 0 or self.local_index_storage_max_blocks < 0:
+            raise ValueError("local_index_storage_ttl_s and local_index_storage_max_blocks "
+                             "must be >= 0")
 
 
 # --------------------------------------------------------------------------- pipeline YAML

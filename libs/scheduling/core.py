@@ -109,7 +109,10 @@ class SchedulerCore:
 
     async def _start_index(self) -> None:
         assert self._nc is not None
-        tracker = StreamTracker(KVIndex(self.cfg.local_index_max_blocks),
+        index = KVIndex(self.cfg.local_index_max_blocks,
+                        storage_ttl_s=self.cfg.local_index_storage_ttl_s,
+                        storage_max_blocks=self.cfg.local_index_storage_max_blocks)
+        tracker = StreamTracker(index,
                                 pod_timeout_s=self.cfg.pod_timeout_s,
                                 pod_late_s=self.cfg.pod_late_s)
         follower = IndexFollower(self._nc, self.subjects, tracker, snapshot_timeout_s=5.0,

@@ -175,3 +175,24 @@ def test_stream_tracker_routes_by_pool_and_sweeps() -> None:
     tr.streams["b"].syncing = True
     tr.apply_snapshot("b", [snap], 3.0)  # an empty snapshot of b removes nothing of the pool's
     assert match(idx, keys, ["b"]) == {"b": (4, [S] * 4)}
+
+
+async def test_a_schedulers_local_index_ages_pool_storage_as_configured(monkeypatch) -> None:
+    """The scheduler's (and the ingress's) local index takes the storage knobs the indexer
+    has, so both answer alike for storage that reports no removals."""
+    from infermesh.libs.kvindex import follower
+    from infermesh.libs.scheduling.core import SchedulerCore
+    from infermesh.proto.subjects import Subjects
+    from infermesh.services.scheduler.config import SchedulerConfig
+
+    async def no_bus(self) -> None:  # type: ignore[no-untyped-def]
+        return None
+
+    monkeypatch.setattr(follower.IndexFollower, "start", no_bus)
+    cfg = SchedulerConfig(local_index_storage_ttl_s=30.0, local_index_storage_max_blocks=7)
+    core = SchedulerCore(cfg, "r", Subjects("im"))
+    core._nc = object()  # type: ignore[assignment]
+    await core._start_index()
+    assert core.local_index is not None
+    idx = core.local_index.index
+    assert idx.storage_ttl_s == 30.0 and idx.storage_max_blocks == 7
