@@ -40,6 +40,7 @@ from .framework import (
     Picker,
     Pipeline,
     Plugin,
+    Preparer,
     Profile,
     ProfileHandler,
     Scorer,
@@ -293,6 +294,12 @@ def build_pipeline(spec: PipelineSpec, handle: Handle) -> Pipeline:
         if len(pickers) > 1:
             raise ConfigError(f"{where} has {len(pickers)} pickers; a profile takes one")
         picker = pickers[0] if pickers else MaxScorePicker(f"{prof.name}.max-score", handle.rng)
+        needy = [f.name for f in filters if f.needs_prepared]
+        if needy and not any(isinstance(s, Preparer) for s, _ in scorers):
+            raise ConfigError(
+                f"{where}: filter {needy[0]!r} reads the blocks each pod holds, which a "
+                "precise-prefix-cache-scorer in the same profile looks up (weight 0 will do)"
+            )
         profiles[prof.name] = Profile(prof.name, filters, scorers, picker)
     try:
         handler.bind(plugins, profiles)
@@ -338,6 +345,13 @@ plugins:
     type: load-aware-scorer
     parameters:
       threshold: 16
+  - name: token-load
+    type: token-load-scorer
+  - name: prefix-affinity
+    type: prefix-affinity-filter
+    parameters:
+      affinity_threshold: 0.5  # not measured yet
+      margin_tokens: 8192      # not measured yet
   - name: serving-roles
     type: role-filter
     parameters:
@@ -394,6 +408,18 @@ profiles:
       - {ref: precise-prefix, weight: 3}
       - {ref: queue, weight: 2}
       - {ref: kv-utilization, weight: 2}
+      - ref: max-score
+  # llm-d's 2026 default, "sticky until saturated" (the inference scheduler's
+  # prefix-cache-affinity filter and token-load scorer, as issue 17 describes it): stay on the
+  # pods holding most of the prompt until their uncached tokens in flight run margin_tokens
+  # ahead of the coldest pod's; the token load (in flight + this prompt's uncached tokens)
+  # decides the rest. The precise prefix scorer only does the lookup here (weight 0).
+  - name: llm-d-sticky
+    plugins:
+      - ref: serving-roles
+      - ref: prefix-affinity
+      - {ref: precise-prefix, weight: 0}
+      - {ref: token-load, weight: 1}
       - ref: max-score
   - name: precise-prefix
     plugins:

@@ -198,11 +198,14 @@ class SchedulerCore:
         """Follow one request event (from any replica's ingress, or this replica's decision)."""
         if ev.kind == "routed":
             if ev.pod:
-                self.inflight.routed(ev.request_id, ev.pod)
+                # A decode leg pulls its prompt's KV from the prefill engine: nothing to prefill.
+                tokens = 0 if ev.leg == "decode" else ev.num_tokens
+                self.inflight.routed(ev.request_id, ev.pod, num_tokens=tokens,
+                                     cached_blocks=ev.cached_blocks if tokens else 0)
         elif ev.kind == "finished":
-            self.inflight.finished(ev.request_id)
+            self.inflight.finished(ev.request_id, ev.pod)
         else:
-            self.inflight.touch(ev.request_id)
+            self.inflight.touch(ev.request_id, ev.pod)
         for o in self.observers:
             o.on_request_event(ev)
 
@@ -263,7 +266,8 @@ class SchedulerCore:
                 400, "unknown_profile", f"unknown profile {e.args[0]!r} (known: {known})"
             ) from None
         pods, serving = self.pods.candidates(
-            req.pool, req.model, req.exclude, req.labels, self.inflight.count
+            req.pool, req.model, req.exclude, req.labels, self.inflight.count,
+            self.inflight.uncached_tokens,
         )
         if not pods:
             what = f"model {req.model!r} in pool {req.pool!r}"

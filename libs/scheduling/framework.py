@@ -49,11 +49,13 @@ class NoCandidates(Exception):
 
 @dataclass(slots=True)
 class Pod:
-    """A candidate engine as one cycle sees it: its last heartbeat and in-flight request count."""
+    """A candidate engine as one cycle sees it: its last heartbeat, in-flight request count and
+    uncached in-flight tokens (prompt tokens routed to it still to prefill, state.InFlight)."""
 
     name: str
     state: PodState
     inflight: int = 0
+    uncached_inflight: int = 0
 
     @property
     def url(self) -> str:
@@ -103,6 +105,10 @@ class Plugin(ABC):  # noqa: B024 - a common base; the kinds below carry the abst
 class Filter(Plugin):
     """Narrows the candidate pods; returns the pods that remain (possibly none)."""
 
+    needs_prepared: ClassVar[bool] = False
+    """True: the filter reads what a :class:`Preparer` of its profile leaves in the cycle (the
+    cached blocks per pod), so the profile runs its preparers before the filters."""
+
     @abstractmethod
     def filter(self, request: ScheduleRequest, cycle: CycleState, pods: list[Pod]) -> list[Pod]:
         """The subset of ``pods`` that may serve ``request``."""
@@ -132,6 +138,17 @@ class Picker(Plugin):
     @abstractmethod
     def pick(self, request: ScheduleRequest, cycle: CycleState, scored: list[ScoredPod]) -> Pod:
         """The chosen pod."""
+
+
+class Preparer(ABC):
+    """Mixin of scorers whose work a filter may need before the filters run (the precise prefix
+    scorer's index lookup). Filters are synchronous and run first; a profile with a filter that
+    ``needs_prepared`` awaits ``prepare`` on its preparers, over the unfiltered candidates, and
+    the scorer's ``score`` later reuses what ``prepare`` found instead of asking again."""
+
+    @abstractmethod
+    async def prepare(self, request: ScheduleRequest, cycle: CycleState, pods: list[Pod]) -> None:
+        """Do the work early and leave its result in ``cycle``."""
 
 
 class RequestObserver(ABC):  # noqa: B024 - both hooks are optional
@@ -226,6 +243,8 @@ class Profile:
         self.filters = list(filters)
         self.scorers = list(scorers)
         self.picker = picker
+        wanted = any(f.needs_prepared for f in self.filters)
+        self.preparers = [s for s, _ in self.scorers if wanted and isinstance(s, Preparer)]
 
     def plugins(self) -> list[Plugin]:
         """Every plugin of the profile, in the order they run."""
@@ -236,6 +255,10 @@ class Profile:
     ) -> ProfileResult:
         """Filter, score and pick; raise :class:`NoCandidates` when the filters leave nobody."""
         perf = time.perf_counter
+        for p in self.preparers:
+            t0 = perf()
+            await p.prepare(request, cycle, pods)
+            timer(p, perf() - t0)
         for f in self.filters:
             t0 = perf()
             pods = f.filter(request, cycle, pods)

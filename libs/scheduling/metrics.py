@@ -68,6 +68,13 @@ class SchedulerMetrics:
             ["plugin"],
             registry=r,
         )
+        self.affinity = Counter(
+            "infermesh_scheduler_prefix_affinity",
+            "Prefix-affinity filter outcomes: sticky (kept the warm pods), released (the warm "
+            "pods were too loaded), none (no pod held enough of the prompt)",
+            ["plugin", "outcome"],
+            registry=r,
+        )
         self.bus_messages = Counter(
             "infermesh_scheduler_bus_messages",
             "Pod states and request events received, per kind and outcome",

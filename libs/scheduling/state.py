@@ -94,9 +94,11 @@ class PodTable:
         exclude: Iterable[str] = (),
         labels: dict[str, str] | None = None,
         inflight: Callable[[str], int] | None = None,
+        uncached: Callable[[str, int], int] | None = None,
     ) -> tuple[list[Pod], int]:
         """The live pods of ``pool`` serving ``model`` (any model when empty), not excluded and
-        carrying every ``labels`` pair; and how many pods of the pool serve the model at all."""
+        carrying every ``labels`` pair; and how many pods of the pool serve the model at all.
+        ``inflight(pod)`` and ``uncached(pod, block_size)`` fill in each pod's load."""
         skip = set(exclude)
         wanted = tuple(labels.items()) if labels else ()
         out: list[Pod] = []
@@ -108,25 +110,57 @@ class PodTable:
             serving += 1
             if name in skip or (wanted and any(st.labels.get(k) != v for k, v in wanted)):
                 continue
-            out.append(Pod(name, st, inflight(name) if inflight else 0))
+            out.append(Pod(name, st, inflight(name) if inflight else 0,
+                           uncached(name, st.block_size) if uncached else 0))
         return out, serving
 
 
+# A request's end (first token or finished) is remembered this long at most, so that its
+# ``routed`` event arriving later (another replica's publish, a slower path) does not bring it
+# back: the view then depends on which events arrived, not on their order.
+_ENDED_S = 60.0
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One request in flight: where, until when, and the prefill it still owes its pod."""
+
+    pod: str
+    deadline: float
+    tokens: int  # prompt tokens the pod must prefill (0 once its first token came)
+    cached_blocks: int  # blocks of the prompt the pod held when it was routed
+
+
 class InFlight:
-    """Requests routed and not yet finished, per pod, keyed by request id.
+    """Requests routed and not yet finished, per pod, keyed by request id; and the prompt tokens
+    each pod still has to prefill for them (its *uncached in-flight tokens*).
 
     A replica counts its own decision at once (so a burst spreads before the ingress's
     ``routed`` event comes back); that event, for the same request id, does not count it again,
     and names the pod if the ingress retried elsewhere. ``finished`` removes the request; one
     never finished (a lost event, a crashed ingress) is forgotten after ``timeout_s``.
+
+    **Uncached tokens.** A ``routed`` request owes its pod ``num_tokens − cached_blocks ×
+    block_size`` tokens of prefill (the blocks the precise prefix scorer found there); its
+    ``first_token`` ends the prefill (the request stays in flight, decoding) and ``finished``
+    ends it too. Every replica sees the same events on ``im.req.<pool>``, and the view is a
+    function of the set of events, not of their order: a routed event repeats the values
+    (it does not add), and the end of a request on a pod is remembered for ``min(timeout_s,
+    60 s)``, so a ``routed`` arriving after its ``first_token`` or ``finished`` owes nothing.
+    Ends are keyed by (request id, pod): a retry on another pod is a new prefill.
     """
 
     def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout_s = timeout_s
         self.clock = clock
-        # request id → (pod, deadline), in deadline order (every deadline is now + timeout_s).
-        self._requests: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # request id → its flight, in deadline order (every deadline is now + timeout_s).
+        self._requests: OrderedDict[str, _Flight] = OrderedDict()
         self._per_pod: dict[str, int] = {}
+        # pod → [prompt tokens, cached blocks] of its requests still prefilling.
+        self._prefill: dict[str, list[int]] = {}
+        # (request id, pod) → (forget after, finished: True / first token only: False).
+        self._ended: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
+        self.ended_s = min(timeout_s, _ENDED_S)
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -139,10 +173,22 @@ class InFlight:
         """In-flight requests per pod (pods with none left out)."""
         return {p: n for p, n in self._per_pod.items() if n}
 
+    def uncached_tokens(self, pod: str, block_size: int) -> int:
+        """Prompt tokens routed to ``pod`` whose prefill has not ended (no first token yet),
+        less the blocks of ``block_size`` tokens it held of them when they were routed."""
+        acc = self._prefill.get(pod)
+        if not acc:
+            return 0
+        return max(0, acc[0] - acc[1] * max(block_size, 0))
+
+    def prefill_view(self) -> dict[str, tuple[int, int]]:
+        """(prompt tokens, cached blocks) still to prefill, per pod (pods with none left out)."""
+        return {p: (a[0], a[1]) for p, a in self._prefill.items() if a[0] or a[1]}
+
     def pod_of(self, request_id: str) -> str | None:
         """The pod a request in flight was routed to."""
         entry = self._requests.get(request_id)
-        return entry[0] if entry else None
+        return entry.pod if entry else None
 
     def _dec(self, pod: str) -> None:
         n = self._per_pod.get(pod, 0) - 1
@@ -151,42 +197,91 @@ class InFlight:
         else:
             self._per_pod.pop(pod, None)
 
-    def routed(self, request_id: str, pod: str) -> bool:
-        """Count ``request_id`` on ``pod`` (moving it if it was counted elsewhere); return
-        True when it was not in flight before."""
+    def _add_prefill(self, f: _Flight, sign: int) -> None:
+        if not f.tokens and not f.cached_blocks:
+            return
+        acc = self._prefill.setdefault(f.pod, [0, 0])
+        acc[0] += sign * f.tokens
+        acc[1] += sign * f.cached_blocks
+        if acc[0] <= 0 and acc[1] <= 0:
+            del self._prefill[f.pod]
+
+    def _forget(self, f: _Flight) -> None:
+        self._dec(f.pod)
+        self._add_prefill(f, -1)
+
+    def _end(self, request_id: str, pod: str, finished: bool) -> None:
+        key = (request_id, pod)
+        old = self._ended.pop(key, None)
+        self._ended[key] = (self.clock() + self.ended_s, finished or bool(old and old[1]))
+
+    def routed(self, request_id: str, pod: str, *, num_tokens: int = 0,
+               cached_blocks: int = 0) -> bool:
+        """Count ``request_id`` on ``pod`` (moving it if it was counted elsewhere) with the
+        prefill it owes; return True when it was not in flight before. A request that already
+        finished on ``pod`` is not counted again."""
+        ended = self._ended.get((request_id, pod))
+        if ended is not None and ended[1]:
+            return False
+        if ended is not None:  # its first token came first: nothing left to prefill
+            num_tokens = cached_blocks = 0
         deadline = self.clock() + self.timeout_s
         old = self._requests.pop(request_id, None)
-        if old is not None and old[0] != pod:
-            self._dec(old[0])
-        if old is None or old[0] != pod:
+        if old is not None:
+            if old.pod != pod:
+                self._forget(old)
+            else:
+                self._add_prefill(old, -1)
+                if not old.tokens and not old.cached_blocks:  # prefill already over
+                    num_tokens = cached_blocks = 0
+        if old is None or old.pod != pod:
             self._per_pod[pod] = self._per_pod.get(pod, 0) + 1
-        self._requests[request_id] = (pod, deadline)
+        f = _Flight(pod, deadline, max(0, num_tokens), max(0, cached_blocks))
+        self._add_prefill(f, 1)
+        self._requests[request_id] = f
         return old is None
 
-    def touch(self, request_id: str) -> None:
-        """A sign of life (first token): push the request's expiry back."""
-        entry = self._requests.pop(request_id, None)
-        if entry is not None:
-            self._requests[request_id] = (entry[0], self.clock() + self.timeout_s)
+    def touch(self, request_id: str, pod: str = "") -> None:
+        """The first token: the prefill is over, and the request's expiry is pushed back."""
+        if pod:
+            self._end(request_id, pod, finished=False)
+        f = self._requests.pop(request_id, None)
+        if f is None:
+            return
+        f.deadline = self.clock() + self.timeout_s
+        self._requests[request_id] = f
+        if not pod or f.pod == pod:
+            self._add_prefill(f, -1)
+            f.tokens = f.cached_blocks = 0
 
-    def finished(self, request_id: str) -> bool:
-        """The request is over; return True when it was in flight."""
-        entry = self._requests.pop(request_id, None)
-        if entry is None:
+    def finished(self, request_id: str, pod: str = "") -> bool:
+        """The request is over (on ``pod``, when named: a finished attempt on another pod than
+        the one it was moved to leaves it counted); return True when it was in flight."""
+        if pod:
+            self._end(request_id, pod, finished=True)
+        f = self._requests.get(request_id)
+        if f is None or (pod and f.pod != pod):
             return False
-        self._dec(entry[0])
+        del self._requests[request_id]
+        self._forget(f)
         return True
 
     def expire(self) -> int:
         """Forget requests past their deadline; return how many."""
         now = self.clock()
+        ended = self._ended
+        while ended:
+            key, (until, _) = next(iter(ended.items()))
+            if until > now:
+                break
+            del ended[key]
         n = 0
         reqs = self._requests
         while reqs:
-            rid, (pod, deadline) = next(iter(reqs.items()))
-            if deadline > now:
+            rid, f = next(iter(reqs.items()))
+            if f.deadline > now:
                 break
             del reqs[rid]
-            self._dec(pod)
+            self._forget(f)
             n += 1
         return n

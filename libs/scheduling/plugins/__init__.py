@@ -17,12 +17,14 @@ from .max_score_picker import MaxScorePicker
 from .never_pd_decider import NeverPDDecider
 from .pd_profile_handler import PDProfileHandler
 from .precise_prefix_scorer import PrecisePrefixCacheScorer
+from .prefix_affinity_filter import PrefixAffinityFilter
 from .prefix_based_pd_decider import PrefixBasedPDDecider
 from .queue_scorer import QueueScorer
 from .random_picker import RandomPicker
 from .role_filter import RoleFilter
 from .round_robin_picker import RoundRobinPicker
 from .single_profile_handler import SingleProfileHandler
+from .token_load_scorer import TokenLoadScorer
 
 PLUGIN_TYPES: dict[str, PluginFactory] = {
     cls.type_name: cls.create
@@ -34,9 +36,11 @@ PLUGIN_TYPES: dict[str, PluginFactory] = {
         KVUtilizationScorer,
         LoadAwareScorer,
         LoraAffinityScorer,
+        TokenLoadScorer,
         # filters
         LabelFilter,
         RoleFilter,
+        PrefixAffinityFilter,
         # pickers
         MaxScorePicker,
         RandomPicker,
@@ -64,6 +68,7 @@ __all__ = [
     "AlwaysPDDecider",
     "NeverPDDecider",
     "PDProfileHandler",
+    "PrefixAffinityFilter",
     "PrefixBasedPDDecider",
     "ApproxPrefixCacheScorer",
     "KVUtilizationScorer",
@@ -77,5 +82,6 @@ __all__ = [
     "RoleFilter",
     "RoundRobinPicker",
     "SingleProfileHandler",
+    "TokenLoadScorer",
     "register",
 ]

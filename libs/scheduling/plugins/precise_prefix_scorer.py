@@ -19,7 +19,7 @@ from infermesh.proto.messages import (
     ScheduleRequest,
 )
 
-from ..framework import CycleState, Handle, Parameters, Pod, RequestObserver, Scorer
+from ..framework import CycleState, Handle, Parameters, Pod, Preparer, RequestObserver, Scorer
 
 log = get_logger("scheduler.precise_prefix")
 
@@ -48,7 +48,7 @@ def _shared_blocks(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
-class PrecisePrefixCacheScorer(Scorer, RequestObserver):
+class PrecisePrefixCacheScorer(Scorer, Preparer, RequestObserver):
     """Score = the pod's consecutive matched blocks from the prompt start, each weighted by the
     tier it lives in, over the prompt's blocks.
 
@@ -73,6 +73,9 @@ class PrecisePrefixCacheScorer(Scorer, RequestObserver):
     Parameters: ``tier_weights`` (tier → weight in [0, 1]; GPU 1.0, CPU 0.8, LOCAL_STORAGE 0.6,
     SHARED_STORAGE 0.5),
     ``timeout_s`` (indexer timeout, 0.05), ``speculative_s`` (2.0; 0: off).
+
+    In a profile with a prefix-affinity filter, the lookup runs before the filters
+    (:meth:`prepare`, over every candidate) and :meth:`score` reuses it.
     """
 
     type_name = "precise-prefix-cache-scorer"
@@ -104,6 +107,7 @@ class PrecisePrefixCacheScorer(Scorer, RequestObserver):
         outcomes = ("ok", "retried", "timeout", "no_responders", "error")
         self._outcome = {o: handle.metrics.index_lookups.labels(name, o) for o in outcomes}
         self._speculative = handle.metrics.speculative.labels(name)
+        self._prepared_key = f"{name}:prepared"
 
     @classmethod
     def create(cls, name: str, params: Parameters, handle: Handle) -> PrecisePrefixCacheScorer:
@@ -171,10 +175,25 @@ class PrecisePrefixCacheScorer(Scorer, RequestObserver):
         log.debug("index_lookup_failed", plugin=self.name, outcome=outcome, error=str(error))
         return {}
 
+    async def prepare(self, request: ScheduleRequest, cycle: CycleState, pods: list[Pod]) -> None:
+        """Look up before the filters: ``cycle.cached_blocks`` for every candidate, and the
+        scores kept for :meth:`score`."""
+        out = await self._match(request, cycle, pods)
+        cycle.data[self._prepared_key] = ({p.name for p in pods}, out)
+
     async def score(
         self, request: ScheduleRequest, cycle: CycleState, pods: list[Pod]
     ) -> dict[str, float]:
         """Weighted matched blocks / prompt blocks, per pod."""
+        prepared = cycle.data.pop(self._prepared_key, None)
+        if prepared is not None and all(p.name in prepared[0] for p in pods):
+            return prepared[1]
+        return await self._match(request, cycle, pods)
+
+    async def _match(
+        self, request: ScheduleRequest, cycle: CycleState, pods: list[Pod]
+    ) -> dict[str, float]:
+        """Ask the index; leave the blocks per pod in ``cycle.cached_blocks``; the scores."""
         keys = request.block_keys
         if not keys:
             cycle.cached_blocks = {}
