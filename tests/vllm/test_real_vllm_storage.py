@@ -43,9 +43,8 @@ from infermesh.services.system.run import LocalSystem
 from infermesh.services.system.spec import SystemSpec
 
 from ..integration.helpers import BusWatcher, wait_until
+from .test_real_vllm import _needs_vllm
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM = ROOT / ".venv-vllm" / "bin" / "vllm"
 MODEL = DEFAULT_MODEL_NAME
 BS = VLLM_CPU_BLOCK_SIZE
 PODS = ["vllm-0", "vllm-1"]
@@ -54,17 +53,6 @@ CPU_TIER_BYTES = 64 << 20  # 4096 chunks of the tiny model's 16 KiB: ample, smal
 FILE_BYTES = 16384 + 36 + HEADER_SIZE
 # Room for ~100 files: the first two tests write ~50, the third pushes past it.
 CAPACITY_BYTES = 100 * FILE_BYTES
-
-
-def _needs_vllm() -> None:
-    import os
-
-    if VLLM.exists():
-        return
-    msg = f"{VLLM} missing: `make vllm-env` builds it (make test does)"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
 
 
 class StorageStack:
