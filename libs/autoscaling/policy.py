@@ -107,6 +107,10 @@ class PoolDecider:
             rec, why = max(sat.needed, floor), f"load fits {max(sat.needed, floor)}: {sat.why}"
             if rec >= n:
                 rec, why = n, f"steady: {sat.why}"
+        if n and x.queued and rec <= n:
+            # Requests wait in the ingresses for room (flow control): the engines' own queues
+            # stay short, so the pool says it is saturated this way.
+            rec, why = n + 1, f"saturated: {x.queued} waiting in the ingresses"
         if x.slo is not None and x.slo.missed and n:
             want = replicas_for(x.slo, n, x.queued + sat.total_waiting, self.targets.ttft_p90_s)
             if want > rec:

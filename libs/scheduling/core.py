@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client
@@ -79,6 +80,9 @@ class SchedulerCore:
         self.pods = PodTable(cfg.pod_timeout_s, late_s=cfg.pod_late_s)
         self.inflight = InFlight(cfg.inflight_timeout_s)
         self.observers = self.pipeline.observers()
+        # Called after a request event ended a prefill or a request (the ingress's flow
+        # control looks for room again).
+        self.on_request_end: Callable[[], None] | None = None
         self.decisions = 0
         self._nc: Client | None = None
         self._subs: list[Any] = []
@@ -208,6 +212,8 @@ class SchedulerCore:
             self.inflight.touch(ev.request_id, ev.pod)
         for o in self.observers:
             o.on_request_event(ev)
+        if ev.kind != "routed" and self.on_request_end is not None:
+            self.on_request_end()
 
     # ------------------------------------------------------------------ im.schedule
 
@@ -299,6 +305,7 @@ class SchedulerCore:
             scores=total_scores(decision),
             cached_blocks=decision.cached_blocks,
             leg="decode" if decision.prefill_pod else "",
+            session=req.session_id or "",
         )
         events = [routed]
         if decision.prefill_pod:

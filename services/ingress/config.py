@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from infermesh.libs import liveness
 from infermesh.libs.bus import BusKnobs
 from infermesh.libs.config import knob
+from infermesh.libs.flowcontrol import FAIRNESS, ORDERING, Thresholds
 from infermesh.libs.scheduling.config import SchedulingKnobs
 from infermesh.libs.tokenization.knobs import TokenizingKnobs
 from infermesh.proto.subjects import check_token
@@ -57,7 +58,42 @@ class IngressConfig(BusKnobs, TokenizingKnobs, SchedulingKnobs):
         "engines' start time where the autoscaler scales to zero (docs/autoscaler.md)"
     )
     hold_max_requests: int = knob(
-        256, "Requests held at most while no engine is ready; past it a 429 with Retry-After"
+        256, "Requests waiting at most in this ingress (no engine ready, or the pool saturated: "
+        "flow control); past it a 429 with Retry-After, unless the newcomer displaces one of a "
+        "lower priority or of the tenant with the most waiting"
+    )
+    # Flow control (services/ingress/flow.py, docs/flow-control.md).
+    flow_control: bool = knob(
+        True, "Hold requests in the ingress while every engine of the pool is saturated "
+        "(thresholds below), in priority bands, fairly between tenants; off: only the wait for "
+        "a ready engine"
+    )
+    queue_timeout_s: float = knob(
+        30.0, "Longest wait in the ingress for room in a saturated pool before the 503"
+    )
+    flow_fairness: str = knob(
+        "tokens", "Fairness between tenants within a priority band: tokens (deficit round "
+        "robin on prompt tokens), requests (round robin), off (one queue)"
+    )
+    flow_ordering: str = knob(
+        "fcfs", "Order of a tenant's waiting requests: fcfs, or edf (earliest "
+        "x-infermesh-deadline-ms first)"
+    )
+    flow_quantum_tokens: int = knob(
+        2048, "Prompt tokens a tenant may send per turn of deficit round robin"
+    )
+    saturation_waiting: int = knob(
+        5, "An engine queueing this many requests itself is saturated (0: signal off)"
+    )
+    saturation_kv_usage: float = knob(
+        0.8, "An engine with this fraction of its KV cache in use is saturated (0: off)"
+    )
+    saturation_uncached_tokens: int = knob(
+        8192, "An engine with this many prompt tokens routed and not yet prefilled is saturated "
+        "(0: off)"
+    )
+    saturation_requests: int = knob(
+        0, "An engine with this many requests in flight is saturated (0: off)"
     )
     demand_interval_s: float = knob(
         1.0, "While requests are held, how often the ingress tells the autoscaler (ScaleDemand "
@@ -66,6 +102,14 @@ class IngressConfig(BusKnobs, TokenizingKnobs, SchedulingKnobs):
     refused_backoff_s: float = knob(
         2.0, "An engine that refused a connection is asked only when no other engine is left, "
         "for this long"
+    )
+    session_header: str = knob(
+        "x-session-id", "Request header naming the conversation a request belongs to, for the "
+        "session-affinity scorer (empty: none)"
+    )
+    session_cookie: str = knob(
+        "infermesh-session", "Cookie naming the conversation, when the header is absent "
+        "(empty: none)"
     )
     instance: str = knob("", "Name of this ingress in request events (empty: host-pid)")
     # API keys, rate limits and TLS (services/ingress/auth.py, docs/ingress.md).
@@ -90,6 +134,13 @@ class IngressConfig(BusKnobs, TokenizingKnobs, SchedulingKnobs):
             raise ValueError("no_pod_wait_s and refused_backoff_s must be >= 0")
         if self.hold_max_requests < 1 or self.demand_interval_s <= 0:
             raise ValueError("hold_max_requests and demand_interval_s must be positive")
+        if self.queue_timeout_s <= 0 or self.flow_quantum_tokens < 1:
+            raise ValueError("queue_timeout_s and flow_quantum_tokens must be positive")
+        if self.flow_fairness not in FAIRNESS:
+            raise ValueError(f"flow_fairness must be one of {', '.join(FAIRNESS)}")
+        if self.flow_ordering not in ORDERING:
+            raise ValueError(f"flow_ordering must be one of {', '.join(ORDERING)}")
+        self.thresholds()  # checks them
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if self.max_body_bytes < 1024:
@@ -101,3 +152,9 @@ class IngressConfig(BusKnobs, TokenizingKnobs, SchedulingKnobs):
         if self.tls_ca_file and not self.tls_cert_file:
             raise ValueError("tls_ca_file (client certificates) needs tls_cert_file and "
                              "tls_key_file")
+
+    def thresholds(self) -> Thresholds:
+        """The saturation detector's thresholds."""
+        return Thresholds(waiting=self.saturation_waiting, kv_usage=self.saturation_kv_usage,
+                          uncached_tokens=self.saturation_uncached_tokens,
+                          requests=self.saturation_requests)

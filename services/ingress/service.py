@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import math
 import os
 import random
 import re
@@ -45,6 +46,7 @@ from infermesh.libs.bus import (
     fits,
     request,
 )
+from infermesh.libs.flowcontrol import FlowQueue, PodLoad, Ticket
 from infermesh.libs.scheduling.core import ScheduleError, SchedulerCore, prefill_request_id
 from infermesh.libs.scheduling.scheduler import total_scores
 from infermesh.libs.telemetry import (
@@ -68,20 +70,29 @@ from infermesh.proto.messages import (
 )
 from infermesh.proto.subjects import Subjects
 
-from .activator import Activator, ActivatorMetrics, HoldRefused
-from .auth import ApiKeyGuard, ApiKeys, server_ssl_context
+from .auth import KEY_NAME, ApiKeyGuard, ApiKeys, server_ssl_context
 from .config import IngressConfig
+from .flow import FlowGate, Refused
 from .metrics import IngressMetrics
 
 log = get_logger("ingress")
 
-# Seconds the request being served (this task) was held by the activator so far.
+# Seconds the request being served (this task) waited in the ingress so far (for an engine to
+# start, or for room in a saturated pool).
 _HELD_S: contextvars.ContextVar[float] = contextvars.ContextVar("held_s", default=0.0)
+# The flow-control ticket of the request being served (its priority band, tenant, deadline).
+_TICKET: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("ticket", default=None)
 
 ENDPOINT_HEADER = "x-infermesh-endpoint"
 PREFILL_HEADER = "x-infermesh-prefill-endpoint"  # the engine that prefilled (P/D)
 ROUTING_HEADER = "x-infermesh-routing-ms"  # request received → first byte sent to the engine
 PROFILE_HEADER = "x-infermesh-profile"
+# Flow control (docs/flow-control.md): priority band (higher first; negative: sheddable),
+# tenant (when no API keys name them), deadline in milliseconds from arrival (EDF ordering).
+PRIORITY_HEADER = "x-infermesh-priority"
+TENANT_HEADER = "x-infermesh-tenant"
+DEADLINE_HEADER = "x-infermesh-deadline-ms"
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 413: "RequestEntityTooLarge", 429: "RateLimitError", 500: "InternalServerError",
@@ -128,6 +139,7 @@ class _Body(msgspec.Struct):
     tools: list[dict[str, Any]] | None = None
     documents: list[dict[str, Any]] | None = None
     cache_salt: str | None = None
+    priority: int = 0  # vLLM's: lower is served earlier (flow control's band is its negative)
 
 
 _body_decoder = msgspec.json.Decoder(_Body)
@@ -157,6 +169,7 @@ class _Pod:
     seen: float
     since: float  # start of its unbroken run of heartbeats (liveness.since)
     in_flight: int = 0
+    in_flight_at_beat: int = 0  # requests in flight on it (all routers') at its last heartbeat
 
 
 @dataclass
@@ -179,6 +192,7 @@ class _Route:
     # Prefill/decode: the first decode attempt has been made (a retry serves the request whole)
     pd_tried: bool = False
     prefill_pod: str = ""  # the engine whose KV the answer was decoded with
+    session: str | None = None  # the conversation (session_header / session_cookie)
 
 
 # vLLM's NixlConnector: what a prefill request asks for (docs/disaggregation.md).
@@ -209,11 +223,16 @@ class IngressService:
         self._rng = random.Random()
         self._tokenizer_ok = 0.0  # monotonic time of the last answer
         self._scheduler_ok = 0.0
-        # Requests held while the pool has no ready engine, released by a ready heartbeat.
-        self.activator = Activator(
-            max_held=cfg.hold_max_requests, timeout_s=cfg.no_pod_wait_s,
-            demand_interval_s=cfg.demand_interval_s, publish_demand=self._publish_demand,
-            metrics=ActivatorMetrics(self.metrics.registry))
+        # Requests wait here while the pool is saturated or has no ready engine (flow.py).
+        self.flow = FlowGate(
+            enabled=cfg.flow_control, thresholds=cfg.thresholds(),
+            queue=FlowQueue(max_queued=cfg.hold_max_requests,
+                            fairness=cfg.flow_fairness,  # type: ignore[arg-type]
+                            ordering=cfg.flow_ordering,  # type: ignore[arg-type]
+                            quantum=cfg.flow_quantum_tokens),
+            queue_timeout_s=cfg.queue_timeout_s, no_pod_wait_s=cfg.no_pod_wait_s,
+            demand_interval_s=cfg.demand_interval_s, loads=self._loads,
+            publish_demand=self._publish_demand, registry=self.metrics.registry)
         self._pruned_at = 0.0
         self._refused: dict[str, float] = {}  # pod → when it last refused a connection
         # Built here so a bad key file or certificate stops the start before any bus work.
@@ -227,6 +246,8 @@ class IngressService:
         # profiles file stops the start.
         self.sched = (SchedulerCore(cfg, self.instance, self.subjects) if cfg.schedule_here
                       else None)
+        if self.sched is not None:
+            self.sched.on_request_end = self.flow.poke
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -277,7 +298,7 @@ class IngressService:
             await self._runner.cleanup()
         if self.http is not None:
             await self.http.close()
-        await self.activator.close()
+        await self.flow.close()
         if self.tokenizer is not None:
             await self.tokenizer.close()
         if self.sched is not None:
@@ -306,12 +327,13 @@ class IngressService:
             self._refused.pop(st.pod, None)  # back (a restarted engine): no longer refusing
         now = time.monotonic()
         if pod is None:
-            self.pods[st.pod] = _Pod(st, now, now)
+            pod = self.pods[st.pod] = _Pod(st, now, now)
         else:
             pod.since = liveness.since(pod.seen, pod.since, now, self.cfg.pod_late_s)
             pod.state, pod.seen = st, now
-        if st.ready and len(self.activator):
-            self.activator.release()
+        pod.in_flight_at_beat = self._requests_on(pod)
+        if st.ready:
+            self.flow.poke()
 
     def _prune(self) -> None:
         """Forget pods silent for ``pod_timeout_s`` while others still speak (at most 4 times a
@@ -335,19 +357,104 @@ class IngressService:
         self._prune()
         return [p for p in self.pods.values() if p.state.ready]
 
-    async def _wait_for_pod(self, why: str) -> bool:
-        """Hold the request (the activator) up to ``no_pod_wait_s`` for a ready heartbeat;
-        True when one came. A full hold queue is the 429, with Retry-After. The time held goes
-        on the request's events (``held_s``)."""
-        t0 = time.perf_counter()
+    def _requests_on(self, pod: _Pod) -> int:
+        """Requests in flight on ``pod``: every router's (request events) when this process
+        schedules, else this ingress's own."""
+        if self.sched is not None:
+            return self.sched.inflight.count(pod.state.pod)
+        return pod.in_flight
+
+    def _loads(self) -> list[PodLoad]:
+        """The load of every ready engine that serves requests (prefill engines of a P/D pool
+        only prefill), for the saturation detector. An engine queueing at its last heartbeat
+        queues what was sent to it since, too."""
+        out = []
+        inflight = self.sched.inflight if self.sched is not None else None
+        for p in self.live_pods():
+            st = p.state
+            if st.role == "prefill":
+                continue
+            n = self._requests_on(p)
+            waiting = st.waiting + max(0, n - p.in_flight_at_beat) if st.waiting else 0
+            out.append(PodLoad(
+                st.pod, waiting=waiting, kv_usage=st.kv_usage, requests=n,
+                uncached_tokens=(inflight.uncached_tokens(st.pod, st.block_size)
+                                 if inflight is not None else 0)))
+        return out
+
+    def _ticket(self, request: web.Request, body: _Body) -> Ticket:
+        """The request's flow-control ticket: its priority band (``x-infermesh-priority``,
+        higher first, negative sheddable; else vLLM's ``priority`` field negated: lower is
+        earlier there), its tenant (the API key's name; without keys ``x-infermesh-tenant``;
+        else ``default``) and its deadline (``x-infermesh-deadline-ms`` from now)."""
+        band = -body.priority
+        raw = request.headers.get(PRIORITY_HEADER)
+        if raw is not None:
+            try:
+                band = int(raw)
+            except ValueError:
+                raise ClientError(400, f"{PRIORITY_HEADER} must be an integer") from None
+            if not -1_000_000 <= band <= 1_000_000:
+                raise ClientError(400, f"{PRIORITY_HEADER} must be within +-1000000")
+        tenant = request.get(KEY_NAME)
+        if tenant is None:
+            tenant = request.headers.get(TENANT_HEADER) or "default"
+            if not _TENANT_RE.match(tenant):
+                raise ClientError(400, f"{TENANT_HEADER} must be 1-64 letters, digits or "
+                                  "._:@- (starting with a letter or digit)")
+        deadline = math.inf
+        raw = request.headers.get(DEADLINE_HEADER)
+        if raw is not None:
+            try:
+                ms = float(raw)
+            except ValueError:
+                ms = -1.0
+            if not 0 < ms < 1e10:
+                raise ClientError(400, f"{DEADLINE_HEADER} must be a positive number of "
+                                  "milliseconds")
+            deadline = time.monotonic() + ms / 1000.0
+        return Ticket(band=band, tenant=tenant, deadline=deadline)
+
+    def _session(self, request: web.Request) -> str | None:
+        """The conversation the request belongs to: ``session_header``, else the
+        ``session_cookie`` (1-256 printable characters; else a 400)."""
+        value = None
+        if self.cfg.session_header:
+            value = request.headers.get(self.cfg.session_header)
+        if value is None and self.cfg.session_cookie:
+            value = request.cookies.get(self.cfg.session_cookie)
+        if value is None:
+            return None
+        if not 0 < len(value) <= 256 or not value.isprintable():
+            raise ClientError(400, "the session id must be 1-256 printable characters")
+        return value
+
+    async def _wait_in_flow(self, no_engine_only: bool) -> Ticket | None:
+        """Wait in flow control (see :class:`FlowGate`); the time waited for an engine to start
+        goes on the request's events (``held_s``). Its 429 and 503 become the client's."""
+        ticket = _TICKET.get()
+        if ticket is None:
+            ticket = Ticket(band=0, tenant="default")
+        before = ticket.held_s
         try:
-            released = await self.activator.hold()
-        except HoldRefused as e:
-            raise ClientError(429, f"{e}; retry in {e.retry_after_s} s",
-                              headers={"Retry-After": str(e.retry_after_s)}) from None
+            return await self.flow.admit(ticket, no_engine_only=no_engine_only)
+        except Refused as e:
+            if e.status == 503 and no_engine_only:
+                raise
+            headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+            raise ClientError(e.status, e.message, headers=headers) from None
         finally:
-            _HELD_S.set(_HELD_S.get() + time.perf_counter() - t0)
-        if not released:
+            # Only the wait for an engine to start is "held" (the autoscaler's SLO window
+            # leaves it out); a wait for room in a saturated pool is the pool's latency.
+            _HELD_S.set(_HELD_S.get() + ticket.held_s - before)
+
+    async def _wait_for_pod(self, why: str) -> bool:
+        """Hold the request (the activator's case of flow control) up to ``no_pod_wait_s`` for
+        a ready heartbeat; True when one came (or an engine is ready already). A full queue is
+        the 429, with Retry-After."""
+        try:
+            await self._wait_in_flow(no_engine_only=True)
+        except Refused:
             if self.cfg.no_pod_wait_s > 0:
                 self.metrics.no_pod_waits.labels("timed_out").inc()
                 log.warning("no_engine_after_wait", reason=why, waited_s=self.cfg.no_pod_wait_s)
@@ -490,28 +597,42 @@ class IngressService:
                                    "'application/json' is allowed")
         raw = await request.read()
         body = self._parse(raw, chat)
+        ticket = self._ticket(request, body)
+        _TICKET.set(ticket)
         model, lora = await self._resolve_model(body.model)
         profile = request.headers.get(PROFILE_HEADER) or self.cfg.profile or None
         route = _Route(request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
                        model=model, lora=lora, num_tokens=0, block_keys=[], profile=profile,
-                       received=received)
+                       received=received, session=self._session(request))
         here = self.tokenizer is not None and model in self.tokenizer.tokenizers
-        if here:  # no bus trip to tokenize
-            await self._tokenize_here(route, body, chat)
-        elif self.sched is not None or not (
-                self.cfg.chained_routing and await self._route(route, body, chat)):
-            await self._tokenize(route, body, chat)
-        if route.first is None and self.sched is not None:
-            await self._decide_here(route)  # no bus trip to decide
-        if route.first is None and (here or self.sched is not None):
-            # A scheduler service decides, and announces it (it holds the keys).
-            pod, url, route.announced = await self._pick(route, announce=True)
-            route.first = (pod, url)
+        try:
+            if here:  # no bus trip to tokenize
+                await self._tokenize_here(route, body, chat)
+            elif self.sched is not None or self.flow.busy() or not (
+                    self.cfg.chained_routing and await self._route(route, body, chat)):
+                await self._tokenize(route, body, chat)
+            if route.first is None:
+                # Flow control: wait here while the pool is saturated (its cost for fairness
+                # between tenants: the prompt's tokens).
+                ticket.cost = max(1, route.num_tokens)
+                await self._wait_in_flow(no_engine_only=False)
+            else:
+                self.flow.passed(ticket)  # routed in one trip: the pool had room
+            if route.first is None and self.sched is not None:
+                await self._decide_here(route)  # no bus trip to decide
+            if route.first is None and (here or self.sched is not None):
+                # A scheduler service decides, and announces it (it holds the keys).
+                pod, url, route.announced = await self._pick(route, announce=True)
+                route.first = (pod, url)
+        except BaseException:
+            self.flow.settled(ticket)  # admitted, and failed before it was routed
+            raise
         self.metrics.in_flight.inc()
         try:
             resp = await self._proxy(request, route, raw, bool(body.stream))
         finally:
             self.metrics.in_flight.dec()
+            self.flow.settled(ticket)  # (_proxy does it once routed)
         self.metrics.requests.labels(endpoint, str(resp.status)).inc()
         return resp
 
@@ -578,7 +699,8 @@ class IngressService:
         tok = self._tokenize_request(route, body, chat)
         sched = ScheduleRequest(request_id=route.request_id, model=route.model, num_tokens=0,
                                 pool=self.cfg.pool, lora_name=route.lora, profile=route.profile,
-                                exclude=self._refused_now(route), announce=True)
+                                exclude=self._refused_now(route), announce=True,
+                                session_id=route.session)
         data = codec.encode(RouteRequest(tokenize=tok, schedule=sched))
         if not fits(self.nc, data):
             return False
@@ -784,7 +906,8 @@ class IngressService:
                                num_tokens=route.num_tokens, block_keys=route.block_keys,
                                tokens_partial=route.partial, pool=self.cfg.pool,
                                lora_name=route.lora, profile=route.profile,
-                               exclude=self._refused_now(route), announce=announce)
+                               exclude=self._refused_now(route), announce=announce,
+                               session_id=route.session)
 
     async def _pick(self, route: _Route, announce: bool = False) -> tuple[str, str, bool]:
         """(pod, url, announced) from the scheduler, or from heartbeats when it does not answer
@@ -880,7 +1003,7 @@ class IngressService:
                                   profile=d.profile if d else "",
                                   scores=total_scores(d) if d else {},
                                   cached_blocks=d.cached_blocks if d else 0,
-                                  leg="decode" if pd else "")
+                                  leg="decode" if pd else "", session=route.session or "")
             body = raw
             if attempt > 0 and route.prefill_pod:  # the decode with the KV failed: served whole
                 self.metrics.pd.labels("decode_retried_whole").inc()
@@ -896,6 +1019,8 @@ class IngressService:
             tracked = self.pods.get(pod)
             if tracked is not None:
                 tracked.in_flight += 1
+            # Routed and counted: flow control may look for room for the next one.
+            self.flow.settled(_TICKET.get())
             if attempt == 0:
                 route.routing_s = time.perf_counter() - route.received
                 self.metrics.routing.observe(route.routing_s)

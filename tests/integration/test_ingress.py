@@ -333,7 +333,7 @@ async def _metrics(url: str) -> str:
 async def test_a_request_that_finds_no_engine_waits_for_one(world) -> None:
     await world.start({}, no_pod_wait_s=10)
     sent = asyncio.create_task(post(world.url, {"model": MODEL, "prompt": "x"}))
-    await wait_until(lambda: len(world.ingress.activator) > 0,
+    await wait_until(lambda: world.ingress.flow.held > 0,
                      what="the request waiting for an engine")
     await world.add_engine("a")  # its first heartbeat ends the wait
     status, headers, _ = await sent
@@ -357,7 +357,7 @@ async def test_the_activator_holds_in_order_tells_demand_and_bounds_the_queue(wo
     for i in range(5):
         body = {"model": MODEL, "prompt": f"p{i}", "stream": i % 2 == 1}
         sent.append(asyncio.create_task(post(world.url, body)))
-        await wait_until(lambda i=i: len(world.ingress.activator) == i + 1, what=f"{i} held")
+        await wait_until(lambda i=i: world.ingress.flow.held == i + 1, what=f"{i} held")
     await wait_until(lambda: any(d.queued == 5 for d in demand), what="the demand told")
     d = next(d for d in demand if d.queued == 5)
     assert d.pool == "default" and d.replica == world.ingress.instance

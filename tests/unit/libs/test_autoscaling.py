@@ -307,3 +307,14 @@ def test_a_follower_adopts_the_leaders_decisions_cooldowns_included() -> None:
     alone = PoolDecider(FAST)
     alone.tick(0, inputs((0.3, 0), (0.3, 0)))
     assert alone.target == 2
+
+
+def test_requests_waiting_in_the_ingresses_are_a_saturated_pool() -> None:
+    """Flow control keeps the engines' own queues short: what waits in the ingresses says the
+    pool is saturated (one more replica), where the heartbeats alone would say steady."""
+    d = PoolDecider(FAST)
+    d.tick(0, inputs((0.5, 0), (0.5, 0)))
+    steady = d.tick(1, inputs((0.5, 0), (0.5, 0)))
+    assert steady.target == 2 and "steady" in steady.reason
+    queued = d.tick(2, inputs((0.5, 0), (0.5, 0), queued=7))
+    assert queued.target == 3 and "7 waiting in the ingresses" in queued.reason
