@@ -312,6 +312,9 @@ class RequestEvent(Message, kw_only=True):
     # request id, ``<id>-prefill``, so in-flight counts stay per pod) or "decode"; empty: the
     # whole request on one engine.
     leg: str = ""
+    # `routed` only: the conversation the request belongs to (ScheduleRequest.session_id), so
+    # every replica's session-affinity scorer learns where it went.
+    session: str = ""
 
 
 class ScaleDemand(Message, kw_only=True):

@@ -23,6 +23,7 @@ from .queue_scorer import QueueScorer
 from .random_picker import RandomPicker
 from .role_filter import RoleFilter
 from .round_robin_picker import RoundRobinPicker
+from .session_affinity_scorer import SessionAffinityScorer
 from .single_profile_handler import SingleProfileHandler
 from .token_load_scorer import TokenLoadScorer
 
@@ -37,6 +38,7 @@ PLUGIN_TYPES: dict[str, PluginFactory] = {
         LoadAwareScorer,
         LoraAffinityScorer,
         TokenLoadScorer,
+        SessionAffinityScorer,
         # filters
         LabelFilter,
         RoleFilter,
@@ -81,6 +83,7 @@ __all__ = [
     "RandomPicker",
     "RoleFilter",
     "RoundRobinPicker",
+    "SessionAffinityScorer",
     "SingleProfileHandler",
     "TokenLoadScorer",
     "register",
