@@ -80,7 +80,9 @@ async def send(
                         start_s=time.perf_counter() - run_start, ttft_s=None, e2e_s=None,
                         itl_s=[], prompt_tokens=req.prompt_tokens, output_tokens=0,
                         cached_tokens=0, endpoint=None, profile=profile,
-                        offered_rate_qps=offered_rate)
+                        offered_rate_qps=offered_rate, tag=req.tag)
+    if req.headers:
+        headers = {**(headers or {}), **dict(req.headers)}
     t0 = time.perf_counter()
     last: float | None = None
     try:

@@ -64,6 +64,12 @@ class Fleet:
     # whether they share a storage tier (a fresh directory in the row's state folder).
     engine_args: str = ""
     storage: bool = False
+    # Service settings of this row over the preset's ({"ingress": {"flow_control": False}}),
+    # the request classes it sends (BenchRequest.tag; empty: all) and the request headers it
+    # leaves out (the `tenants` preset).
+    settings: Mapping[str, Mapping[str, Any]] | None = None
+    tags: tuple[str, ...] = ()
+    drop_headers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.prefill or self.decode) and self.engines != self.prefill + self.decode:
@@ -100,6 +106,8 @@ def fleet_spec(base: SystemSpec, fleet: Fleet, time_scale: float,
     shared storage in ``storage_dir``), the simulator's start-up delay and, when autoscaled, the
     autoscaler and an ingress that holds requests at zero."""
     settings = {k: dict(v) for k, v in base.settings.items()}
+    for service, knobs in (fleet.settings or {}).items():
+        settings[service] = {**settings.get(service, {}), **knobs}
     settings.setdefault("sim", {})["startup_delay_s"] = startup_delay_s
     args = " ".join(a for a in (base.engine_args, fleet.engine_args,
                                 f"--storage-dir {storage_dir}" if fleet.storage else "") if a)

@@ -69,6 +69,7 @@ class RequestResult:
     endpoint: str | None = None
     profile: str = ""
     offered_rate_qps: float | None = None
+    tag: str = ""  # the request's class (BenchRequest.tag)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""

@@ -59,6 +59,7 @@ from . import metrics as M
 from . import peers as P
 from . import repeats as R
 from . import storage as S
+from . import tenants as T
 from . import workload as W
 from .client import send
 from .cpu import CpuMeter, self_cpu_s
@@ -84,6 +85,12 @@ class Preset:
     fleets: list[F.Fleet] = field(default_factory=list)
     startup_delay_s: float = 0.0  # the engines' start (modelled s), for fleet rows
     table: tuple[tuple[str, str, str, float, bool], ...] | None = None  # (fleets) its columns
+    # Arrival moments of its own (the `tenants` preset: a Poisson process per class of
+    # request) instead of one process over the stages: (workload, wall stages, seed) → stamped.
+    arrivals: Callable[[list[W.BenchRequest], list[W.Stage], int],
+                       list[W.BenchRequest]] | None = None
+    # Figures across the rows of one repeat (their summaries), after they all ran.
+    compare: Callable[[dict[str, dict[str, Any]]], None] | None = None
 
     @property
     def baseline(self) -> F.Fleet | None:
@@ -253,6 +260,35 @@ PRESETS: dict[str, Preset] = {
                 F.Fleet("gpu+cpu+storage", 4, engine_args="--num-cpu-blocks 1500",
                         storage=True)],
         table=F.TIERED_TABLE_COLUMNS,
+    ),
+    "tenants": Preset(
+        name="tenants",
+        description=("flow control under a flood on 4 engines: a heavy tenant at 3x what they "
+                     "compute (a tenth interactive, priority 1; a tenth sheddable, -1), a light "
+                     "tenant at 2 QPS, unique 1,000-token prompts; the light tenant alone, no "
+                     "flow control, flow control first come first served, fair between tenants, "
+                     "fair with priorities"),
+        workload=T.workload,
+        # The classes' nominal rates (tenants.RATES) for 15 s.
+        stages=[W.Stage(1.0, 15)],
+        # 4 engines computing 8,000 prompt tokens/s, one prefill at a time: 0.125 s a
+        # 1,000-token prompt, 32 requests/s for the fleet; the heavy tenant sends 96. Quarter
+        # speed (time scale 4): 25 requests/s of wall clock for the 2-core machine. An engine counts
+        # as saturated with one prompt's tokens waiting for prefill (the default 8,192 keeps
+        # 8 of these queued at the engine: docs/flow-control.md).
+        system=SystemSpec(engines=4, time_scale=4.0,
+                          engine_args="--prefill-tokens-per-s 8000",
+                          settings={"ingress": {"saturation_uncached_tokens": 1000}}),
+        profiles=["default"],
+        fleets=[F.Fleet(T.ALONE, 4, tags=("light",)),
+                F.Fleet("no flow control", 4, settings={"ingress": {"flow_control": False}}),
+                F.Fleet("flow fcfs", 4, settings={"ingress": {"flow_fairness": "off"}},
+                        drop_headers=(T.PRIORITY,)),
+                F.Fleet("flow fair", 4, drop_headers=(T.PRIORITY,)),
+                F.Fleet("flow fair+priority", 4)],
+        table=T.TABLE_COLUMNS,
+        arrivals=T.arrivals,
+        compare=T.compare,
     ),
 }
 
@@ -474,8 +510,10 @@ def run_fleet(spec: SystemSpec, fleet: F.Fleet, work: Workload, state_dir: Path,
             used = F.engine_seconds(intervals, m0, m0 + duration)
         else:
             used = fleet.engines * duration
+        # Flow control's answers, from the ingress's metrics.
+        tiers = asyncio.run(T.flow_counts(system.url))
         # Cache hits per tier and the storage tier's traffic, from the engines' own metrics.
-        tiers = S.summarize_tiers(S.tier_stats(
+        tiers |= S.summarize_tiers(S.tier_stats(
             [f"http://{system.plan.spec.host}:{p}" for p in system.plan.layout.engine_http]))
         if fleet.storage:
             urls = [f"http://{system.plan.spec.host}:{p}" for p in system.plan.layout.engine_http]
@@ -498,6 +536,7 @@ def run_fleet(spec: SystemSpec, fleet: F.Fleet, work: Workload, state_dir: Path,
         "replicas": F.sparkline(samples, duration, fleet.max_engines or 1),
         **F.zero_stats(results, samples, scale),
         **tiers,
+        **T.tag_stats(results, scale),
     })
     return RowRun(summary=summary, per_rate=M.by_offered_rate(results, scale), results=results,
                   wall_s=time.monotonic() - t0, replicas=F.series(samples, scale))
@@ -518,8 +557,8 @@ async def _measure_fleet(system: LocalSystem, fleet: F.Fleet, work: Workload, pr
     sampler.begin(start)
     try:
         results, duration = await run_requests(
-            system.url, work.requests, profile=profile, model=work.model,
-            stages=work.wall_stages, start=start)
+            system.url, T.requests_for(work.requests, fleet.tags, fleet.drop_headers),
+            profile=profile, model=work.model, stages=work.wall_stages, start=start)
     finally:
         await sampler.stop()
     return results, duration, m0, sampler.samples
@@ -552,6 +591,9 @@ def build_workload(preset: Preset, seed: int, time_scale: float, model: str) -> 
     tok = ModelTokenizer.from_folder(ensure_model_folder())
     base = preset.workload(tok, seed)
     wall_stages = W.scale_time(preset.stages, time_scale)
+    if preset.arrivals is not None:
+        return Workload(requests=preset.arrivals(base, wall_stages, seed),
+                        wall_stages=wall_stages, time_scale=time_scale, model=model)
     times = W.poisson_arrivals(wall_stages, seed)
     # More arrivals than prompts: cycle through the workload, as inference-perf does.
     requests = W.assign_arrivals(W.cycle_to(base, len(times)), times)
@@ -640,6 +682,8 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
                 print(f"[bench]   note: {r.note}", flush=True)
         if baseline is not None:
             compare_fleets(rep, baseline.name)
+        if preset.compare is not None:
+            preset.compare({n: r.summary for n, r in rep.items()})
         runs.append(rep)
     names = [row.name for row in rows]
     by_row = {n: [rep[n].summary for rep in runs] for n in names}

@@ -108,6 +108,10 @@ class BenchRequest:
     turn: int = 0
     prompt_tokens: int
     arrival_s: float = 0.0
+    # Request headers of its own (the `tenants` preset: tenant and priority) and a class
+    # label for per-class statistics.
+    headers: tuple[tuple[str, str], ...] = ()
+    tag: str = ""
 
 
 # --------------------------------------------------------------------------- text
