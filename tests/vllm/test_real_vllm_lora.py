@@ -16,7 +16,7 @@ import pytest
 from infermesh.libs.bus import connect
 from infermesh.libs.tinymodel import build_adapter, ensure_model_folder
 
-from ..integration.helpers import BusWatcher, until_adapters
+from ..integration.helpers import BusWatcher, until_adapters, wait_until
 from .test_real_vllm import MODEL, PODS, RealStack, _needs_vllm, _needs_weights, _words
 
 
@@ -86,5 +86,30 @@ async def test_a_lora_request_is_routed_to_the_engine_holding_the_adapter(
                 pod, text = await _complete(http, stack.ingress, "a", prompt)
                 assert pod == other
                 assert text == (await _complete(http, engine[other], "a", prompt))[1]
+    finally:
+        await nc.close()
+
+
+async def test_an_adapter_in_the_lora_directory_is_loaded_on_demand_and_then_preferred(
+    lora_stack: tuple[RealStack, Path]
+) -> None:
+    stack, _ = lora_stack
+    lora_dir = stack.system.plan.lora_dir
+    build_adapter(lora_dir / "c", "c", ensure_model_folder())
+    rng = random.Random(18)
+    nc = await connect(stack.nats_url, "test")
+    watcher = await BusWatcher(nc).start()
+    try:
+        # Every agent lists it as loadable (its LoRA directory); no engine holds it yet.
+        await wait_until(lambda: all("c" in getattr(watcher.states.get(p), "adapters", [])
+                                     for p in PODS), what="c listed as loadable")
+        assert not any("c" in watcher.states[p].lora.loaded for p in PODS)
+        async with aiohttp.ClientSession() as http:
+            first, _ = await _complete(http, stack.ingress, "c", _words(rng, 30))
+            # vLLM's filesystem resolver loaded it there, on the request's demand
+            await until_adapters(watcher, first, {"c"}, set())
+            for _ in range(3):
+                pod, _ = await _complete(http, stack.ingress, "c", _words(rng, 30))
+                assert pod == first
     finally:
         await nc.close()
