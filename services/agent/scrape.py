@@ -135,14 +135,15 @@ def adapters_in(lora_dir: str) -> list[str]:
 
 
 async def scrape_engine(
-    session: aiohttp.ClientSession, base_url: str, model: str, known: EngineLoad | None = None
+    session: aiohttp.ClientSession, base_url: str, model: str, known: EngineLoad | None = None,
+    *, lora: bool = False,
 ) -> EngineLoad:
     """Scrape ``/metrics``; read ``/v1/models`` too until the served models are known, and on
-    every scrape of an engine that serves LoRA (adapters come and go while it runs: loaded,
-    unloaded, resolved on a request's demand)."""
+    every scrape of an engine that serves LoRA (``lora``, or its metrics or models say so:
+    adapters come and go while it runs: loaded, unloaded, resolved on a request's demand)."""
     max_model_len = known.max_model_len if known else 0
     adapters = known.adapters if known else []
-    lora = known is not None and (known.max_lora > 0 or bool(known.adapters))
+    lora = lora or (known is not None and (known.max_lora > 0 or bool(known.adapters)))
     if not model or not max_model_len or lora:
         found, max_model_len, adapters = await read_models(session, base_url)
         model = model or found

@@ -588,7 +588,8 @@ class AgentService:
         assert self._http is not None
         while True:
             try:
-                load = await scrape_engine(self._http, self.cfg.engine_url, self.model, self.load)
+                load = await scrape_engine(self._http, self.cfg.engine_url, self.model, self.load,
+                                           lora=self.cfg.vllm_lora())
             except asyncio.CancelledError:
                 raise
             except Exception as e:

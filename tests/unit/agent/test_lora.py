@@ -100,6 +100,12 @@ async def test_every_scrape_of_a_lora_engine_rereads_its_adapters(
         assert second.adapters == ["a", "b"]
         adapters.remove("a")  # unloaded
         assert (await scrape_engine(http, url, "tiny", second)).adapters == ["b"]
+        # an engine with LoRA on and no adapter yet: the agent's config says to keep reading
+        adapters.clear()
+        bare = EngineLoad(ready=True, model="tiny", max_model_len=2048)
+        adapters.append("late")
+        assert (await scrape_engine(http, url, "tiny", bare)).adapters == []  # not asked
+        assert (await scrape_engine(http, url, "tiny", bare, lora=True)).adapters == ["late"]
 
 
 def test_the_heartbeat_names_loaded_and_loadable_adapters(tmp_path: Path, model_dir: Path) -> None:
