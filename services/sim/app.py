@@ -643,6 +643,13 @@ class EngineApp:
         )
         # Hashing the prompt's blocks and priming the detokenizer also scale with the
         # prompt; for a big one both run off the loop too.
+        if lora is not None:
+            # Fixed now: the blocks hash with it, and an unload from here on does not touch it.
+            sreq.lora_path = self.lora.path(lora)
+            if sreq.lora_path is None:  # unloaded while the prompt was tokenized
+                with self._releasing_on_refusal(remote):
+                    raise model_not_found(lora, [self.served])
+            sreq.lora_id = self.lora.ids[lora]
         sreq.hashes = await self._call(big, self.engine.prompt_hashes, sreq)
         detok = await self._call(big, self.tok.detokenizer, ids)
         self.engine.submit(sreq)

@@ -220,7 +220,7 @@ class SimEngine:
 
     def submit(self, req: SimRequest) -> None:
         """Queue a request; ``(token, finish_reason)`` pairs arrive on ``req.out``."""
-        if req.lora_name is not None:
+        if req.lora_name is not None and req.lora_path is None:
             path = self.lora.path(req.lora_name)
             if path is None:
                 raise ValueError(f"unknown LoRA adapter {req.lora_name!r}")
