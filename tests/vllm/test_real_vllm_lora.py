@@ -13,11 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from infermesh.libs.bus import connect
+from infermesh.libs.bus import connect, request
 from infermesh.libs.tinymodel import build_adapter, ensure_model_folder
+from infermesh.proto.messages import LookupReply, LookupRequest, TokenizeReply, TokenizeRequest
 
 from ..integration.helpers import BusWatcher, until_adapters, wait_until
-from .test_real_vllm import MODEL, PODS, RealStack, _needs_vllm, _needs_weights, _words
+from .test_real_vllm import BS, MODEL, PODS, RealStack, _needs_vllm, _needs_weights, _words
 
 
 @pytest.fixture(scope="module")
@@ -111,5 +112,57 @@ async def test_an_adapter_in_the_lora_directory_is_loaded_on_demand_and_then_pre
             for _ in range(3):
                 pod, _ = await _complete(http, stack.ingress, "c", _words(rng, 30))
                 assert pod == first
+    finally:
+        await nc.close()
+
+
+async def test_adapter_keyed_blocks_on_real_vllm_credit_only_the_same_adapter(
+    lora_stack: tuple[RealStack, Path]
+) -> None:
+    """vLLM's own KV events for an adapter's request (lora_name, extra keys) reach the index as
+    that adapter's blocks: a lookup for the same text credits the engine for the adapter only,
+    follow-ups for the adapter go there and hit, and the base model's same text hits nothing."""
+    stack, _ = lora_stack
+    rng = random.Random(19)
+    prefix = _words(rng, 300)
+    nc = await connect(stack.nats_url, "test")
+
+    async def keys(lora: str | None) -> list[int]:
+        reply = await request(nc, "im.tokenize", TokenizeRequest(
+            model=MODEL, block_size=BS, prompt=prefix, lora_name=lora, return_token_ids=True),
+            TokenizeReply)
+        return list(reply.block_keys)
+
+    async def matched(block_keys: list[int]) -> dict[str, int]:
+        r = await request(nc, "im.index.lookup", LookupRequest(model=MODEL, block_keys=block_keys),
+                          LookupReply)
+        return {m.pod: m.blocks for m in r.matches if m.blocks}
+
+    try:
+        keys_b, keys_base = await keys("b"), await keys(None)
+        assert len(keys_b) >= 8 and not set(keys_b) & set(keys_base)
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "b", "prompt": prefix + " first", "max_tokens": 2}
+            async with http.post(stack.ingress + "/v1/completions", json=body) as r:
+                assert r.status == 200, await r.text()
+                first = r.headers["x-infermesh-endpoint"]
+
+            async def indexed() -> bool:
+                return (await matched(keys_b)).get(first, 0) >= len(keys_b) - 1
+
+            await wait_until(indexed, what="b's blocks indexed")
+            assert await matched(keys_base) == {}
+            for i in range(3):
+                body = {"model": "b", "prompt": prefix + f" question {i}", "max_tokens": 2}
+                async with http.post(stack.ingress + "/v1/completions", json=body) as r:
+                    data = await r.json()
+                    assert r.headers["x-infermesh-endpoint"] == first
+                assert data["usage"]["prompt_tokens_details"]["cached_tokens"] >= \
+                    (len(keys_b) - 1) * BS
+            body = {"model": MODEL, "prompt": prefix + " question 0", "max_tokens": 2}
+            async with http.post(stack.url(PODS.index(first)) + "/v1/completions",
+                                 json=body) as r:
+                data = await r.json()
+            assert data["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     finally:
         await nc.close()
