@@ -125,11 +125,18 @@ class Snapshot(Message, kw_only=True):
 
 
 class LoraInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """LoRA adapters an engine is running or has waiting, from ``vllm:lora_requests_info``."""
+    """LoRA adapters an engine is running or has waiting, from ``vllm:lora_requests_info``,
+    and those it has loaded (its ``/v1/models``).
+
+    ``loaded`` is residency: the adapters the engine holds now (loaded at start, by
+    ``/v1/load_lora_adapter`` or on a request's demand); ``PodState.adapters`` can name more,
+    the adapters it would load on demand from its LoRA directory.
+    """
 
     running: list[str] = []
     waiting: list[str] = []
     max_lora: int = 0
+    loaded: list[str] = []
 
 
 class PodState(Message, kw_only=True):
@@ -159,7 +166,9 @@ class PodState(Message, kw_only=True):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     max_model_len: int = 0
-    adapters: list[str] = []  # LoRA adapters the engine serves (model names besides `model`)
+    # LoRA adapters the engine serves (model names besides `model`): loaded ones (lora.loaded)
+    # and those it loads on demand from its LoRA directory
+    adapters: list[str] = []
 
 
 # --------------------------------------------------------------------------- request path

@@ -50,7 +50,9 @@ SERVICES: dict[str, tuple[type[Any], frozenset[str]]] = {
         "vllm_command", "vllm_port", "vllm_kv_port", "vllm_replay_port", "vllm_args",
         "vllm_log", "vllm_nixl_port", "vllm_nixl_host", "vllm_kv_lease_s",
         "vllm_nixl_progress_thread", "vllm_storage_dir", "vllm_storage_capacity_bytes",
-        "vllm_storage_locality", "vllm_offload_cpu_bytes", "vllm_hash_seed"}),
+        "vllm_storage_locality", "vllm_offload_cpu_bytes", "vllm_hash_seed", "lora_dir",
+        "vllm_loras", "vllm_enable_lora", "vllm_max_loras", "vllm_max_lora_rank",
+        "vllm_lora_runtime_updating"}),
     "sim": (SimConfig, frozenset({"engines", "http_host", "http_port", "kv_port",
                                   "kv_replay_port", "kv_transfer_host", "storage_dir"})),
 }
@@ -238,6 +240,15 @@ def engine_schema(chart: str) -> dict[str, Any]:
             "capacityBytes": {"type": "integer", "minimum": 0},
             "cpuBytes": {"type": "integer", "minimum": 1},
             "locality": {"type": "string", "enum": ["REMOTE", "LOCAL"]},
+        })
+        props["lora"] = _obj({
+            "enabled": _BOOL,
+            "maxLoras": {"type": "integer", "minimum": 1},
+            "maxLoraRank": {"type": "integer", "minimum": 1},
+            "modules": {"type": "array", "items": _obj(
+                {"name": {"type": "string", "pattern": r"^[^/=]+$"}, "path": _STR},
+                required=["name", "path"])},
+            "runtimeUpdating": _BOOL, "volume": _OBJ, "mountPath": _STR,
         })
     else:
         props["sim"] = _obj({"resources": RESOURCES, "config": config_schema("sim")})

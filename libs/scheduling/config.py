@@ -384,6 +384,12 @@ plugins:
       decider: prefix-aware
       prefill_profile: prefill
       profile_deciders: {pd-always: always, pd-never: never}
+  # LoRA (docs/scheduler.md, "LoRA"): keep a request for an adapter on the engines that serve
+  # it (loaded, or loadable on demand from their LoRA directory), and prefer those that hold it.
+  - name: lora
+    type: lora-filter
+  - name: lora-affinity
+    type: lora-affinity-scorer
 
 default_profile: default
 
@@ -464,6 +470,16 @@ profiles:
     plugins:
       - ref: prefill-roles
       - {ref: precise-prefix, weight: 2}
+      - {ref: load, weight: 1}
+      - ref: max-score
+  # The default profile with LoRA routing: only engines serving the request's adapter, those
+  # holding it first (weights not measured; a request without an adapter routes as default).
+  - name: lora
+    plugins:
+      - ref: serving-roles
+      - ref: lora
+      - {ref: precise-prefix, weight: 3}
+      - {ref: lora-affinity, weight: 2}
       - {ref: load, weight: 1}
       - ref: max-score
 """

@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also add seeded random bf16 weights (model.safetensors); needs "
                              "torch + transformers: run `.venv-vllm/bin/python -m "
                              "infermesh.libs.tinymodel --weights`")
+    parser.add_argument("--loras", default="",
+                        help="also build these LoRA adapters for the model (comma-separated "
+                             "names; PEFT folders under --lora-root, one per name)")
+    parser.add_argument("--lora-root", type=Path, default=None,
+                        help="where adapters go (default: $INFERMESH_LORA_DIR, else tiny-loras "
+                             "beside the default model folder)")
     args = parser.parse_args(argv)
     dest = args.dest if args.dest is not None else default_model_dir()
     fresh = not is_built(dest, vocab_size=args.vocab_size, seed=args.seed)
@@ -53,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         took = time.perf_counter() - start
         state = f"written in {took:.2f}s" if fresh else "already up to date"
         print(f"{weights} ({state})", file=sys.stderr)
+    names = [n for n in args.loras.split(",") if n]
+    if names:
+        from .lora import ensure_adapters
+
+        for name, folder in ensure_adapters(names, root=args.lora_root, model_dir=path).items():
+            print(f"{folder} (adapter {name})", file=sys.stderr)
     print(path)
     return 0
 

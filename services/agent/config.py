@@ -97,6 +97,33 @@ class AgentConfig(BusKnobs):
         512 << 20, "With a storage dir: the CPU tier's size in bytes (vLLM's cpu_bytes_to_use), "
         "a /dev/shm region every block passes through on its way to and from storage"
     )
+    lora_dir: str = knob(
+        "", "The engine's LoRA directory: DIR/NAME holds adapter NAME, which the engine loads "
+        "when a request names it (vLLM's filesystem resolver, VLLM_LORA_RESOLVER_CACHE_DIR). "
+        "The heartbeat lists these adapters among the pod's, so requests for them are routed "
+        "here; with launch_vllm the engine gets it (and LoRA and runtime updating turn on). "
+        "Empty: none"
+    )
+    vllm_loras: list[str] = knob(
+        None, "LoRA adapters the launched engine loads at start, NAME=PATH (vLLM's "
+        "--lora-modules); any turns LoRA on", factory=list
+    )
+    vllm_enable_lora: bool = knob(
+        False, "LoRA on in the launched engine even with no adapter at start (adapters come "
+        "later, by /v1/load_lora_adapter or from lora_dir; vLLM's --enable-lora)"
+    )
+    vllm_max_loras: int = knob(
+        4, "With LoRA: adapters the launched engine runs in one batch (vLLM's --max-loras)"
+    )
+    vllm_max_lora_rank: int = knob(
+        16, "With LoRA: the largest adapter rank the launched engine accepts (vLLM's "
+        "--max-lora-rank: 8, 16, 32, 64, ...)"
+    )
+    vllm_lora_runtime_updating: bool = knob(
+        True, "With LoRA: let the launched engine load and unload adapters while it runs "
+        "(VLLM_ALLOW_RUNTIME_LORA_UPDATING: /v1/load_lora_adapter, /v1/unload_lora_adapter, "
+        "and loading from lora_dir on demand)"
+    )
     vllm_hash_seed: str = knob(
         "0", "PYTHONHASHSEED of the launched engine: vLLM derives its block hashes from it, so "
         "engines sharing a storage dir (and the simulator's --hash-seed) must agree; empty: "
@@ -134,6 +161,16 @@ class AgentConfig(BusKnobs):
                                  "drop the one in the extra vLLM arguments")
             if self.vllm_offload_cpu_bytes <= 0:
                 raise ValueError("vllm_offload_cpu_bytes must be positive with a storage dir")
+        for spec in self.vllm_loras:
+            name, eq, path = spec.partition("=")
+            if not (name and eq and path):
+                raise ValueError(f"vllm_loras: {spec!r} is not NAME=PATH")
+        if self.vllm_max_loras < 1 or self.vllm_max_lora_rank < 1:
+            raise ValueError("vllm_max_loras and vllm_max_lora_rank must be positive")
+
+    def vllm_lora(self) -> bool:
+        """Whether the launched engine serves LoRA adapters (--enable-lora)."""
+        return self.vllm_enable_lora or bool(self.vllm_loras) or bool(self.lora_dir)
 
     def pod_name(self) -> str:
         """The configured pod name, or one derived from the engine URL's host and port."""

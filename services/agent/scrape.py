@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import aiohttp
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
@@ -111,13 +114,37 @@ async def read_models(
     return str(base[0]["id"]), int(base[0].get("max_model_len") or 0), adapters
 
 
+def adapters_in(lora_dir: str) -> list[str]:
+    """The LoRA adapters in a LoRA directory (vLLM's filesystem resolver's layout: a folder per
+    adapter, named as requests name it, with a PEFT ``adapter_config.json`` of type LORA)."""
+    if not lora_dir:
+        return []
+    out = []
+    try:
+        folders = sorted(Path(lora_dir).iterdir())
+    except OSError:
+        return []
+    for folder in folders:
+        try:
+            cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(cfg, dict) and cfg.get("peft_type") == "LORA":
+            out.append(folder.name)
+    return out
+
+
 async def scrape_engine(
-    session: aiohttp.ClientSession, base_url: str, model: str, known: EngineLoad | None = None
+    session: aiohttp.ClientSession, base_url: str, model: str, known: EngineLoad | None = None,
+    *, lora: bool = False,
 ) -> EngineLoad:
-    """Scrape ``/metrics``; read ``/v1/models`` too until the served models are known."""
+    """Scrape ``/metrics``; read ``/v1/models`` too until the served models are known, and on
+    every scrape of an engine that serves LoRA (``lora``, or its metrics or models say so:
+    adapters come and go while it runs: loaded, unloaded, resolved on a request's demand)."""
     max_model_len = known.max_model_len if known else 0
     adapters = known.adapters if known else []
-    if not model or not max_model_len:
+    lora = lora or (known is not None and (known.max_lora > 0 or bool(known.adapters)))
+    if not model or not max_model_len or lora:
         found, max_model_len, adapters = await read_models(session, base_url)
         model = model or found
     async with session.get(f"{base_url}/metrics") as r:

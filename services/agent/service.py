@@ -66,8 +66,8 @@ from .blockset import BlockSet
 from .config import AgentConfig
 from .kvstream import KVSubscriber, RawBatch, ReplayError, replay
 from .metrics import AgentMetrics
-from .scrape import EngineLoad, scrape_engine
-from .vllm_launcher import StorageTier, VllmPorts, VllmProcess
+from .scrape import EngineLoad, adapters_in, scrape_engine
+from .vllm_launcher import LoraSettings, StorageTier, VllmPorts, VllmProcess
 
 log = get_logger("agent")
 
@@ -112,6 +112,12 @@ class AgentService:
                 nixl_host=cfg.vllm_nixl_host, kv_lease_s=cfg.vllm_kv_lease_s,
                 nixl_progress_thread=cfg.vllm_nixl_progress_thread,
                 storage=storage, engine_id=f"infermesh-{pod}", hash_seed=cfg.vllm_hash_seed,
+                lora=LoraSettings(
+                    modules=tuple((n, p) for n, _, p in
+                                  (m.partition("=") for m in cfg.vllm_loras)),
+                    max_loras=cfg.vllm_max_loras, max_lora_rank=cfg.vllm_max_lora_rank,
+                    lora_dir=cfg.lora_dir, runtime_updating=cfg.vllm_lora_runtime_updating,
+                ) if cfg.vllm_lora() else None,
             )
             cfg = dataclasses.replace(
                 cfg, engine_url=self.vllm.url, kv_endpoint=self.vllm.kv_endpoint,
@@ -126,6 +132,7 @@ class AgentService:
         self.blocks = BlockSet()
         self.metrics = AgentMetrics()
         self.load = EngineLoad()
+        self._on_demand: list[str] = []  # adapters in the engine's LoRA directory
         self.model = cfg.model
         self._nc = nc
         self._own_nc = nc is None
@@ -581,7 +588,8 @@ class AgentService:
         assert self._http is not None
         while True:
             try:
-                load = await scrape_engine(self._http, self.cfg.engine_url, self.model, self.load)
+                load = await scrape_engine(self._http, self.cfg.engine_url, self.model, self.load,
+                                           lora=self.cfg.vllm_lora())
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -595,6 +603,7 @@ class AgentService:
     def _scraped(self, load: EngineLoad) -> None:
         now = time.monotonic()
         self.load = load
+        self._on_demand = adapters_in(self.cfg.lora_dir)
         self._answered_at = now
         self._refused_since = None
         self._engine_lost_told = False
@@ -693,13 +702,15 @@ class AgentService:
             block_size=ld.block_size or self.blocks.block_size,
             num_gpu_blocks=ld.num_gpu_blocks,
             num_cpu_blocks=ld.num_cpu_blocks,
-            lora=LoraInfo(running=ld.lora_running, waiting=ld.lora_waiting, max_lora=ld.max_lora),
+            lora=LoraInfo(running=ld.lora_running, waiting=ld.lora_waiting, max_lora=ld.max_lora,
+                          loaded=ld.adapters),
             role=self.cfg.role,
             labels={**self.cfg.labels, "draining": "true"} if self.draining else self.cfg.labels,
             prefix_cache_queries=ld.prefix_queries,
             prefix_cache_hits=ld.prefix_hits,
             max_model_len=ld.max_model_len,
-            adapters=ld.adapters,
+            # loaded ones, and those the engine loads on demand from its LoRA directory
+            adapters=sorted({*ld.adapters, *self._on_demand}) if self._on_demand else ld.adapters,
         )
 
     async def _heartbeat_loop(self) -> None:

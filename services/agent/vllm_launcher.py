@@ -88,6 +88,40 @@ def remove_offload_regions(engine_id: str, shm_dir: str = vllm_ext.SHM_DIR) -> l
     return removed
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """The launched engine's LoRA adapters (the agent's ``--vllm-*lora*`` and ``--lora-dir``).
+
+    Adapters come three ways: ``modules`` at start (``--lora-modules``); while it runs, by
+    ``POST /v1/load_lora_adapter`` (and leave by ``/v1/unload_lora_adapter``) with runtime
+    updating on; and on demand from ``lora_dir``, whose ``<name>`` folder vLLM's filesystem
+    resolver loads the first time a request names ``<name>`` (also needs runtime updating).
+    """
+
+    modules: tuple[tuple[str, str], ...] = ()
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    lora_dir: str = ""
+    runtime_updating: bool = True
+
+    def args(self) -> list[str]:
+        """The ``vllm serve`` flags."""
+        out = ["--enable-lora", "--max-loras", str(self.max_loras),
+               "--max-lora-rank", str(self.max_lora_rank)]
+        if self.modules:
+            out += ["--lora-modules", *(f"{n}={p}" for n, p in self.modules)]
+        return out
+
+    def environ(self) -> dict[str, str]:
+        """What the engine's environment needs: runtime updating, the resolver's directory."""
+        env: dict[str, str] = {}
+        if self.runtime_updating:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+            if self.lora_dir:
+                env["VLLM_LORA_RESOLVER_CACHE_DIR"] = self.lora_dir
+        return env
+
+
 @dataclass
 class VllmPorts:
     """Where the launched engine serves; fixed for the agent's lifetime (restarts reuse them)."""
@@ -127,6 +161,7 @@ class VllmProcess:
         storage: StorageTier | None = None,
         engine_id: str = "",
         hash_seed: str = "",
+        lora: LoraSettings | None = None,
     ) -> None:
         self.command = command
         self.model = model
@@ -145,6 +180,7 @@ class VllmProcess:
         # The offload region's name (vLLM's engine_id): one per engine, stable across restarts.
         self.engine_id = engine_id or f"infermesh-{ports.http}"
         self.hash_seed = hash_seed
+        self.lora = lora
         self.shm_dir = vllm_ext.SHM_DIR
         if role != "both" and not ports.nixl:
             raise ValueError(f"a {role} engine needs a NIXL side-channel port")
@@ -189,6 +225,8 @@ class VllmProcess:
             "--enable-prefix-caching",
             "--kv-events-config", json.dumps(events),
         ]
+        if self.lora is not None:
+            argv += self.lora.args()
         transfer = (self.storage.kv_transfer_config(self.engine_id) if self.storage is not None
                     else kv_transfer_config(self.role, kv_lease_s=self.kv_lease_s))
         # A --kv-transfer-config among the extra arguments is the operator's choice: it wins.
@@ -206,6 +244,8 @@ class VllmProcess:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.nixl_host
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.ports.nixl)
             env[PROGRESS_THREAD_ENV] = "1" if self.nixl_progress_thread else "0"
+        if self.lora is not None:
+            env.update(self.lora.environ())
         if self.hash_seed:  # else the agent's own, or "0" (_spawn)
             env["PYTHONHASHSEED"] = self.hash_seed
         return env

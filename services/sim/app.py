@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -35,8 +36,11 @@ from .errors import (
     RequestError,
     error_body,
     invalid_request,
+    json_invalid,
     model_not_found,
+    parse_failure,
     stream_error_event,
+    unsupported_media_type,
 )
 from .messages import materialize
 from .metrics import EngineMetrics
@@ -161,7 +165,7 @@ class EngineApp:
         self.metrics = metrics
         self.tok = server.tokenizer
         self.served = server.served_model_name
-        self.loras = self.cfg.lora_paths()
+        self.lora = engine.lora
         self.rng = random.Random(self.cfg.seed * 1000 + engine.index)
         self.stats = CollectorRegistry()
         self.rejected = Counter("infermesh_sim_rejected_requests", "Requests refused",
@@ -190,7 +194,7 @@ class EngineApp:
             max_model_len=cfg.max_model_len, block_size=cfg.block_size,
             num_gpu_blocks=cfg.num_gpu_blocks, num_cpu_blocks=cfg.num_cpu_blocks,
             hash_algo=cfg.hash_algo, max_num_seqs=cfg.max_num_seqs, seed=cfg.seed,
-            max_loras=cfg.max_loras, lora_names=tuple(self.loras),
+            max_loras=cfg.max_loras, lora_names=tuple(self.lora.paths),
             instance_id=f"{time.time_ns()}", model=ModelFacts.from_folder(model_dir),
             kv_events=kv)
 
@@ -217,6 +221,10 @@ class EngineApp:
             r.add_get("/get_server_info", self.sglang_server_info)
             r.add_get("/model_info", self.sglang_model_info)
             r.add_get("/get_model_info", self.sglang_model_info)
+        if self.lora.enabled and self.cfg.runtime_lora_updating:
+            # vLLM attaches these only with VLLM_ALLOW_RUNTIME_LORA_UPDATING.
+            r.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
+            r.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
         r.add_get("/sim/cache", self.sim_cache)
         r.add_get("/sim/metrics", self.sim_metrics)
         if self.cfg.kv_connector:
@@ -286,8 +294,38 @@ class EngineApp:
         cards = [model_card(self.served, root=str(self.s.model_dir),
                             max_model_len=self.cfg.max_model_len)]
         cards += [model_card(name, root=path, parent=self.served)
-                  for name, path in self.loras.items()]
+                  for name, path in self.lora.paths.items()]
         return web.Response(body=models_response(cards), content_type="application/json")
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        """``POST /v1/load_lora_adapter`` ``{lora_name, lora_path, load_inplace}``: register an
+        adapter on this engine; 200 with vLLM's text, or vLLM's 400/404."""
+        body = await self._json_object(request)
+        text = self.lora.load(str(body.get("lora_name") or ""), str(body.get("lora_path") or ""),
+                              inplace=bool(body.get("load_inplace")), base=self.served)
+        log.info("lora_loaded", engine=self.engine.index, name=body.get("lora_name"))
+        return web.Response(text=text)
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        """``POST /v1/unload_lora_adapter`` ``{lora_name}``: forget an adapter on this engine."""
+        body = await self._json_object(request)
+        text = self.lora.unload(str(body.get("lora_name") or ""))
+        log.info("lora_unloaded", engine=self.engine.index, name=body.get("lora_name"))
+        return web.Response(text=text)
+
+    async def _json_object(self, request: web.Request) -> dict[str, Any]:
+        """The request's JSON object body, or vLLM's 400 for anything else."""
+        if request.content_type != "application/json":
+            raise unsupported_media_type()
+        try:
+            body = json.loads(await request.read())
+        except json.JSONDecodeError as exc:
+            raise json_invalid(exc.pos, exc.msg) from None
+        except ValueError:
+            raise parse_failure() from None
+        if not isinstance(body, dict):
+            raise invalid_request("The body must be a JSON object")
+        return body
 
     async def get_metrics(self, request: web.Request) -> web.Response:
         """``GET /metrics``: this engine's ``vllm:*`` families."""
@@ -449,9 +487,10 @@ class EngineApp:
         """The LoRA adapter the request names (None for the base model); 404 when unknown."""
         if model is None or model == self.served:
             return None
-        if model in self.loras:
+        if self.lora.enabled and self.lora.resolve(model):
             return model
-        raise model_not_found(model, [self.served, *self.loras])
+        # vLLM names the base model only (its "aliases"), not the adapters.
+        raise model_not_found(model, [self.served])
 
     def _inject_failure(self) -> web.Response | None:
         if self.cfg.failure_rate and self.rng.random() < self.cfg.failure_rate:
@@ -604,6 +643,13 @@ class EngineApp:
         )
         # Hashing the prompt's blocks and priming the detokenizer also scale with the
         # prompt; for a big one both run off the loop too.
+        if lora is not None:
+            # Fixed now: the blocks hash with it, and an unload from here on does not touch it.
+            sreq.lora_path = self.lora.path(lora)
+            if sreq.lora_path is None:  # unloaded while the prompt was tokenized
+                with self._releasing_on_refusal(remote):
+                    raise model_not_found(lora, [self.served])
+            sreq.lora_id = self.lora.ids[lora]
         sreq.hashes = await self._call(big, self.engine.prompt_hashes, sreq)
         detok = await self._call(big, self.tok.detokenizer, ids)
         self.engine.submit(sreq)

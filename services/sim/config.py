@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,8 +63,24 @@ class SimConfig:
     )
     failure_rate: float = knob(0.0, "Fraction of requests answered with an injected error")
     failure_codes: list[int] = knob(None, "Status codes injected errors use", factory=lambda: [500])
-    loras: list[str] = knob(None, "LoRA adapters served (NAME or NAME=PATH)", factory=list)
-    max_loras: int = knob(4, "LoRA adapters active at once")
+    loras: list[str] = knob(
+        None, "LoRA adapters served from the start (NAME or NAME=PATH; vLLM's --lora-modules)",
+        factory=list)
+    max_loras: int = knob(
+        4, "LoRA adapter slots: adapters resident at once (a request for another swaps out the "
+        "least recently used one no running request uses, or waits; vLLM's --max-loras)")
+    enable_lora: bool = knob(
+        False, "LoRA on even with no adapter at start (vLLM's --enable-lora; implied by loras "
+        "and lora_dir)")
+    lora_dir: str = knob(
+        "", "Adapters a request may name without their being loaded: DIR/NAME/adapter_config"
+        ".json is loaded on demand (vLLM's filesystem resolver, VLLM_LORA_RESOLVER_CACHE_DIR; "
+        "needs runtime_lora_updating)")
+    runtime_lora_updating: bool = knob(
+        False, "Serve /v1/load_lora_adapter and /v1/unload_lora_adapter and resolve adapters "
+        "from lora_dir (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING, which also turns it on)")
+    lora_load_s: float = knob(
+        0.02, "Modelled seconds to load an adapter into a slot (× time_scale)")
     seed: int = knob(0, "Seed of the generated tokens")
     enable_prompt_tokens_details: bool = knob(
         True, "Report usage.prompt_tokens_details.cached_tokens (vLLM's flag of that name)"
@@ -164,6 +181,14 @@ class SimConfig:
         for code in self.failure_codes:
             if not 400 <= code <= 599:
                 raise ValueError(f"failure code {code} is not an HTTP error status")
+        if self.max_loras < 1 or self.lora_load_s < 0:
+            raise ValueError("max_loras must be at least 1, lora_load_s >= 0")
+        if os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"):
+            self.runtime_lora_updating = True  # vLLM's switch works on the simulator too
+
+    def lora_enabled(self) -> bool:
+        """Whether the engines serve LoRA adapters at all (vLLM's --enable-lora)."""
+        return self.enable_lora or bool(self.loras) or bool(self.lora_dir)
 
     def lora_paths(self) -> dict[str, str]:
         """LoRA name → path (a name alone gets a path under /loras/)."""

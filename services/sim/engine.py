@@ -58,6 +58,7 @@ from .cache import Allocation, NoSpace, PrefixCache
 from .config import SimConfig
 from .kv_client import KVTransferClient, PullOutcome
 from .kv_leases import LeaseTable
+from .lora import LoraRegistry
 from .metrics import EngineMetrics
 from .nixl import RemotePrefill, producer_params
 from .publisher import ZmqKVPublisher
@@ -81,6 +82,9 @@ class SimRequest:
     lora_name: str | None = None
     cache_salt: str | None = None
     seed: int | None = None
+    # the adapter's path and id when the request came (an unload does not change them)
+    lora_path: str | None = None
+    lora_id: int | None = None
     stop_token_ids: frozenset[int] = frozenset()
     out: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
     # filled in by the engine
@@ -123,6 +127,7 @@ class SimEngine:
         publisher: ZmqKVPublisher | None,
         kv_address: tuple[str, int] | None = None,
         kv_client: KVTransferClient | None = None,
+        model_path: str = "",
     ) -> None:
         self.cfg = cfg
         self.index = index
@@ -137,8 +142,11 @@ class SimEngine:
             cfg.num_gpu_blocks, cfg.block_size, num_cpu_blocks=cfg.num_cpu_blocks, wire=wire
         )
         self._encoder = VllmEventEncoder(cfg.event_form)
-        self._lora_paths = cfg.lora_paths()
-        self._lora_ids = {name: i + 1 for i, name in enumerate(self._lora_paths)}
+        # This engine's adapters: a runtime load or unload touches this engine only.
+        self.lora = LoraRegistry(
+            cfg.lora_paths(), max_loras=cfg.max_loras, enabled=cfg.lora_enabled(),
+            runtime_updating=cfg.runtime_lora_updating, lora_dir=cfg.lora_dir,
+            base_model=model_path)
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self._wake = asyncio.Event()
@@ -212,8 +220,11 @@ class SimEngine:
 
     def submit(self, req: SimRequest) -> None:
         """Queue a request; ``(token, finish_reason)`` pairs arrive on ``req.out``."""
-        if req.lora_name is not None and req.lora_name not in self._lora_paths:
-            raise ValueError(f"unknown LoRA adapter {req.lora_name!r}")
+        if req.lora_name is not None and req.lora_path is None:
+            path = self.lora.path(req.lora_name)
+            if path is None:
+                raise ValueError(f"unknown LoRA adapter {req.lora_name!r}")
+            req.lora_path, req.lora_id = path, self.lora.ids[req.lora_name]
         req.arrival = time.monotonic()
         seed = (
             req.seed if req.seed is not None
@@ -233,7 +244,9 @@ class SimEngine:
         :meth:`submit` computes them unless the caller did, e.g. in a worker thread for a
         long prompt.
         """
-        lora_path = self._lora_paths.get(req.lora_name) if req.lora_name else None
+        lora_path = req.lora_path
+        if req.lora_name and lora_path is None:
+            lora_path = self.lora.path(req.lora_name)
         return self.hasher.hash_prompt(
             req.prompt_ids, self.cfg.block_size, lora_name=req.lora_name,
             lora_path=lora_path, cache_salt=req.cache_salt,
@@ -292,7 +305,9 @@ class SimEngine:
     def _admit(self, now: float) -> None:
         cfg = self.cfg
         while self.waiting and len(self.running) < cfg.max_num_seqs:
-            req = self.waiting[0]
+            req = self._next_admissible()
+            if req is None:
+                return  # every waiting request's adapter needs a slot that running ones hold
             n = len(req.prompt_ids)
             if self.storage is not None and req.remote_prefill is None:
                 if not self._storage_ready(req):
@@ -300,18 +315,18 @@ class SimEngine:
             try:
                 alloc, gpu_hit, cpu_hit = self.cache.allocate(
                     req.hashes, req.prompt_ids, n, req.max_tokens,
-                    lora_name=req.lora_name, lora_id=self._lora_ids.get(req.lora_name or ""),
+                    lora_name=req.lora_name, lora_id=req.lora_id,
                     extra=partial(self._event_extra, req),
                     delay_cache=req.remote_prefill is not None,
                 )
             except NoSpace:
                 if not self.running:
                     # Nothing will free space: the request can never fit.
-                    self.waiting.popleft()
+                    self.waiting.remove(req)
                     self._finish(req, "abort")
                     continue
                 return
-            self.waiting.popleft()
+            self.waiting.remove(req)
             req.alloc = alloc
             bs = cfg.block_size
             cached = gpu_hit * bs
@@ -339,8 +354,12 @@ class SimEngine:
                 disk_s = self.storage.load_seconds(disk_blocks)
                 self.metrics.on_storage_read(STORAGE_TIER_LABEL,
                                              disk_blocks * bs * cfg.kv_bytes_per_token, disk_s)
+            # An adapter not in a slot is loaded first (vLLM's LoRA swap, before the prefill).
+            swap_s = cfg.lora_load_s if req.lora_name and self.lora.activate(
+                req.lora_name, self._busy_adapters()) else 0.0
             compute = (
-                (n - req.cached_tokens) / cfg.prefill_tokens_per_s
+                swap_s
+                + (n - req.cached_tokens) / cfg.prefill_tokens_per_s
                 + req.cached_tokens * cfg.cached_token_cost_s
                 # storage blocks are promoted through the CPU tier, then copied like its own
                 + (loaded + req.storage_tokens) * cfg.kv_bytes_per_token / cfg.cpu_load_bytes_per_s
@@ -362,6 +381,23 @@ class SimEngine:
             req.next_at = done
             req.modelled_ttft = cfg.request_overhead_s + compute + disk_s  # without queueing
             self.running.append(req)
+
+    def _busy_adapters(self) -> set[str]:
+        """Adapters running requests use (their slots cannot be swapped out)."""
+        return {r.lora_name for r in self.running if r.lora_name}
+
+    def _next_admissible(self) -> SimRequest | None:
+        """The first waiting request that can start: FCFS, but a LoRA request whose adapter
+        finds no slot is skipped for later ones, as vLLM's scheduler does."""
+        busy: set[str] | None = None
+        for req in self.waiting:
+            if not req.lora_name:
+                return req
+            if busy is None:
+                busy = self._busy_adapters()
+            if self.lora.can_run(req.lora_name, busy):
+                return req
+        return None
 
     # ------------------------------------------------------------------ the storage tier
 
@@ -443,7 +479,7 @@ class SimEngine:
         if blk is None:
             return None
         return BlockToStore(h, blk.parent, blk.token_ids,
-                            self._lora_ids.get(req.lora_name or ""), blk.lora_name, blk.extra)
+                            req.lora_id, blk.lora_name, blk.extra)
 
     # ------------------------------------------------------------------ remote KV (decode)
 
@@ -495,7 +531,7 @@ class SimEngine:
         if req.alloc is not None:
             self.cache.cache_loaded(
                 req.alloc, req.hashes, req.prompt_ids, req.lora_name,
-                self._lora_ids.get(req.lora_name or ""), partial(self._event_extra, req))
+                req.lora_id, partial(self._event_extra, req))
         now = time.monotonic()
         req.next_at = now + self._itl(now) * self._scale  # recompute the last prompt token
         self.running.append(req)
@@ -644,9 +680,8 @@ class SimEngine:
 
     def _event_extra(self, req: SimRequest, block: int) -> tuple[Any, ...] | None:
         """Block ``block``'s extra keys in the untagged form vLLM's events carry."""
-        lora_path = self._lora_paths.get(req.lora_name) if req.lora_name else None
         return event_extra_keys(block_extra_keys(
-            block * self.cfg.block_size, lora_name=req.lora_name, lora_path=lora_path,
+            block * self.cfg.block_size, lora_name=req.lora_name, lora_path=req.lora_path,
             cache_salt=req.cache_salt))
 
     def _cache_generated(self, req: SimRequest, alloc: Allocation) -> None:
@@ -654,14 +689,13 @@ class SimEngine:
         k = len(alloc.chain)
         seq = req.prompt_ids + req.output_ids
         toks = seq[k * bs : (k + 1) * bs]
-        lora_path = self._lora_paths.get(req.lora_name) if req.lora_name else None
         extra = block_extra_keys(
-            k * bs, lora_name=req.lora_name, lora_path=lora_path, cache_salt=req.cache_salt
+            k * bs, lora_name=req.lora_name, lora_path=req.lora_path, cache_salt=req.cache_salt
         )
         parent = alloc.chain[-1] if alloc.chain else None
         h = self.hasher.hash_block(parent, toks, extra)
         self.cache.cache_generated(
-            alloc, h, toks, req.lora_name, self._lora_ids.get(req.lora_name or ""),
+            alloc, h, toks, req.lora_name, req.lora_id,
             event_extra_keys(extra),
         )
         if self.storage is not None and alloc.held and alloc.held[-1] == h:
@@ -741,7 +775,7 @@ class SimEngine:
         else:
             self.metrics.set_queue(len(self.running), len(self.waiting))
         self.metrics.set_kv_usage(self.cache.usage())
-        if self._lora_paths:
+        if self.lora.enabled:
             running = sorted({r.lora_name for r in self.running if r.lora_name})
             waiting = sorted({r.lora_name for r in self.waiting if r.lora_name})
             if (running, waiting) != self._lora_state:  # vLLM stamps a series per change

@@ -95,7 +95,7 @@ class SimService:
                     block_size=cfg.block_size, num_gpu_blocks=cfg.num_gpu_blocks,
                     num_cpu_blocks=cfg.num_cpu_blocks or None,
                     prefix_caching_hash_algo=cfg.hash_algo),
-                max_model_len=cfg.max_model_len, enable_lora=bool(cfg.loras),
+                max_model_len=cfg.max_model_len, enable_lora=cfg.lora_enabled(),
                 kv_connector=cfg.kv_connector, storage_tier=bool(cfg.storage_dir))
             kv_client = None
             if cfg.kv_connector:
@@ -103,7 +103,8 @@ class SimService:
                 self._kv_clients.append(kv_client)
             engine = SimEngine(cfg, i, self.served_model_name, self.vocab,
                                self.tokenizer.eos_token_id, metrics, publisher,
-                               kv_address=(self._kv_host(), port), kv_client=kv_client)
+                               kv_address=(self._kv_host(), port), kv_client=kv_client,
+                               model_path=str(self.model_dir))
             engine.start()
             await self._serve(EngineApp(self, engine, metrics), sock)
             self.engines.append(engine)

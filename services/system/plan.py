@@ -70,6 +70,19 @@ VLLM_ENV = {
 }
 # Engines hash blocks with Python's hash seed: one seed for every engine and restart.
 ENGINE_ENV = {"PYTHONHASHSEED": "0"}
+#: The scheduler profile the ingress asks for when the engines serve LoRA adapters
+#: (deploy/local/scheduler.yaml: the default profile plus the lora filter and affinity).
+LORA_PROFILE = "lora"
+
+
+def lora_modules(spec: SystemSpec, lora_dir: Path) -> dict[str, Path]:
+    """Adapter name → folder of every ``spec.loras`` entry: NAME is made in ``lora_dir/NAME``
+    (services/system/run.py, by libs/tinymodel), NAME=PATH is that path."""
+    out: dict[str, Path] = {}
+    for item in spec.loras:
+        name, _, path = item.partition("=")
+        out[name] = Path(path).expanduser().resolve() if path else lora_dir / name
+    return out
 
 
 def pod_name(engine: str, i: int) -> str:
@@ -151,6 +164,16 @@ class SystemPlan:
         """The OpenAI API base URL of each ingress replica (no ``/v1``)."""
         scheme = "https" if self.spec.ingress_tls_cert else "http"
         return [f"{scheme}://{self.spec.host}:{p}" for p in self.layout.ingress]
+
+    @property
+    def lora_dir(self) -> Path:
+        """The LoRA directory: adapters made for ``spec.loras``, and any an engine loads when
+        a request names it (vLLM's filesystem resolver)."""
+        return self.state_dir / "loras"
+
+    def lora_modules(self) -> dict[str, Path]:
+        """Adapter name → folder of every ``spec.loras`` entry."""
+        return lora_modules(self.spec, self.lora_dir)
 
     @property
     def logs_dir(self) -> Path:
@@ -338,6 +361,11 @@ class _Builder:
         values: dict[str, Any] = {"model": str(self.model_dir), "time_scale": s.time_scale,
                                   "http_host": self.host,
                                   "served_model_name": self.served_model()}
+        if s.loras:
+            values.update({"loras": [f"{n}={p}" for n, p in self.lora_modules().items()],
+                           "lora_dir": str(self.lora_dir), "runtime_lora_updating": True})
+            if s.max_loras:
+                values["max_loras"] = s.max_loras
         if s.block_size:
             values["block_size"] = s.block_size
         if s.num_gpu_blocks:
@@ -349,6 +377,15 @@ class _Builder:
             if s.storage_capacity_bytes:
                 values["storage_capacity_bytes"] = s.storage_capacity_bytes
         return values
+
+    @property
+    def lora_dir(self) -> Path:
+        """The LoRA directory (SystemPlan.lora_dir)."""
+        return self.state_dir / "loras"
+
+    def lora_modules(self) -> dict[str, Path]:
+        """Adapter name → folder (SystemPlan.lora_modules)."""
+        return lora_modules(self.spec, self.lora_dir)
 
     def storage_dir(self) -> Path:
         """The shared-storage tier's directory, absolute (every engine must name the same)."""
@@ -448,7 +485,7 @@ class _Builder:
                 "launch_vllm": str(self.model_dir), "model": self.served_model(),
                 "vllm_command": command,
                 "vllm_port": http, "vllm_kv_port": kv, "vllm_replay_port": kv + 1,
-                "vllm_log": str(log), **storage_values,
+                "vllm_log": str(log), **storage_values, **self.vllm_lora(),
             }, after=(), extra_flags=storage_flags, vllm_args=[
                 "--block-size", str(block), *VLLM_ARGS, "--num-gpu-blocks-override",
                 str(blocks), *shlex.split(s.engine_args),
@@ -456,6 +493,18 @@ class _Builder:
                 extra_ports=(Port(http, f"engine {pod} HTTP", "--engine-port"),
                              Port(kv, f"engine {pod} KV events", "--kv-port"),
                              Port(kv + 1, f"engine {pod} KV replay", "--kv-port")))
+
+    def vllm_lora(self) -> dict[str, Any]:
+        """The agent's LoRA settings for a vLLM engine (none without ``loras``)."""
+        s = self.spec
+        if not s.loras:
+            return {}
+        values: dict[str, Any] = {
+            "vllm_loras": [f"{n}={p}" for n, p in self.lora_modules().items()],
+            "lora_dir": str(self.lora_dir), "vllm_lora_runtime_updating": True}
+        if s.max_loras:
+            values["vllm_max_loras"] = s.max_loras
+        return values
 
     def served_model(self) -> str:
         """The name the engines serve the model under."""
@@ -527,6 +576,8 @@ class _Builder:
                                       "http_port": port}
             if s.model or s.served_model_name:  # the prompts it tokenizes itself
                 values["models"] = [f"{self.served_model()}={self.model_dir}"]
+            if s.loras:  # adapters: route by them (--set ingress.profile=... still wins)
+                values["profile"] = LORA_PROFILE
             # Its own scheduler replica decides as the scheduler service would.
             values.update({k: v for k, v in s.settings.get("scheduler", {}).items()
                            if k in SCHEDULING_FIELDS})
@@ -561,8 +612,9 @@ def plan(spec: SystemSpec, pick: Callable[[int], int] | None = None) -> SystemPl
     else:
         engines = b.sims()
         pods = tuple(pod for pod, _, _ in engines)
+        lora = {"lora_dir": str(b.lora_dir)} if spec.loras else {}
         for i, (pod, sim, endpoints) in enumerate(engines):
-            b.agent(pod, {**endpoints, "role": engine_role(spec, i)}, after=(sim,))
+            b.agent(pod, {**endpoints, "role": engine_role(spec, i), **lora}, after=(sim,))
     b.services()
     if spec.autoscale:
         b.autoscaler()

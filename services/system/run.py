@@ -37,11 +37,30 @@ def _private_dir(path: Path) -> None:
     path.chmod(0o700)
 
 
+def make_adapters(plan: SystemPlan) -> None:
+    """Build the adapters ``loras`` names without a path (libs/tinymodel: deterministic PEFT
+    LoRA weights per name for the served model), and the LoRA directory."""
+    if not plan.spec.loras:
+        return
+    from infermesh.libs.tinymodel import build_adapter, ensure_model_folder
+
+    plan.lora_dir.mkdir(parents=True, exist_ok=True)
+    made = [item for item in plan.spec.loras if "=" not in item]
+    if not made:
+        return
+    # The tiny model is built when missing; a model folder of the user's is only read.
+    model = plan.model_dir if plan.spec.model else ensure_model_folder(plan.model_dir)
+    for name in made:
+        build_adapter(plan.lora_dir / name, name, model)
+
+
 def prepare_state(plan: SystemPlan) -> None:
-    """Write what the processes read at start: NATS node configs, users and credentials."""
+    """Write what the processes read at start: NATS node configs, users and credentials, and
+    the LoRA adapters the engines load."""
     spec = plan.spec
     plan.state_dir.mkdir(parents=True, exist_ok=True)
     plan.logs_dir.mkdir(parents=True, exist_ok=True)
+    make_adapters(plan)
     tls = None
     if spec.nats_tls_cert:
         tls = ServerTLS(str(Path(spec.nats_tls_cert).resolve()),

@@ -69,6 +69,16 @@ class SystemSpec:
         default_of(SimConfig, "storage_capacity_bytes"),
         "Bytes of block files the storage tier keeps; past it the least recently used files "
         "are removed and announced (0: unbounded)")
+    loras: list[str] = knob(
+        None, "LoRA adapters every engine loads at start (comma-separated): NAME, made by the "
+        "repo's own code for the model (deterministic weights per name, in STATE_DIR/loras/"
+        "NAME), or NAME=PATH. Engines also load and unload adapters at runtime "
+        "(/v1/load_lora_adapter, /v1/unload_lora_adapter) and load any adapter in "
+        "STATE_DIR/loras a request names; the ingress asks for the `lora` scheduler profile "
+        "(unless --set ingress.profile=... says otherwise)", factory=list)
+    max_loras: int = knob(
+        0, "With loras: adapter slots per engine, adapters that run at once (0: the engine's "
+        "default, 4)")
     # ------------------------------------------------------------------ replicas
     tokenizers: int = knob(1, "Tokenizer replicas")
     indexers: int = knob(1, "Indexer replicas (each follows every pod's KV stream)")
@@ -167,6 +177,12 @@ class SystemSpec:
             shlex.split(self.engine_args)
         except ValueError as e:
             raise ValueError(f"engine_args: {e}") from None
+        for spec in self.loras:
+            name, eq, path = spec.partition("=")
+            if not name or "/" in name or name.startswith(".") or (eq and not path):
+                raise ValueError(f"loras: {spec!r} is not NAME or NAME=PATH")
+        if self.max_loras < 0:
+            raise ValueError("max_loras must be >= 0 (0: the engine's default)")
         unknown = sorted(set(self.settings) - set(CONFIGURABLE))
         if unknown:
             raise ValueError(f"settings: no service {', '.join(unknown)} "

@@ -225,3 +225,20 @@ async def services_ready(url: str, *, tokenizer: int = 1, indexer: int = 1, sche
                                      "infermesh-scheduler": scheduler}, timeout)
     finally:
         await nc.close()
+
+
+async def until_adapters(watcher: BusWatcher, pod: str, holds: set[str], lacks: set[str]) -> None:
+    """Until ``pod``'s heartbeat says it holds ``holds`` and not ``lacks``, and two more
+    heartbeats after that one (the ingress got the same heartbeats: it has seen it too)."""
+    seen: list[float] = []
+
+    def ok() -> bool:
+        st = watcher.states.get(pod)
+        if st is None or not holds <= set(st.lora.loaded) or lacks & set(st.lora.loaded):
+            seen.clear()
+            return False
+        if not seen or seen[-1] != st.ts:
+            seen.append(st.ts)
+        return len(seen) >= 3
+
+    await wait_until(ok, what=f"{pod} holding {holds} and not {lacks}", interval=0.02)

@@ -130,6 +130,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                                "volume": {"persistentVolumeClaim": {"claimName": "kv"}}}},
         "indexer": {"config": {"storage_max_blocks": 2_000_000}},
     },
+    "lora": {
+        "sim": {"enabled": False},
+        "engine": {"enabled": True, "model": {"path": "/models/llama-3.1-8b"},
+                   "lora": {"enabled": True, "maxLoras": 2, "maxLoraRank": 32,
+                            "modules": [{"name": "sql", "path": "/models/loras/sql"},
+                                        {"name": "chat", "path": "/models/loras/chat"}],
+                            "volume": {"persistentVolumeClaim": {"claimName": "loras"}}}},
+    },
 }
 
 # Standalone charts need little: the engine chart only a model.
@@ -543,3 +551,32 @@ def test_the_storage_tier_refuses_what_cannot_work(values: dict[str, Any],
                                                    complaint: str) -> None:
     with pytest.raises(Exception, match=complaint):
         render("engine", {"model": {"path": "m"}, **values})
+
+
+def test_lora_gives_vllm_the_agents_flags_and_the_agent_the_lora_directory() -> None:
+    """The engine chart's lora block: the same `vllm serve` flags and environment as the agent's
+    --vllm-*lora* knobs give an engine it launches, and the LoRA directory mounted in both
+    containers, the agent told where (it lists the adapters there as the pod's)."""
+    from infermesh.services.agent.vllm_launcher import LoraSettings
+
+    docs = rendered(SCHEMA.UMBRELLA, "lora")
+    (dep,) = [d for d in objects(docs, "Deployment") if d["metadata"]["name"] ==
+              "infermesh-engine"]
+    vllm, agent = dep["spec"]["template"]["spec"]["containers"]
+    want = LoraSettings(modules=(("sql", "/models/loras/sql"), ("chat", "/models/loras/chat")),
+                        max_loras=2, max_lora_rank=32, lora_dir="/loras")
+    args = vllm["args"]
+    i = args.index("--enable-lora")
+    assert args[i : i + len(want.args())] == want.args()
+    env = _env(vllm)
+    assert {k: env[k] for k in want.environ()} == want.environ()
+    mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
+    assert mounts["loras"] == "/loras"
+    assert {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}["loras"] == "/loras"
+    cfg = yaml.safe_load([d for d in objects(docs, "ConfigMap") if d["metadata"]["name"] ==
+                          "infermesh-engine"][0]["data"]["agent.yaml"])
+    assert cfg["lora_dir"] == "/loras"
+    # off by default: no LoRA flag
+    (dep,) = [d for d in objects(rendered(SCHEMA.UMBRELLA, "vllm-observed"), "Deployment")
+              if d["metadata"]["name"] == "infermesh-engine"]
+    assert not any("lora" in a for a in dep["spec"]["template"]["spec"]["containers"][0]["args"])

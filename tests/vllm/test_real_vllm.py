@@ -52,13 +52,22 @@ def _needs_vllm() -> None:
     pytest.skip(msg)
 
 
-class RealStack:
-    """`infermesh up --engine vllm --engines 2` through the system plan, on free ports."""
+def _needs_weights() -> None:
+    from infermesh.libs.tinymodel import ensure_model_folder
 
-    def __init__(self, tmp: Path) -> None:
+    model_dir = ensure_model_folder()
+    if not (model_dir / "model.safetensors").exists():
+        pytest.fail(f"{model_dir} has no weights: `make vllm-env` adds them")
+
+
+class RealStack:
+    """`infermesh up --engine vllm --engines 2` through the system plan, on free ports (``spec``:
+    more of `up`'s knobs, e.g. ``loras``)."""
+
+    def __init__(self, tmp: Path, **spec: Any) -> None:
         self.system = LocalSystem(plan(SystemSpec(
             engine="vllm", engines=len(PODS), block_size=BS, num_gpu_blocks=GPU_BLOCKS,
-            free_ports=True, nats_auth=False, state_dir=str(tmp / "system"))))
+            free_ports=True, nats_auth=False, state_dir=str(tmp / "system"), **spec)))
         lay = self.system.plan.layout
         self.http_ports = list(lay.engine_http)
         self.kv_ports = list(lay.engine_kv)
@@ -82,11 +91,7 @@ class RealStack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
     _needs_vllm()
-    from infermesh.libs.tinymodel import ensure_model_folder
-
-    model_dir = ensure_model_folder()
-    if not (model_dir / "model.safetensors").exists():
-        pytest.fail(f"{model_dir} has no weights: `make vllm-env` adds them")
+    _needs_weights()
     s = RealStack(tmp_path_factory.mktemp("real-vllm"))
     try:
         s.start()

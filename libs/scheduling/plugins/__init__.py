@@ -13,6 +13,7 @@ from .kv_utilization_scorer import KVUtilizationScorer
 from .label_filter import LabelFilter
 from .load_aware_scorer import LoadAwareScorer
 from .lora_affinity_scorer import LoraAffinityScorer
+from .lora_filter import LoraFilter
 from .max_score_picker import MaxScorePicker
 from .never_pd_decider import NeverPDDecider
 from .pd_profile_handler import PDProfileHandler
@@ -43,6 +44,7 @@ PLUGIN_TYPES: dict[str, PluginFactory] = {
         LabelFilter,
         RoleFilter,
         PrefixAffinityFilter,
+        LoraFilter,
         # pickers
         MaxScorePicker,
         RandomPicker,
@@ -77,6 +79,7 @@ __all__ = [
     "LabelFilter",
     "LoadAwareScorer",
     "LoraAffinityScorer",
+    "LoraFilter",
     "MaxScorePicker",
     "PrecisePrefixCacheScorer",
     "QueueScorer",

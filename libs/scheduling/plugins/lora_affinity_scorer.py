@@ -8,20 +8,24 @@ from ..framework import CycleState, Handle, Parameters, Pod, Scorer
 
 
 class LoraAffinityScorer(Scorer):
-    """For a request with a LoRA adapter: ``running`` when the engine runs it, ``waiting`` when
-    it is loading it, ``available`` when it has room for one more adapter, else 0. A request
-    without an adapter scores 1 everywhere (no preference).
+    """For a request with a LoRA adapter: ``running`` when the engine runs it, ``loaded`` when
+    it holds it (loaded, idle: ``PodState.lora.loaded``), ``waiting`` when requests for it wait
+    there, ``available`` when it has room for one more adapter, else 0. A request without an
+    adapter scores 1 everywhere (no preference).
 
-    Parameters: ``running`` (1.0), ``waiting`` (0.8), ``available`` (0.5), each in [0, 1].
+    Parameters: ``running`` (1.0), ``loaded`` (0.9), ``waiting`` (0.8), ``available`` (0.5),
+    each in [0, 1].
     """
 
     type_name = "lora-affinity-scorer"
 
     def __init__(
-        self, name: str, *, running: float = 1.0, waiting: float = 0.8, available: float = 0.5
+        self, name: str, *, running: float = 1.0, loaded: float = 0.9, waiting: float = 0.8,
+        available: float = 0.5,
     ) -> None:
         super().__init__(name)
         self.running = running
+        self.loaded = loaded
         self.waiting = waiting
         self.available = available
 
@@ -29,7 +33,8 @@ class LoraAffinityScorer(Scorer):
     def create(cls, name: str, params: Parameters, handle: Handle) -> LoraAffinityScorer:
         """Factory for the registry."""
         kw = {k: params.number(k, d, min=0.0, max=1.0)
-              for k, d in (("running", 1.0), ("waiting", 0.8), ("available", 0.5))}
+              for k, d in (("running", 1.0), ("loaded", 0.9), ("waiting", 0.8),
+                           ("available", 0.5))}
         params.done()
         return cls(name, **kw)
 
@@ -45,6 +50,8 @@ class LoraAffinityScorer(Scorer):
             info = p.state.lora
             if lora in info.running:
                 out[p.name] = self.running
+            elif lora in info.loaded:
+                out[p.name] = self.loaded
             elif lora in info.waiting:
                 out[p.name] = self.waiting
             elif info.max_lora <= 0 or len(info.running) + len(info.waiting) < info.max_lora:

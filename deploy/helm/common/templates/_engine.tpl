@@ -2,7 +2,9 @@
 An engine pod: the engine container (vLLM, or `infermesh sim`) and the infermesh agent beside it
 in the same pod. The engine publishes its KV events on localhost ZMQ (5557, replay 5558); the
 agent reads them and the engine's /metrics over localhost, and advertises the pod's IP to the
-bus. Call with (dict "ctx" . "engine" <container map> "files" <extra ConfigMap entries>).
+bus. Call with (dict "ctx" . "engine" <container map> "files" <extra ConfigMap entries>), and
+optionally "agentConfig" (fields the engine chart sets in the agent's config; values still win)
+and "agentVolumeMounts" (the engine's volumes the agent reads too).
 */}}
 {{- define "im.agentConfig" -}}
 {{- $v := .Values -}}
@@ -38,7 +40,7 @@ lifecycle:
 {{- $ctx := .ctx -}}
 {{- $v := $ctx.Values -}}
 {{- $agent := $v.agent | default dict -}}
-{{- $agentCfg := merge (include "im.agentConfig" $ctx | fromYaml) (deepCopy ($agent.config | default dict)) -}}
+{{- $agentCfg := merge (include "im.agentConfig" $ctx | fromYaml) (deepCopy ($agent.config | default dict)) (deepCopy (.agentConfig | default dict)) -}}
 {{- $files := merge (dict "agent.yaml" (toYaml $agentCfg)) (.files | default dict) }}
 apiVersion: v1
 kind: ConfigMap
@@ -134,6 +136,9 @@ spec:
             - name: tmp
               mountPath: /tmp
             {{- include "im.busVolumeMounts" $ctx | nindent 12 }}
+            {{- with .agentVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
       volumes:
         - name: config
           configMap:
