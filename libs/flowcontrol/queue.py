@@ -126,6 +126,10 @@ class FlowQueue:
         ticket.queued = True
         return displaced
 
+    def would_refuse(self, ticket: Ticket) -> bool:
+        """Whether :meth:`push` would raise :class:`QueueFull` for ``ticket`` now."""
+        return self._len >= self.max_queued and self._victim(ticket) is None
+
     def _victim(self, ticket: Ticket) -> Ticket | None:
         """What a newcomer to a full queue displaces: from the lowest band below its own, or
         else from its own band when that tenant has at least two more waiting than the
@@ -167,7 +171,7 @@ class FlowQueue:
                     q.deficit += self.quantum
                     q.visited = True
                 head = q.heap[0][2]
-                cost = max(1, head.cost) if self.fairness == "tokens" else 1
+                cost = self._cost(head)
                 if cost <= q.deficit:
                     q.deficit -= cost
                     self._take(prio, band, name, q)
@@ -177,11 +181,15 @@ class FlowQueue:
             # A whole turn of the ring and nobody's credit covered its head: give every tenant
             # the turns the closest one still needs at once (the same order as turning the
             # ring that many times, without the loop).
-            need = min(math.ceil((max(1, q.heap[0][2].cost) - q.deficit) / self.quantum)
+            need = min(math.ceil((self._cost(q.heap[0][2]) - q.deficit) / self.quantum)
                        for q in ring.values())
             if need > 1:
                 for q in ring.values():
                     q.deficit += (need - 1) * self.quantum
+
+    def _cost(self, t: Ticket) -> int:
+        """What a request costs its tenant's credit: its prompt tokens, or 1 (round robin)."""
+        return max(1, t.cost) if self.fairness == "tokens" else 1
 
     def _take(self, prio: int, band: _Band, name: str, q: _TenantQueue) -> None:
         heapq.heappop(q.heap)[2].queued = False

@@ -107,14 +107,29 @@ _FLOW_RE = re.compile(r'^infermesh_ingress_flow_requests_total\{([^}]*)\} ([0-9.
 _OUTCOME_RE = re.compile(r'outcome="([a-z_]+)"')
 
 
+_WAIT_RE = re.compile(r'^infermesh_ingress_flow_wait_seconds_(sum|count)\{([^}]*)\} '
+                      r'([0-9.e+-]+)$', re.M)
+_TENANT_RE = re.compile(r'tenant="([^"]*)"')
+
+
 def parse_flow(text: str) -> dict[str, float]:
-    """``flow_<outcome>``: the ingress's flow-control answers, summed over bands and tenants."""
+    """``flow_<outcome>``: the ingress's flow-control answers, summed over bands and tenants;
+    ``flow_wait_<tenant>_s``: the mean wait of a tenant's admitted requests (wall seconds)."""
     out: dict[str, float] = {}
     for labels, value in _FLOW_RE.findall(text):
         m = _OUTCOME_RE.search(labels)
         if m:
             key = f"flow_{m.group(1)}"
             out[key] = out.get(key, 0.0) + float(value)
+    waits: dict[str, list[float]] = {}
+    for kind, labels, value in _WAIT_RE.findall(text):
+        m = _TENANT_RE.search(labels)
+        if m:
+            acc = waits.setdefault(m.group(1), [0.0, 0.0])
+            acc[0 if kind == "sum" else 1] += float(value)
+    for tenant, (total, n) in waits.items():
+        if n:
+            out[f"flow_wait_{tenant}_s"] = total / n
     return out
 
 

@@ -165,6 +165,24 @@ class FlowGate:
     def _count(self, t: Ticket, outcome: str) -> None:
         self.metrics.requests.labels(str(t.band), self._tenant_label(t.tenant), outcome).inc()
 
+    def precheck(self, ticket: Ticket) -> None:
+        """Refuse now what :meth:`admit` would refuse at once if the pool stays as it is (a
+        sheddable request in a saturated pool, a full queue), before the request costs any
+        tokenizing: under a flood most requests end here."""
+        if not self.enabled or (not self.queue and ticket.band >= 0):
+            return
+        why = self.saturated()
+        if why is None or why == "no_engine":
+            return
+        if ticket.band < 0:
+            self._count(ticket, "shed")
+            raise Refused(429, f"The pool is saturated ({why}) and the request is sheddable "
+                          f"(priority {ticket.band}); retry later", self._retry_after())
+        if self.queue.would_refuse(ticket):
+            self._count(ticket, "full")
+            raise Refused(429, f"{len(self.queue)} requests are already waiting for room in "
+                          "this pool", self._retry_after())
+
     def passed(self, ticket: Ticket) -> None:
         """Count a request that found room without asking :meth:`admit`."""
         if self.enabled and not ticket.admitted:

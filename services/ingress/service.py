@@ -600,6 +600,11 @@ class IngressService:
         ticket = self._ticket(request, body)
         _TICKET.set(ticket)
         model, lora = await self._resolve_model(body.model)
+        try:
+            self.flow.precheck(ticket)  # a flood is refused before it is tokenized
+        except Refused as e:
+            raise ClientError(e.status, e.message,
+                              headers={"Retry-After": str(e.retry_after_s)}) from None
         profile = request.headers.get(PROFILE_HEADER) or self.cfg.profile or None
         route = _Route(request_id=request.headers.get("X-Request-Id") or uuid.uuid4().hex,
                        model=model, lora=lora, num_tokens=0, block_keys=[], profile=profile,

@@ -189,3 +189,23 @@ async def test_the_session_goes_to_the_scheduler_and_on_the_routed_event(world) 
     assert [e.session for e in world.events if e.kind == "routed"][:3] == ["conv-7", "conv-8", ""]
     status, _, body = await send(world.url, "t4", {"x-session-id": "x" * 300})
     assert status == 400 and "session" in body["error"]["message"]
+
+
+async def test_uncached_tokens_in_flight_saturate_the_pool(world) -> None:
+    """The signal from request events: with the ingress deciding here, a prompt's tokens
+    routed to the only engine and not yet prefilled saturate it; the next request waits until
+    that prefill ends (its first token), whatever the engine's heartbeat says."""
+    engine = GatedEngine()
+    await engine.start()
+    world.engines["a"] = engine
+    await world.start({}, schedule_here=True, saturation_requests=0, saturation_waiting=0,
+                      saturation_kv_usage=0.0, saturation_uncached_tokens=40)
+    flow = world.ingress.flow
+    first = asyncio.create_task(send(world.url, "A" * 50))  # 50 tokens (the stub tokenizer)
+    await wait_until(lambda: engine.hits == 1, what="A at the engine")
+    await wait_until(lambda: flow.saturated() == "uncached_tokens", what="saturated by A")
+    second = asyncio.create_task(send(world.url, "B" * 10))
+    await wait_until(lambda: len(flow) == 1, what="B waiting")
+    engine.gate.set()
+    assert (await first)[0] == 200 and (await second)[0] == 200
+    assert engine.prompts == ["A" * 50, "B" * 10]

@@ -80,6 +80,11 @@ def test_per_class_ttfts_flow_answers_and_the_comparison() -> None:
             "infermesh_ingress_flow_saturated 1.0\n")
     flow = T.parse_flow(page)
     assert flow == {"flow_admitted": 5.0, "flow_shed": 4.0, "flow_full": 1.0}
+    waits = T.parse_flow('infermesh_ingress_flow_wait_seconds_sum{band="0",tenant="a"} 3.0\n'
+                         'infermesh_ingress_flow_wait_seconds_count{band="0",tenant="a"} 2.0\n'
+                         'infermesh_ingress_flow_wait_seconds_sum{band="1",tenant="a"} 1.0\n'
+                         'infermesh_ingress_flow_wait_seconds_count{band="1",tenant="a"} 2.0\n')
+    assert waits == {"flow_wait_a_s": 1.0}
     rows = {T.ALONE: {"light_ttft_p90_s": 0.2},
             "fair": {"light_ttft_p90_s": 0.3, **flow, "flow_displaced": 2.0},
             "none": {"light_ttft_p90_s": None}}

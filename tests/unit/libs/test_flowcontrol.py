@@ -166,3 +166,39 @@ def test_a_pool_is_saturated_when_every_pod_is_and_when_it_has_none() -> None:
     assert pool_saturated([full, PodLoad("b", waiting=1)], t) is None
     assert pool_saturated([full, PodLoad("b", uncached_tokens=9000),
                            PodLoad("c", waiting=6)], t) == "uncached_tokens"
+
+
+def test_a_flooding_tenant_never_starves_a_trickle() -> None:
+    """The queue stays full of the heavy tenant's requests (each bigger than the quantum in
+    tokens); the light tenant's requests, one at a time, each go within two pops, in every
+    fairness mode but off."""
+    for fairness in ("requests", "tokens"):
+        q = FlowQueue(max_queued=50, fairness=fairness, quantum=512)  # type: ignore[arg-type]
+        for _ in range(50):
+            q.push(Ticket(band=0, tenant="heavy", cost=1001))
+        for _ in range(30):
+            light = Ticket(band=0, tenant="light", cost=1001)
+            q.push(light)  # displaces the heavy tenant's newest
+            waited = 0
+            while light.queued:
+                for _ in range(3):
+                    try:
+                        q.push(Ticket(band=0, tenant="heavy", cost=1001))
+                    except QueueFull:
+                        pass
+                assert q.pop() is not None
+                waited += 1
+            assert waited <= 2, fairness
+            for _ in range(4):  # the heavy tenant's turns meanwhile
+                q.pop()
+
+
+def test_would_refuse_says_what_push_would_do() -> None:
+    q = FlowQueue(max_queued=2, fairness="requests")
+    q.push(Ticket(band=0, tenant="x"))
+    assert not q.would_refuse(Ticket(band=0, tenant="x"))  # room
+    q.push(Ticket(band=0, tenant="x"))
+    assert q.would_refuse(Ticket(band=0, tenant="x"))
+    assert not q.would_refuse(Ticket(band=0, tenant="y"))  # displaces x's newest
+    assert not q.would_refuse(Ticket(band=1, tenant="x"))  # a higher band
+    assert q.would_refuse(Ticket(band=-1, tenant="y"))
