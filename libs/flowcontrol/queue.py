@@ -118,7 +118,11 @@ class FlowQueue:
         tenant = ticket.tenant if self.fairness != "off" else ""
         q = band.tenants.get(tenant)
         if q is None:
+            # A tenant with nothing waiting goes first, ahead of those with a backlog (as
+            # FQ-CoDel serves new flows first): a trickle waits for one turn, not for a round
+            # of the flooders; it spends its credit like any other and goes to the back.
             q = band.tenants[tenant] = _TenantQueue()
+            band.tenants.move_to_end(tenant, last=False)
         key = ticket.deadline if self.ordering == "edf" else 0.0
         heapq.heappush(q.heap, (key, ticket.seq, ticket))
         band.count += 1

@@ -26,7 +26,14 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from infermesh.libs.flowcontrol import FlowQueue, PodLoad, QueueFull, Thresholds, Ticket
+from infermesh.libs.flowcontrol import (
+    FlowQueue,
+    PodLoad,
+    QueueFull,
+    Thresholds,
+    Ticket,
+    pod_saturated,
+)
 from infermesh.libs.flowcontrol import pool_saturated as _pool_saturated
 from infermesh.libs.telemetry import get_logger
 
@@ -147,6 +154,10 @@ class FlowGate:
         if why:
             self.metrics.saturations.labels(why).inc()
         return why
+
+    def saturated_pods(self) -> list[str]:
+        """The pods with no room now (for the decision of a request let go for room)."""
+        return [x.pod for x in self._loads() if pod_saturated(x, self.thresholds) is not None]
 
     def busy(self) -> bool:
         """Whether a request arriving now would wait (others wait, or no room)."""

@@ -193,6 +193,9 @@ class _Route:
     pd_tried: bool = False
     prefill_pod: str = ""  # the engine whose KV the answer was decoded with
     session: str | None = None  # the conversation (session_header / session_cookie)
+    # Flow control let it go for room on some pods: the saturated ones are left out of its
+    # decision (the room is elsewhere).
+    saturated: list[str] = field(default_factory=list)
 
 
 # vLLM's NixlConnector: what a prefill request asks for (docs/disaggregation.md).
@@ -620,7 +623,8 @@ class IngressService:
                 # Flow control: wait here while the pool is saturated (its cost for fairness
                 # between tenants: the prompt's tokens).
                 ticket.cost = max(1, route.num_tokens)
-                await self._wait_in_flow(no_engine_only=False)
+                if await self._wait_in_flow(no_engine_only=False) is not None:
+                    route.saturated = self.flow.saturated_pods()
             else:
                 self.flow.passed(ticket)  # routed in one trip: the pool had room
             if route.first is None and self.sched is not None:
@@ -902,6 +906,11 @@ class IngressService:
             others.difference_update(route.excluded, refused)
             if others:
                 exclude = [*route.excluded, *(r for r in refused if r not in route.excluded)]
+        if route.saturated and not exclude:  # a first attempt that waited for room
+            others = {p.state.pod for p in self.live_pods()
+                      if p.state.model == route.model and p.state.role != "prefill"}
+            if others - set(route.saturated):
+                exclude = list(route.saturated)
         return exclude
 
     def _schedule_request(self, route: _Route, announce: bool) -> ScheduleRequest:
@@ -986,6 +995,14 @@ class IngressService:
         ev = RequestEvent(kind=kind, request_id=rid, pod=pod,  # type: ignore[arg-type]
                           pool=self.cfg.pool, model=route.model, ts=time.time(),
                           replica=self.instance, held_s=_HELD_S.get(), **kw)
+        if self.sched is not None and kind != "routed":
+            # This replica's own view first (flow control looks for room at once); the echo
+            # from the bus changes nothing more (InFlight takes an event once).
+            if kind == "finished":
+                self.sched.inflight.finished(rid, pod)
+            else:
+                self.sched.inflight.touch(rid, pod)
+            self.flow.poke()
         with contextlib.suppress(Exception):  # events are best effort; never fail a request
             await self.nc.publish(self.subjects.req(self.cfg.pool), codec.encode(ev))
 

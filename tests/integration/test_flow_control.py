@@ -98,8 +98,9 @@ async def test_a_saturated_pool_queues_by_priority_then_tenant_and_sheds(world) 
     assert (await first)[0] == 200
     results = {name: await t for name, t in tasks.items()}
     assert {name: r[0] for name, r in results.items()} == dict.fromkeys(results, 200)
-    # Bands first (5, then 2, then 0), then turns between the tenants of band 0.
-    assert engine.prompts == ["A", "h5", "p2", "x1", "y1", "z1"]
+    # Bands first (5, then 2, then 0), then turns between the tenants of band 0, the one
+    # that came to the queue last (with nothing waiting) first.
+    assert engine.prompts == ["A", "h5", "p2", "z1", "y1", "x1"]
     text = await _metrics(url)
     for line in ('infermesh_ingress_flow_requests_total{band="-1",outcome="shed",tenant="default"} '
                  "1.0",
@@ -209,3 +210,26 @@ async def test_uncached_tokens_in_flight_saturate_the_pool(world) -> None:
     engine.gate.set()
     assert (await first)[0] == 200 and (await second)[0] == 200
     assert engine.prompts == ["A" * 50, "B" * 10]
+
+
+async def test_a_request_let_go_for_room_goes_where_the_room_is(world) -> None:
+    """Both engines saturated (a: a request in flight; b: its heartbeat says it queues), a
+    request waits; b's queue empties: it is let go, and its decision leaves out a, still
+    saturated, though the (stub) scheduler would pick a first."""
+    a, b = GatedEngine(), GatedEngine()
+    for name, e in (("a", a), ("b", b)):
+        await e.start()
+        world.engines[name] = e
+    world.waiting["b"] = 10
+    await world.start({}, **{**SATURATE_AT_ONE, "saturation_waiting": 5})
+    first = asyncio.create_task(send(world.url, "A"))
+    await wait_until(lambda: a.hits == 1, what="A at a")
+    await wait_until(lambda: world.ingress.flow.saturated() is not None, what="saturated")
+    second = asyncio.create_task(send(world.url, "B"))
+    await wait_until(lambda: len(world.ingress.flow) == 1, what="B waiting")
+    world.waiting["b"] = 0  # the next heartbeat: b has room
+    await wait_until(lambda: b.hits == 1, what="B at b")
+    a.gate.set()
+    b.gate.set()
+    assert (await first)[0] == 200 and (await second)[0] == 200
+    assert world.schedule_calls[-1].exclude == ["a"] and b.prompts == ["B"]

@@ -105,6 +105,7 @@ class World:
         self.routes = 0  # im.route requests the stub tokenizer passed on
         self.exact_asks = 0  # tokenize requests asking for the exact count (token ids)
         self.tokenize_asks = 0  # im.tokenize requests the stub tokenizer answered
+        self.waiting: dict[str, int] = {}  # requests an engine's heartbeat says it queues
 
     async def start(self, engines: dict[str, str], *, tokenizer: bool = True,
                     scheduler: bool = True, route_endpoint: bool = True,
@@ -188,7 +189,7 @@ class World:
             for name, e in list(self.engines.items()) if self.beating else ():
                 st = PodState(pod=name, pool="default", model=MODEL, url=e.url, ts=time.time(),
                               epoch="e", kv_seq=0, block_size=16, max_model_len=1000,
-                              adapters=["lora-x"])
+                              adapters=["lora-x"], waiting=self.waiting.get(name, 0))
                 await self.nc.publish(f"im.pod.default.{name}", codec.encode(st))
             await asyncio.sleep(0.1)
 

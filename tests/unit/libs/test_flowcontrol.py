@@ -49,14 +49,15 @@ def test_bands_are_served_strictly_by_priority() -> None:
 
 
 def test_round_robin_between_tenants_within_a_band() -> None:
-    """A tenant that queued many requests first does not go ahead of the others: turns."""
+    """A tenant that queued many requests first does not go ahead of the others: turns; a
+    tenant that had nothing waiting joins at the front of the turns (new flows first)."""
     q, t = FlowQueue(max_queued=20, fairness="requests"), Tagged()
     for i in range(4):
         q.push(t(f"h{i}", tenant="heavy"))
     q.push(t("l0", tenant="light"))
     q.push(t("m0", tenant="medium"))
     q.push(t("l1", tenant="light"))
-    assert names(drain(q), t.tags) == ["h0", "l0", "m0", "h1", "l1", "h2", "h3"]
+    assert names(drain(q), t.tags) == ["m0", "l0", "h0", "l1", "h1", "h2", "h3"]
 
 
 def test_deficit_round_robin_shares_prompt_tokens() -> None:
@@ -69,7 +70,7 @@ def test_deficit_round_robin_shares_prompt_tokens() -> None:
         q.push(t(f"s{i}", tenant="small", cost=1000))
     order = names(drain(q), t.tags)
     # While both wait, 4 small ones go for each big one.
-    assert order[:10] == ["s0", "s1", "s2", "big0", "s3", "s4", "s5", "s6", "big1", "s7"]
+    assert order[:10] == ["s0", "s1", "s2", "s3", "big0", "s4", "s5", "s6", "s7", "big1"]
     tokens = {"big": 0, "small": 0}
     for name in order[:10]:
         tokens["big" if name.startswith("big") else "small"] += 4000 if "big" in name else 1000
@@ -120,7 +121,7 @@ def test_a_full_queue_displaces_lower_bands_then_the_heaviest_tenant_else_refuse
             q.push(newcomer)
     # A higher band always finds room while lower bands wait.
     assert t.tags[id(q.push(t("hi", 3)))] == "y2"
-    assert names(drain(q), t.tags) == ["hi", "x1", "y1", "x2"]
+    assert names(drain(q), t.tags) == ["hi", "y1", "x1", "x2"]
 
 
 def test_remove_takes_a_ticket_out_wherever_it_waits() -> None:
@@ -188,7 +189,7 @@ def test_a_flooding_tenant_never_starves_a_trickle() -> None:
                         pass
                 assert q.pop() is not None
                 waited += 1
-            assert waited <= 2, fairness
+            assert waited == 1, fairness  # the next one: it had nothing waiting
             for _ in range(4):  # the heavy tenant's turns meanwhile
                 q.pop()
 
