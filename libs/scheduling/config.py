@@ -390,6 +390,10 @@ plugins:
     type: lora-filter
   - name: lora-affinity
     type: lora-affinity-scorer
+  # A conversation's turns on the engine of its last turn (x-session-id or the
+  # infermesh-session cookie at the ingress); neutral for requests without one.
+  - name: session
+    type: session-affinity-scorer
 
 default_profile: default
 
@@ -401,7 +405,10 @@ profiles:
   - name: default
     plugins:
       - ref: serving-roles
+      - ref: lora
       - {ref: precise-prefix, weight: 3}
+      - {ref: lora-affinity, weight: 2}
+      - {ref: session, weight: 1}
       - {ref: load, weight: 1}
       - ref: max-score
 

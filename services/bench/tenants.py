@@ -157,6 +157,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str, float, bool], ...] = (
     ("light p50 s", "light_ttft_p50_s", ".3f", 1.0, True),
     ("light p90 s", "light_ttft_p90_s", ".3f", 1.0, True),
     ("light p90 vs alone", "light_p90_vs_alone", ".2f", 1.0, False),
+    ("light refused", "light_refused", "d", 1.0, False),
     ("heavy p90 s", "heavy_ttft_p90_s", ".3f", 1.0, True),
     ("high-prio p90 s", "heavy-high_ttft_p90_s", ".3f", 1.0, True),
     ("in tok/s", "input_tok_s", ".0f", 1.0, False),

@@ -70,9 +70,6 @@ VLLM_ENV = {
 }
 # Engines hash blocks with Python's hash seed: one seed for every engine and restart.
 ENGINE_ENV = {"PYTHONHASHSEED": "0"}
-#: The scheduler profile the ingress asks for when the engines serve LoRA adapters
-#: (deploy/local/scheduler.yaml: the default profile plus the lora filter and affinity).
-LORA_PROFILE = "lora"
 
 
 def lora_modules(spec: SystemSpec, lora_dir: Path) -> dict[str, Path]:
@@ -576,8 +573,6 @@ class _Builder:
                                       "http_port": port}
             if s.model or s.served_model_name:  # the prompts it tokenizes itself
                 values["models"] = [f"{self.served_model()}={self.model_dir}"]
-            if s.loras:  # adapters: route by them (--set ingress.profile=... still wins)
-                values["profile"] = LORA_PROFILE
             # Its own scheduler replica decides as the scheduler service would.
             values.update({k: v for k, v in s.settings.get("scheduler", {}).items()
                            if k in SCHEDULING_FIELDS})

@@ -1,6 +1,6 @@
 """`infermesh up --loras`: the plan gives every engine the adapters (made in the state folder
-by the repo's own code, or the paths given), the LoRA directory and runtime updating; the
-ingress asks for the lora profile; prepare_state builds the adapters."""
+by the repo's own code, or the paths given), the LoRA directory and runtime updating;
+prepare_state builds the adapters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from infermesh.libs.config import ConfigError
-from infermesh.services.system.plan import LORA_PROFILE, plan
+from infermesh.services.system.plan import plan
 from infermesh.services.system.run import make_adapters
 from infermesh.services.system.spec import SystemSpec
 
@@ -32,11 +32,8 @@ def test_sims_agents_and_ingress_get_the_adapters(tmp_path: Path) -> None:
         assert "--runtime-lora-updating" in sim.argv
     for agent in p.of_kind("agent"):
         assert _flag(agent.argv, "--lora-dir") == str(lora_dir)
-    assert _flag(p.of_kind("ingress")[0].argv, "--profile") == LORA_PROFILE
-    # the operator's profile wins
-    p = plan(SystemSpec(loras=["a"], free_ports=True, state_dir=str(tmp_path),
-                        settings={"ingress": {"profile": "default"}}))
-    assert _flag(p.of_kind("ingress")[0].argv, "--profile") == "default"
+    # The default profile routes by adapter (lora-filter, lora-affinity): no profile to set.
+    assert "--profile" not in p.of_kind("ingress")[0].argv
 
 
 def test_vllm_agents_launch_with_the_adapters(tmp_path: Path) -> None:
