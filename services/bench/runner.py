@@ -83,7 +83,10 @@ class Preset:
     profiles: list[str] = field(default_factory=lambda: list(ALL_PROFILES))
     fleets: list[F.Fleet] = field(default_factory=list)
     startup_delay_s: float = 0.0  # the engines' start (modelled s), for fleet rows
-    table: tuple[tuple[str, str, str, float, bool], ...] | None = None  # (fleets) its columns
+    table: tuple[tuple[str, str, str, float, bool], ...] | None = None  # its table's columns
+    # The stage at the fleet's knee (index into ``stages``): its TTFTs and throughputs are
+    # reported as ``knee_*`` (the table's columns when ``table`` names them).
+    knee_stage: int | None = None
 
     @property
     def baseline(self) -> F.Fleet | None:
@@ -132,6 +135,19 @@ def _tiered_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
     return [dataclasses.replace(r, id=i) for i, r in enumerate(out)]
 
 
+# Saturation: 16 groups of 3,000-token prefixes, popularity Zipf(1.1) over the groups (the
+# hottest 33% of the requests, the next 15%, 10%, …, the coldest 1.6%), 500-token questions.
+SATURATION_GROUPS = 16
+SATURATION_ZIPF_S = 1.1
+
+
+def _saturation_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
+    # More requests than the stages send (≈ 400 of 600): no prompt is sent twice.
+    return W.zipf_prefix(tok, num_groups=SATURATION_GROUPS, num_requests=600,
+                         zipf_s=SATURATION_ZIPF_S, system_prompt_len=3000, question_len=500,
+                         output_len=16, seed=seed)
+
+
 def _autoscale_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
     # Unique prompts: no prefix to route on, so the rows differ only in their engines.
     return W.low_sharing(tok, num_prompts=400, prompt_len=200, output_len=20, seed=seed)
@@ -152,6 +168,21 @@ _AUTOSCALER = {"min_replicas": 0, "max_replicas": AUTOSCALE_MAX, "interval_s": 2
                "warmup_s": 5.0, "scale_up_cooldown_s": 10.0, "scale_down_cooldown_s": 30.0,
                "scale_down_stabilization_s": 20.0, "scale_to_zero_after_s": 10.0,
                "kv_spare_trigger": 0.35}
+
+# The saturation preset's table: the whole run, then the knee stage, then where the work went.
+SATURATION_TABLE_COLUMNS: tuple[tuple[str, str, str, float, bool], ...] = (
+    ("TTFT p50 s", "ttft_p50_s", ".3f", 1.0, True),
+    ("TTFT p90 s", "ttft_p90_s", ".3f", 1.0, True),
+    ("knee p50 s", "knee_ttft_p50_s", ".3f", 1.0, False),
+    ("knee p90 s", "knee_ttft_p90_s", ".3f", 1.0, True),
+    ("knee in tok/s", "knee_input_tok_s", ".0f", 1.0, True),
+    ("knee out tok/s", "knee_output_tok_s", ".0f", 1.0, False),
+    ("hit %", "cache_hit_rate", ".1f", 100.0, True),
+    ("spread CV", "load_spread", ".3f", 1.0, False),
+    ("prefill max/mean", "prefill_max_over_mean", ".2f", 1.0, False),
+    ("failed", "errors", "d", 1.0, True),
+    ("CP CPU s/1k", "control_plane_cpu_s_per_1k", ".1f", 1.0, False),
+)
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
@@ -182,6 +213,32 @@ PRESETS: dict[str, Preset] = {
         system=SystemSpec(engines=8, num_gpu_blocks=9630, time_scale=2.0,
                           engine_args="--prefill-tokens-per-s 20000"),
         profiles=["random", "approx-prefix", "llm-d", "default"],
+    ),
+    "saturation": Preset(
+        name="saturation",
+        description=("cache affinity against load: 8 engines, 16 groups of 3,000-token prefixes "
+                     "+ 500-token questions, Zipf(1.1) popularity (the hottest prefix 33% of "
+                     "the requests: 2.6 engines' share), Poisson below, at and above the "
+                     "fleet's knee"),
+        workload=_saturation_workload,
+        # The knee, from the simulator's model: a prompt whose prefix an engine holds costs
+        # 500 / 4,000 s + 3,000 cached tokens x 3 us = 0.134 s of prefill (one at a time per
+        # engine), 7.5 a second, 60 for the fleet if every prompt hit and the load were even;
+        # a miss costs 3,500 / 4,000 = 0.875 s (6.5 hits). Less the 16 first misses and the
+        # hottest prefix's copies, measured: TTFT p90 below 0.8 s up to 40 QPS and past 1.8 s
+        # from 50 (docs/bench.md). Stages: 25 QPS (below; the prefixes' first misses fall
+        # here), 45 (the knee), 60 (above: a backlog grows wherever routing sends it).
+        stages=[W.Stage(25, 2.5), W.Stage(45, 2.5), W.Stage(60, 2)],
+        # Prefill 4,000 tokens/s: a 70B-class model on one accelerator (so that the knee is at
+        # tens of requests a second, not hundreds). 1,000 blocks an engine hold 5 prefixes;
+        # the 16 (3,000 blocks) fit the fleet's 8,000, not one engine. Time scale 4: 60
+        # modelled QPS are 15 a wall second, and heartbeats (every 0.25 s of wall clock) are
+        # 60 modelled ms old at most, about llm-d's metrics refresh (50 ms).
+        system=SystemSpec(engines=8, num_gpu_blocks=1000, time_scale=4.0,
+                          engine_args="--prefill-tokens-per-s 4000"),
+        profiles=["random", "precise-prefix", "llm-d", "llm-d-sticky", "default"],
+        knee_stage=1,
+        table=SATURATION_TABLE_COLUMNS,
     ),
     "autoscale": Preset(
         name="autoscale",
@@ -294,6 +351,10 @@ async def run_requests(url: str, requests: list[W.BenchRequest], *, profile: str
         return list(results), time.perf_counter() - start
 
 
+# What the summary repeats of the knee stage (``knee_<key>``), from :func:`metrics.by_stage`.
+KNEE_KEYS = ("ttft_p50_s", "ttft_p90_s", "input_tok_s", "output_tok_s", "cache_hit_rate")
+
+
 def peak_stage_output_tok_s(results: list[M.RequestResult], wall_stages: list[W.Stage],
                             time_scale: float) -> float:
     """Output tokens/s completed while the last (peak) stage's arrivals were coming in.
@@ -356,6 +417,7 @@ class Workload:
     wall_stages: list[W.Stage]
     time_scale: float
     model: str
+    knee_stage: int | None = None
 
 
 def _spread_from_counts(counts: dict[str, int]) -> dict[str, Any]:
@@ -389,6 +451,12 @@ def _summarize(results: list[M.RequestResult], duration: float, work: Workload,
                     endpoints=endpoints)
     s["peak_output_tok_s"] = peak_stage_output_tok_s(results, work.wall_stages,
                                                      work.time_scale)
+    s["per_stage"] = M.by_stage(results, [(x.rate_qps, x.duration_s) for x in work.wall_stages],
+                                work.time_scale)
+    if work.knee_stage is not None:
+        knee = s["per_stage"][work.knee_stage]
+        for key in KNEE_KEYS:
+            s[f"knee_{key}"] = knee[key]
     n = len(results)
     by_kind = {g[5:]: v for g, v in cpu.items() if g.startswith("kind:")}
     if by_kind:
@@ -556,7 +624,7 @@ def build_workload(preset: Preset, seed: int, time_scale: float, model: str) -> 
     # More arrivals than prompts: cycle through the workload, as inference-perf does.
     requests = W.assign_arrivals(W.cycle_to(base, len(times)), times)
     return Workload(requests=requests, wall_stages=wall_stages, time_scale=time_scale,
-                    model=model)
+                    model=model, knee_stage=preset.knee_stage)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -636,6 +704,10 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
                   f"CPU s/1k requests: control plane "
                   f"{_fmt(s['control_plane_cpu_s_per_1k'], '.1f')}, engines "
                   f"{_fmt(s['engines_cpu_s_per_1k'], '.1f')}; {r.wall_s:.0f} s", flush=True)
+            if work.knee_stage is not None:
+                print(f"[bench]   knee stage: ttft p90 {_fmt(s['knee_ttft_p90_s'], '.3f')}s, "
+                      f"{s['knee_input_tok_s']:.0f} input tok/s, prefill max/mean "
+                      f"{_fmt(s['prefill_max_over_mean'], '.2f')}", flush=True)
             if r.note:
                 print(f"[bench]   note: {r.note}", flush=True)
         if baseline is not None:
@@ -665,7 +737,13 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         # Every row (profiles and peer policies): the median over the repeats.
         "profiles": summaries,
         "per_rate": per_rate,
-        "spread": {n: R.spread(by_row[n]) for n in names},
+        "spread": {n: R.spread(by_row[n], R.SPREAD_KEYS + (
+            tuple(f"knee_{k}" for k in KNEE_KEYS) if preset.knee_stage is not None else ()))
+            for n in names},
+        # Per load stage (metrics.by_stage), the median over the repeats.
+        "per_stage": {n: R.median_per_rate([rep[n].summary.get("per_stage") or []
+                                            for rep in runs]) for n in names},
+        "knee_stage": preset.knee_stage,
         "repeats": [{"profiles": {n: rep[n].summary for n in names},
                      "per_rate": {n: rep[n].per_rate for n in names},
                      "wall_s": {n: rep[n].wall_s for n in names},
@@ -690,7 +768,7 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
                   f"{max(f.max_engines for f in preset.fleets)}); at zero: requests that "
                   "arrived with no replica ready; added s: their median TTFT minus the others'")
     else:
-        print(R.format_table(by_row))
+        print(R.format_table(by_row, **({"columns": preset.table} if preset.table else {})))
     for n, v in kept_notes.items():
         for note in v:
             print(f"note: {n}: {note}")
