@@ -350,8 +350,8 @@ plugins:
   - name: prefix-affinity
     type: prefix-affinity-filter
     parameters:
-      affinity_threshold: 0.5  # not measured yet
-      margin_tokens: 8192      # not measured yet
+      affinity_threshold: 0.5  # llm-d's
+      margin_tokens: 8192      # llm-d's (docs/scheduler.md: 4,096 and 6,144 on saturation)
   - name: serving-roles
     type: role-filter
     parameters:
@@ -388,15 +388,17 @@ plugins:
 default_profile: default
 
 profiles:
-  # Precise prefix-cache routing, kept off engines with many requests in flight. The in-flight
-  # count comes from request events (every replica's decisions as they happen); the engines'
-  # own queue and KV usage arrive with heartbeats, up to a scrape period late, and pulled
-  # requests off the engine holding their prefix (docs/bench.md: chosen by measurement).
+  # Prefix-cache hits, weighed against the prefill work in front of the request: token load 2
+  # (uncached tokens in flight on the pod + this prompt's uncached tokens there, from request
+  # events, the same on every replica), precise prefix 1. A hot prefix's pod keeps its
+  # requests while its queue is short and sheds them to a cold pod, which then computes the
+  # prefix, once the queue costs more than the miss. Chosen by measurement on the saturation
+  # preset against llm-d's blend and its "sticky until saturated" (docs/scheduler.md).
   - name: default
     plugins:
       - ref: serving-roles
-      - {ref: precise-prefix, weight: 3}
-      - {ref: load, weight: 1}
+      - {ref: precise-prefix, weight: 1}
+      - {ref: token-load, weight: 2}
       - ref: max-score
 
   # Baselines and variants, for benchmarks.
@@ -421,6 +423,11 @@ profiles:
       - {ref: precise-prefix, weight: 0}
       - {ref: token-load, weight: 1}
       - ref: max-score
+  # The default until issue 17 measured the token load (docs/bench.md, docs/scheduler.md):
+  # precise prefix-cache routing, kept off engines with many requests in flight (the in-flight
+  # count from request events; the engines' own queue and KV usage, up to a scrape period
+  # late, pulled requests off the engine holding their prefix). Sticky: a hot prefix's pod is
+  # never left while it holds the prefix.
   - name: precise-prefix
     plugins:
       - ref: serving-roles
@@ -450,14 +457,14 @@ profiles:
   - name: pd-always
     plugins:
       - ref: serving-roles
-      - {ref: precise-prefix, weight: 3}
-      - {ref: load, weight: 1}
+      - {ref: precise-prefix, weight: 1}
+      - {ref: token-load, weight: 2}
       - ref: max-score
   - name: pd-never
     plugins:
       - ref: serving-roles
-      - {ref: precise-prefix, weight: 3}
-      - {ref: load, weight: 1}
+      - {ref: precise-prefix, weight: 1}
+      - {ref: token-load, weight: 2}
       - ref: max-score
   # The engine that prefills a disaggregated request: prefix hits first, then load.
   - name: prefill

@@ -45,7 +45,14 @@ def test_default_pipeline_has_the_benchmark_profiles(handle):
     d = p.profiles["default"]
     assert [type(f) for f in d.filters] == [RoleFilter]
     assert [(s.type_name, w) for s, w in d.scorers] == [
+        ("precise-prefix-cache-scorer", 1.0), ("token-load-scorer", 2.0)]
+    # The old default, under the name benchmarks use.
+    assert [(s.type_name, w) for s, w in p.profiles["precise-prefix"].scorers] == [
         ("precise-prefix-cache-scorer", 3.0), ("load-aware-scorer", 1.0)]
+    # pd-always and pd-never are the default with the other deciders.
+    for name in ("pd-always", "pd-never"):
+        assert [(s.name, w) for s, w in p.profiles[name].scorers] == [
+            (s.name, w) for s, w in d.scorers]
     assert [(s.type_name, w) for s, w in p.profiles["llm-d"].scorers] == [
         ("precise-prefix-cache-scorer", 3.0), ("queue-scorer", 2.0),
         ("kv-cache-utilization-scorer", 2.0)]
