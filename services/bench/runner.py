@@ -46,6 +46,7 @@ from typing import Any
 
 import aiohttp
 
+from infermesh.libs.config import ConfigError
 from infermesh.libs.telemetry import configure_logging
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, ensure_model_folder
 from infermesh.libs.tokenization import ModelTokenizer
@@ -606,6 +607,21 @@ def compare_fleets(rep: dict[str, RowRun], baseline: str) -> None:
             s[out] = s[key] / b[key] if s.get(key) is not None and b.get(key) else None
 
 
+def with_profiles_file(spec: SystemSpec, path: str | Path) -> SystemSpec:
+    """``spec`` whose ingresses and scheduler read their profiles from ``path`` (checked now:
+    a bad file stops the bench before any system starts, with the config's message)."""
+    from infermesh.libs.scheduling.config import build_pipeline, read_pipeline_spec
+    from infermesh.libs.scheduling.framework import Handle
+    from infermesh.libs.scheduling.metrics import SchedulerMetrics
+
+    full = str(Path(path).resolve())
+    build_pipeline(read_pipeline_spec(full), Handle(SchedulerMetrics()))
+    settings = {k: dict(v) for k, v in spec.settings.items()}
+    for service in ("ingress", "scheduler"):
+        settings.setdefault(service, {})["profiles_file"] = full
+    return dataclasses.replace(spec, settings=settings)
+
+
 def resolve_time_scale(preset: Preset, override: float | None) -> float:
     """The time scale of a run: ``override`` (``--time-scale``) or the preset's, whatever the
     target (a local system, a peer, or ``--url``)."""
@@ -635,11 +651,14 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         model: str = DEFAULT_MODEL_NAME, seed: int = 0, peers: Sequence[str] = (),
         peer_policies: Sequence[str] | None = None, repeat: int = 1,
         time_scale: float | None = None, startup_delay_s: float | None = None,
+        profiles_file: str | Path | None = None,
         ) -> dict[str, Any]:
     """Run ``preset`` for each profile (``profiles``: the preset's when None; ``[]``: none) and
     each peer policy, or for each of its fleets, ``repeat`` times; write results.json,
-    requests.json and plots into ``out``. Raises :class:`peers.PeerError` when a requested peer
-    is not installed."""
+    requests.json and plots into ``out``. ``profiles_file``: the scheduling profiles of the
+    local systems (their ingresses and scheduler; default: the built-in ones), for candidates
+    that are not shipped. Raises :class:`peers.PeerError` when a requested peer is not
+    installed."""
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1, got {repeat}")
     if peers and url:
@@ -651,6 +670,10 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         raise ValueError(f"startup delay must be finite and >= 0, got {delay}")
     scale = resolve_time_scale(preset, time_scale)
     spec = dataclasses.replace(preset.system, time_scale=scale)
+    if profiles_file is not None:
+        if url:
+            raise ValueError("a profiles file configures the local systems; not with a url")
+        spec = with_profiles_file(spec, profiles_file)
     plans = P.resolve(list(peers), list(peer_policies) if peer_policies else None,
                       spec.engines) if peers else []
     rows = [Row(p) for p in (preset.profiles if profiles is None else profiles)]
@@ -722,6 +745,7 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
     kept_notes = {n: v for n, v in notes.items() if v}
     doc: dict[str, Any] = {
         "preset": preset.name, "description": preset.description, "seed": seed,
+        "profiles_file": str(Path(profiles_file).resolve()) if profiles_file else None,
         "time_scale": scale, "url": url, "requests": len(work.requests),
         "stages": [{"rate_qps": s.rate_qps, "duration_s": s.duration_s} for s in preset.stages],
         "engines": spec.engines if not url else None,
@@ -869,6 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fleet presets (autoscale): the simulated engines' start, in modelled "
                    "seconds, scaled by the time scale (default: the preset's; autoscale: 25, "
                    "real vLLM's on the CPU machines)")
+    p.add_argument("--profiles-file", type=Path, default=None,
+                   help="scheduling profiles (YAML, docs/scheduler.md) for the local systems, "
+                   "to compare candidates that are not shipped (default: the built-in ones)")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -887,6 +914,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if fleets and (args.peers or args.url or args.profiles):
         parser.error(f"--preset {args.preset} compares fleets (its rows): --profiles, --peers "
                      "and --url do not apply")
+    if args.profiles_file is not None and args.url:
+        parser.error("--profiles-file configures the local systems; it cannot go with --url")
     if args.startup_delay_s is not None and not fleets:
         parser.error("--startup-delay-s applies to fleet presets (autoscale)")
     if args.profiles.strip() == "none":
@@ -927,7 +956,11 @@ def main(argv: list[str] | None = None) -> int:
             run(preset, out, profiles=args.profile_list, url=args.url or None,
                 model=args.model, seed=args.seed, peers=args.peers,
                 peer_policies=args.peer_policies, repeat=args.repeat,
-                time_scale=args.time_scale, startup_delay_s=args.startup_delay_s)
+                time_scale=args.time_scale, startup_delay_s=args.startup_delay_s,
+                profiles_file=args.profiles_file)
+    except ConfigError as e:
+        print(f"infermesh bench: {e}", file=sys.stderr)
+        return 2
     except P.PeerError as e:
         print(f"infermesh bench: {e}", file=sys.stderr)
         return 2
