@@ -388,17 +388,18 @@ plugins:
 default_profile: default
 
 profiles:
-  # Prefix-cache hits, weighed against the prefill work in front of the request: token load 2
-  # (uncached tokens in flight on the pod + this prompt's uncached tokens there, from request
-  # events, the same on every replica), precise prefix 1. A hot prefix's pod keeps its
-  # requests while its queue is short and sheds them to a cold pod, which then computes the
-  # prefix, once the queue costs more than the miss. Chosen by measurement on the saturation
-  # preset against llm-d's blend and its "sticky until saturated" (docs/scheduler.md).
+  # Prefix-cache hits, weighed against the prefill work in front of the request: precise
+  # prefix 1, token load 1 (uncached tokens in flight on the pod + this prompt's uncached tokens
+  # there, from request events, the same on every replica). A hot prefix's pod keeps its
+  # requests until its queue runs well past the cost of computing the prefix elsewhere, then
+  # sheds them to a cold pod. Chosen by measurement on the saturation preset against llm-d's
+  # blend and its "sticky until saturated", and checked on quick and llmd-kvcache-wins
+  # (docs/scheduler.md; token load 2 shed too eagerly there).
   - name: default
     plugins:
       - ref: serving-roles
       - {ref: precise-prefix, weight: 1}
-      - {ref: token-load, weight: 2}
+      - {ref: token-load, weight: 1}
       - ref: max-score
 
   # Baselines and variants, for benchmarks.
@@ -458,13 +459,13 @@ profiles:
     plugins:
       - ref: serving-roles
       - {ref: precise-prefix, weight: 1}
-      - {ref: token-load, weight: 2}
+      - {ref: token-load, weight: 1}
       - ref: max-score
   - name: pd-never
     plugins:
       - ref: serving-roles
       - {ref: precise-prefix, weight: 1}
-      - {ref: token-load, weight: 2}
+      - {ref: token-load, weight: 1}
       - ref: max-score
   # The engine that prefills a disaggregated request: prefix hits first, then load.
   - name: prefill

@@ -45,7 +45,7 @@ def test_default_pipeline_has_the_benchmark_profiles(handle):
     d = p.profiles["default"]
     assert [type(f) for f in d.filters] == [RoleFilter]
     assert [(s.type_name, w) for s, w in d.scorers] == [
-        ("precise-prefix-cache-scorer", 1.0), ("token-load-scorer", 2.0)]
+        ("precise-prefix-cache-scorer", 1.0), ("token-load-scorer", 1.0)]
     # The old default, under the name benchmarks use.
     assert [(s.type_name, w) for s, w in p.profiles["precise-prefix"].scorers] == [
         ("precise-prefix-cache-scorer", 3.0), ("load-aware-scorer", 1.0)]

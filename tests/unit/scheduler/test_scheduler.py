@@ -50,7 +50,7 @@ async def test_profile_selection_by_name_default_and_unknown():
     assert d.scores["precise-prefix"] == {"a": 0.0, "b": 0.75, "c": 0.0}
     # Nothing in flight: b, holding 3 of the 4 blocks, has the least of this prompt to compute.
     assert d.scores["token-load"] == {"a": 0.0, "b": 1.0, "c": 0.0}
-    assert d.scores["total"]["b"] == pytest.approx(0.75 + 2 * 1)
+    assert d.scores["total"]["b"] == pytest.approx(0.75 + 1)
     old = await s.schedule(req(keys=[1, 2, 3, 4], profile="precise-prefix"), pods)
     assert set(old.scores) == {"precise-prefix", "load", "total"} and old.pod == "b"
     assert old.scores["total"]["b"] == pytest.approx(3 * 0.75 + 1)
