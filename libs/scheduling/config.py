@@ -350,8 +350,8 @@ plugins:
   - name: prefix-affinity
     type: prefix-affinity-filter
     parameters:
-      affinity_threshold: 0.5  # not measured yet
-      margin_tokens: 8192      # not measured yet
+      affinity_threshold: 0.5  # llm-d's
+      margin_tokens: 8192      # llm-d's (docs/scheduler.md: 4,096 and 6,144 on saturation)
   - name: serving-roles
     type: role-filter
     parameters:
@@ -398,18 +398,23 @@ plugins:
 default_profile: default
 
 profiles:
-  # Precise prefix-cache routing, kept off engines with many requests in flight. The in-flight
-  # count comes from request events (every replica's decisions as they happen); the engines'
-  # own queue and KV usage arrive with heartbeats, up to a scrape period late, and pulled
-  # requests off the engine holding their prefix (docs/bench.md: chosen by measurement).
+  # Prefix-cache hits, weighed against the prefill work in front of the request: precise
+  # prefix 1, token load 1 (uncached tokens in flight on the pod + this prompt's uncached tokens
+  # there, from request events, the same on every replica). A hot prefix's pod keeps its
+  # requests until its queue runs well past the cost of computing the prefix elsewhere, then
+  # sheds them to a cold pod. Chosen by measurement on the saturation preset against llm-d's
+  # blend and its "sticky until saturated", and checked on quick and llmd-kvcache-wins
+  # (docs/scheduler.md; token load 2 shed too eagerly there).
   - name: default
     plugins:
       - ref: serving-roles
       - ref: lora
-      - {ref: precise-prefix, weight: 3}
-      - {ref: lora-affinity, weight: 2}
+      - {ref: precise-prefix, weight: 1}
+      - {ref: token-load, weight: 1}
+      # Neutral for requests without an adapter or a session (every pod scores the same);
+      # weights not measured.
+      - {ref: lora-affinity, weight: 1}
       - {ref: session, weight: 1}
-      - {ref: load, weight: 1}
       - ref: max-score
 
   # Baselines and variants, for benchmarks.
@@ -434,6 +439,11 @@ profiles:
       - {ref: precise-prefix, weight: 0}
       - {ref: token-load, weight: 1}
       - ref: max-score
+  # The default until issue 17 measured the token load (docs/bench.md, docs/scheduler.md):
+  # precise prefix-cache routing, kept off engines with many requests in flight (the in-flight
+  # count from request events; the engines' own queue and KV usage, up to a scrape period
+  # late, pulled requests off the engine holding their prefix). Sticky: a hot prefix's pod is
+  # never left while it holds the prefix.
   - name: precise-prefix
     plugins:
       - ref: serving-roles
@@ -463,30 +473,26 @@ profiles:
   - name: pd-always
     plugins:
       - ref: serving-roles
-      - {ref: precise-prefix, weight: 3}
-      - {ref: load, weight: 1}
+      - ref: lora
+      - {ref: precise-prefix, weight: 1}
+      - {ref: token-load, weight: 1}
+      - {ref: lora-affinity, weight: 1}
+      - {ref: session, weight: 1}
       - ref: max-score
   - name: pd-never
     plugins:
       - ref: serving-roles
-      - {ref: precise-prefix, weight: 3}
-      - {ref: load, weight: 1}
+      - ref: lora
+      - {ref: precise-prefix, weight: 1}
+      - {ref: token-load, weight: 1}
+      - {ref: lora-affinity, weight: 1}
+      - {ref: session, weight: 1}
       - ref: max-score
   # The engine that prefills a disaggregated request: prefix hits first, then load.
   - name: prefill
     plugins:
       - ref: prefill-roles
       - {ref: precise-prefix, weight: 2}
-      - {ref: load, weight: 1}
-      - ref: max-score
-  # The default profile with LoRA routing: only engines serving the request's adapter, those
-  # holding it first (weights not measured; a request without an adapter routes as default).
-  - name: lora
-    plugins:
-      - ref: serving-roles
-      - ref: lora
-      - {ref: precise-prefix, weight: 3}
-      - {ref: lora-affinity, weight: 2}
       - {ref: load, weight: 1}
       - ref: max-score
 """

@@ -35,6 +35,7 @@ from typing import Any
 __all__ = [
     "RequestResult",
     "by_offered_rate",
+    "by_stage",
     "format_table",
     "mean",
     "percentile",
@@ -123,6 +124,26 @@ def _load_spread(
     return {"per_endpoint": dict(sorted(per_endpoint.items())), "cv": cv}
 
 
+def _prefill_spread(
+    ok: Sequence[RequestResult], endpoints: Sequence[str] | None
+) -> dict[str, Any]:
+    """Prompt tokens each engine computed (prompt − cached, successful requests): the prefill
+    work routing put on it, which request counts hide when prompts hit and miss unevenly."""
+    per_endpoint = {ep: 0 for ep in endpoints or ()}
+    for r in ok:
+        if r.endpoint is not None:
+            per_endpoint[r.endpoint] = (per_endpoint.get(r.endpoint, 0)
+                                        + max(0, r.prompt_tokens - r.cached_tokens))
+    values = list(per_endpoint.values())
+    cv = max_over_mean = None
+    if values and sum(values) > 0:
+        avg = sum(values) / len(values)
+        cv = math.sqrt(sum((v - avg) ** 2 for v in values) / len(values)) / avg
+        max_over_mean = max(values) / avg
+    return {"per_endpoint": dict(sorted(per_endpoint.items())), "cv": cv,
+            "max_over_mean": max_over_mean}
+
+
 def _latency_stats(
     ok: Sequence[RequestResult], time_scale: float
 ) -> dict[str, float | None]:
@@ -161,7 +182,10 @@ def summarize(
     ``prompt_tokens``, ``cached_tokens``, ``output_tokens`` (sums over successful
     requests); ``cache_hit_rate`` = cached / prompt tokens; ``load_spread``
     ``{"per_endpoint": {endpoint: requests}, "cv": std/mean}`` (population
-    standard deviation); ``duration_s`` (modelled) and ``time_scale``.
+    standard deviation); ``prefill_spread`` ``{"per_endpoint": {endpoint: prompt
+    tokens computed}, "cv", "max_over_mean"}`` over successful requests whose engine is
+    known (``prefill_max_over_mean`` repeats the last, a number the repeats' medians
+    take); ``duration_s`` (modelled) and ``time_scale``.
     """
     if not (math.isfinite(time_scale) and time_scale > 0):
         raise ValueError(f"time_scale must be finite and > 0, got {time_scale}")
@@ -171,6 +195,7 @@ def summarize(
     prompt = sum(r.prompt_tokens for r in ok)
     output = sum(r.output_tokens for r in ok)
     per_s = time_scale / duration_s  # converts a count to a per-modelled-second rate
+    prefill = _prefill_spread(ok, endpoints)
     summary: dict[str, Any] = {
         "requests": len(results),
         "ok": len(ok),
@@ -187,6 +212,8 @@ def summarize(
             "output_tokens": output,
             "cache_hit_rate": _cache_hit_rate(ok),
             "load_spread": _load_spread(results, endpoints),
+            "prefill_spread": prefill,
+            "prefill_max_over_mean": prefill["max_over_mean"],
             "duration_s": duration_s / time_scale,
             "time_scale": time_scale,
         }
@@ -227,6 +254,54 @@ def by_offered_rate(
                 "cache_hit_rate": _cache_hit_rate(ok),
             }
         )
+    return out
+
+
+def by_stage(
+    results: Sequence[RequestResult],
+    stages: Sequence[tuple[float, float]],
+    time_scale: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Statistics per load stage, ``stages`` being ``(rate, duration)`` pairs in wall units
+    (the schedule the requests were sent on; rates per wall second).
+
+    Stage ``i`` is the window ``[start_i, start_i + duration_i)`` of the run's clock. Each
+    entry: ``stage`` (its index), ``rate_qps`` (modelled), ``count`` and ``errors`` (requests
+    sent in the window), ``ttft_p50_s``, ``ttft_p90_s`` (modelled, over those that
+    succeeded), ``cache_hit_rate``, and the throughputs served in the window, per modelled
+    second: ``input_tok_s`` (prompt tokens of requests whose first token came in it: prefill
+    done) and ``output_tok_s`` (output tokens of requests that ended in it). A stage above
+    what the fleet serves sends more than it serves: its throughputs stay at the fleet's
+    capacity while its TTFTs grow.
+    """
+    if not (math.isfinite(time_scale) and time_scale > 0):
+        raise ValueError(f"time_scale must be finite and > 0, got {time_scale}")
+    out = []
+    t0 = 0.0
+    for i, (rate, duration) in enumerate(stages):
+        t1 = t0 + duration
+        sent = [r for r in results if t0 <= r.start_s < t1]
+        ok = [r for r in sent if r.ok]
+        ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+        prefilled = sum(r.prompt_tokens for r in results if r.ok and r.ttft_s is not None
+                        and t0 <= r.start_s + r.ttft_s < t1)
+        ended = sum(r.output_tokens for r in results if r.ok and r.e2e_s is not None
+                    and t0 <= r.start_s + r.e2e_s < t1)
+        per_s = time_scale / duration if duration > 0 else 0.0
+        out.append(
+            {
+                "stage": i,
+                "rate_qps": round(rate * time_scale, 6),
+                "count": len(sent),
+                "errors": len(sent) - len(ok),
+                "ttft_p50_s": _div(percentile(ttft, 50), time_scale),
+                "ttft_p90_s": _div(percentile(ttft, 90), time_scale),
+                "cache_hit_rate": _cache_hit_rate(ok),
+                "input_tok_s": prefilled * per_s,
+                "output_tok_s": ended * per_s,
+            }
+        )
+        t0 = t1
     return out
 
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import aiohttp
 
+from infermesh.libs.config import ConfigError
 from infermesh.libs.telemetry import configure_logging
 from infermesh.libs.tinymodel import DEFAULT_MODEL_NAME, ensure_model_folder
 from infermesh.libs.tokenization import ModelTokenizer
@@ -84,7 +85,10 @@ class Preset:
     profiles: list[str] = field(default_factory=lambda: list(ALL_PROFILES))
     fleets: list[F.Fleet] = field(default_factory=list)
     startup_delay_s: float = 0.0  # the engines' start (modelled s), for fleet rows
-    table: tuple[tuple[str, str, str, float, bool], ...] | None = None  # (fleets) its columns
+    table: tuple[tuple[str, str, str, float, bool], ...] | None = None  # its table's columns
+    # The stage at the fleet's knee (index into ``stages``): its TTFTs and throughputs are
+    # reported as ``knee_*`` (the table's columns when ``table`` names them).
+    knee_stage: int | None = None
     # Arrival moments of its own (the `tenants` preset: a Poisson process per class of
     # request) instead of one process over the stages: (workload, wall stages, seed) → stamped.
     arrivals: Callable[[list[W.BenchRequest], list[W.Stage], int],
@@ -139,6 +143,19 @@ def _tiered_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
     return [dataclasses.replace(r, id=i) for i, r in enumerate(out)]
 
 
+# Saturation: 16 groups of 3,000-token prefixes, popularity Zipf(1.1) over the groups (the
+# hottest 33% of the requests, the next 15%, 10%, …, the coldest 1.6%), 500-token questions.
+SATURATION_GROUPS = 16
+SATURATION_ZIPF_S = 1.1
+
+
+def _saturation_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
+    # More prompts than the stages send (≈ 300 of 600): no prompt is sent twice.
+    return W.zipf_prefix(tok, num_groups=SATURATION_GROUPS, num_requests=600,
+                         zipf_s=SATURATION_ZIPF_S, system_prompt_len=3000, question_len=500,
+                         output_len=16, seed=seed)
+
+
 def _autoscale_workload(tok: ModelTokenizer, seed: int) -> list[W.BenchRequest]:
     # Unique prompts: no prefix to route on, so the rows differ only in their engines.
     return W.low_sharing(tok, num_prompts=400, prompt_len=200, output_len=20, seed=seed)
@@ -159,6 +176,25 @@ _AUTOSCALER = {"min_replicas": 0, "max_replicas": AUTOSCALE_MAX, "interval_s": 2
                "warmup_s": 5.0, "scale_up_cooldown_s": 10.0, "scale_down_cooldown_s": 30.0,
                "scale_down_stabilization_s": 20.0, "scale_to_zero_after_s": 10.0,
                "kv_spare_trigger": 0.35}
+
+# The saturation preset's table: the whole run, then the knee stage, then where the work went.
+SATURATION_TABLE_COLUMNS: tuple[tuple[str, str, str, float, bool], ...] = (
+    ("TTFT p50 s", "ttft_p50_s", ".3f", 1.0, True),
+    ("TTFT p90 s", "ttft_p90_s", ".3f", 1.0, True),
+    ("knee p50 s", "knee_ttft_p50_s", ".3f", 1.0, False),
+    ("knee p90 s", "knee_ttft_p90_s", ".3f", 1.0, True),
+    ("knee in tok/s", "knee_input_tok_s", ".0f", 1.0, True),
+    ("knee out tok/s", "knee_output_tok_s", ".0f", 1.0, False),
+    # The whole run, its drain included: every profile serves the same requests, so this is
+    # the inverse of how long it took to serve them all (the knee's window also holds the
+    # backlog a profile carried out of the first stage).
+    ("in tok/s", "input_tok_s", ".0f", 1.0, True),
+    ("hit %", "cache_hit_rate", ".1f", 100.0, True),
+    ("spread CV", "load_spread", ".3f", 1.0, False),
+    ("prefill max/mean", "prefill_max_over_mean", ".2f", 1.0, False),
+    ("failed", "errors", "d", 1.0, True),
+    ("CP CPU s/1k", "control_plane_cpu_s_per_1k", ".1f", 1.0, False),
+)
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
@@ -189,6 +225,31 @@ PRESETS: dict[str, Preset] = {
         system=SystemSpec(engines=8, num_gpu_blocks=9630, time_scale=2.0,
                           engine_args="--prefill-tokens-per-s 20000"),
         profiles=["random", "approx-prefix", "llm-d", "default"],
+    ),
+    "saturation": Preset(
+        name="saturation",
+        description=("cache affinity against load: 8 engines, 16 groups of 3,000-token prefixes "
+                     "+ 500-token questions, Zipf(1.1) popularity (the hottest prefix 33% of "
+                     "the requests: 2.6 engines' share), Poisson below, at and above the "
+                     "fleet's knee"),
+        workload=_saturation_workload,
+        # The knee, from the simulator's model: a prompt whose prefix an engine holds costs
+        # 500 / 4,000 s + 3,000 cached tokens x 3 us = 0.134 s of prefill (one at a time per
+        # engine), 7.5 a second, 60 for the fleet if every prompt hit and the load were even;
+        # a miss costs 3,500 / 4,000 = 0.875 s (6.5 hits). Less the 16 first misses and the
+        # hottest prefix's copies, measured: TTFT p90 below 0.8 s up to 40 QPS and past 1.8 s
+        # from 50 (docs/bench.md). Stages: 25 QPS (below; the prefixes' first misses fall
+        # here), 45 (the knee), 60 (above: a backlog grows wherever routing sends it).
+        stages=[W.Stage(25, 2.5), W.Stage(45, 2.5), W.Stage(60, 2)],
+        # Prefill 4,000 tokens/s: a 70B-class model on one accelerator (so that the knee is at
+        # tens of requests a second, not hundreds). 1,000 blocks an engine hold 5 prefixes;
+        # the 16 (3,000 blocks) fit the fleet's 8,000, not one engine. Time scale 4: 60
+        # modelled QPS are 15 a wall second, which 2 cores send and serve.
+        system=SystemSpec(engines=8, num_gpu_blocks=1000, time_scale=4.0,
+                          engine_args="--prefill-tokens-per-s 4000"),
+        profiles=["random", "precise-prefix", "llm-d", "llm-d-sticky", "default"],
+        knee_stage=1,
+        table=SATURATION_TABLE_COLUMNS,
     ),
     "autoscale": Preset(
         name="autoscale",
@@ -330,6 +391,10 @@ async def run_requests(url: str, requests: list[W.BenchRequest], *, profile: str
         return list(results), time.perf_counter() - start
 
 
+# What the summary repeats of the knee stage (``knee_<key>``), from :func:`metrics.by_stage`.
+KNEE_KEYS = ("ttft_p50_s", "ttft_p90_s", "input_tok_s", "output_tok_s", "cache_hit_rate")
+
+
 def peak_stage_output_tok_s(results: list[M.RequestResult], wall_stages: list[W.Stage],
                             time_scale: float) -> float:
     """Output tokens/s completed while the last (peak) stage's arrivals were coming in.
@@ -392,6 +457,7 @@ class Workload:
     wall_stages: list[W.Stage]
     time_scale: float
     model: str
+    knee_stage: int | None = None
 
 
 def _spread_from_counts(counts: dict[str, int]) -> dict[str, Any]:
@@ -425,6 +491,12 @@ def _summarize(results: list[M.RequestResult], duration: float, work: Workload,
                     endpoints=endpoints)
     s["peak_output_tok_s"] = peak_stage_output_tok_s(results, work.wall_stages,
                                                      work.time_scale)
+    s["per_stage"] = M.by_stage(results, [(x.rate_qps, x.duration_s) for x in work.wall_stages],
+                                work.time_scale)
+    if work.knee_stage is not None:
+        knee = s["per_stage"][work.knee_stage]
+        for key in KNEE_KEYS:
+            s[f"knee_{key}"] = knee[key]
     n = len(results)
     by_kind = {g[5:]: v for g, v in cpu.items() if g.startswith("kind:")}
     if by_kind:
@@ -577,6 +649,21 @@ def compare_fleets(rep: dict[str, RowRun], baseline: str) -> None:
             s[out] = s[key] / b[key] if s.get(key) is not None and b.get(key) else None
 
 
+def with_profiles_file(spec: SystemSpec, path: str | Path) -> SystemSpec:
+    """``spec`` whose ingresses and scheduler read their profiles from ``path`` (checked now:
+    a bad file stops the bench before any system starts, with the config's message)."""
+    from infermesh.libs.scheduling.config import build_pipeline, read_pipeline_spec
+    from infermesh.libs.scheduling.framework import Handle
+    from infermesh.libs.scheduling.metrics import SchedulerMetrics
+
+    full = str(Path(path).resolve())
+    build_pipeline(read_pipeline_spec(full), Handle(SchedulerMetrics()))
+    settings = {k: dict(v) for k, v in spec.settings.items()}
+    for service in ("ingress", "scheduler"):
+        settings.setdefault(service, {})["profiles_file"] = full
+    return dataclasses.replace(spec, settings=settings)
+
+
 def resolve_time_scale(preset: Preset, override: float | None) -> float:
     """The time scale of a run: ``override`` (``--time-scale``) or the preset's, whatever the
     target (a local system, a peer, or ``--url``)."""
@@ -598,7 +685,7 @@ def build_workload(preset: Preset, seed: int, time_scale: float, model: str) -> 
     # More arrivals than prompts: cycle through the workload, as inference-perf does.
     requests = W.assign_arrivals(W.cycle_to(base, len(times)), times)
     return Workload(requests=requests, wall_stages=wall_stages, time_scale=time_scale,
-                    model=model)
+                    model=model, knee_stage=preset.knee_stage)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -609,11 +696,14 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         model: str = DEFAULT_MODEL_NAME, seed: int = 0, peers: Sequence[str] = (),
         peer_policies: Sequence[str] | None = None, repeat: int = 1,
         time_scale: float | None = None, startup_delay_s: float | None = None,
+        profiles_file: str | Path | None = None,
         ) -> dict[str, Any]:
     """Run ``preset`` for each profile (``profiles``: the preset's when None; ``[]``: none) and
     each peer policy, or for each of its fleets, ``repeat`` times; write results.json,
-    requests.json and plots into ``out``. Raises :class:`peers.PeerError` when a requested peer
-    is not installed."""
+    requests.json and plots into ``out``. ``profiles_file``: the scheduling profiles of the
+    local systems (their ingresses and scheduler; default: the built-in ones), for candidates
+    that are not shipped. Raises :class:`peers.PeerError` when a requested peer is not
+    installed."""
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1, got {repeat}")
     if peers and url:
@@ -625,6 +715,10 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         raise ValueError(f"startup delay must be finite and >= 0, got {delay}")
     scale = resolve_time_scale(preset, time_scale)
     spec = dataclasses.replace(preset.system, time_scale=scale)
+    if profiles_file is not None:
+        if url:
+            raise ValueError("a profiles file configures the local systems; not with a url")
+        spec = with_profiles_file(spec, profiles_file)
     plans = P.resolve(list(peers), list(peer_policies) if peer_policies else None,
                       spec.engines) if peers else []
     rows = [Row(p) for p in (preset.profiles if profiles is None else profiles)]
@@ -678,6 +772,10 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
                   f"CPU s/1k requests: control plane "
                   f"{_fmt(s['control_plane_cpu_s_per_1k'], '.1f')}, engines "
                   f"{_fmt(s['engines_cpu_s_per_1k'], '.1f')}; {r.wall_s:.0f} s", flush=True)
+            if work.knee_stage is not None:
+                print(f"[bench]   knee stage: ttft p90 {_fmt(s['knee_ttft_p90_s'], '.3f')}s, "
+                      f"{s['knee_input_tok_s']:.0f} input tok/s, prefill max/mean "
+                      f"{_fmt(s['prefill_max_over_mean'], '.2f')}", flush=True)
             if r.note:
                 print(f"[bench]   note: {r.note}", flush=True)
         if baseline is not None:
@@ -694,6 +792,7 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
     kept_notes = {n: v for n, v in notes.items() if v}
     doc: dict[str, Any] = {
         "preset": preset.name, "description": preset.description, "seed": seed,
+        "profiles_file": str(Path(profiles_file).resolve()) if profiles_file else None,
         "time_scale": scale, "url": url, "requests": len(work.requests),
         "stages": [{"rate_qps": s.rate_qps, "duration_s": s.duration_s} for s in preset.stages],
         "engines": spec.engines if not url else None,
@@ -709,7 +808,13 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
         # Every row (profiles and peer policies): the median over the repeats.
         "profiles": summaries,
         "per_rate": per_rate,
-        "spread": {n: R.spread(by_row[n]) for n in names},
+        "spread": {n: R.spread(by_row[n], R.SPREAD_KEYS + (
+            tuple(f"knee_{k}" for k in KNEE_KEYS) if preset.knee_stage is not None else ()))
+            for n in names},
+        # Per load stage (metrics.by_stage), the median over the repeats.
+        "per_stage": {n: R.median_per_rate([rep[n].summary.get("per_stage") or []
+                                            for rep in runs]) for n in names},
+        "knee_stage": preset.knee_stage,
         "repeats": [{"profiles": {n: rep[n].summary for n in names},
                      "per_rate": {n: rep[n].per_rate for n in names},
                      "wall_s": {n: rep[n].wall_s for n in names},
@@ -734,7 +839,7 @@ def run(preset: Preset, out: Path, *, profiles: list[str] | None = None, url: st
                   f"{max(f.max_engines for f in preset.fleets)}); at zero: requests that "
                   "arrived with no replica ready; added s: their median TTFT minus the others'")
     else:
-        print(R.format_table(by_row))
+        print(R.format_table(by_row, **({"columns": preset.table} if preset.table else {})))
     for n, v in kept_notes.items():
         for note in v:
             print(f"note: {n}: {note}")
@@ -835,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fleet presets (autoscale): the simulated engines' start, in modelled "
                    "seconds, scaled by the time scale (default: the preset's; autoscale: 25, "
                    "real vLLM's on the CPU machines)")
+    p.add_argument("--profiles-file", type=Path, default=None,
+                   help="scheduling profiles (YAML, docs/scheduler.md) for the local systems, "
+                   "to compare candidates that are not shipped (default: the built-in ones)")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -853,6 +961,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if fleets and (args.peers or args.url or args.profiles):
         parser.error(f"--preset {args.preset} compares fleets (its rows): --profiles, --peers "
                      "and --url do not apply")
+    if args.profiles_file is not None and args.url:
+        parser.error("--profiles-file configures the local systems; it cannot go with --url")
     if args.startup_delay_s is not None and not fleets:
         parser.error("--startup-delay-s applies to fleet presets (autoscale)")
     if args.profiles.strip() == "none":
@@ -893,7 +1003,11 @@ def main(argv: list[str] | None = None) -> int:
             run(preset, out, profiles=args.profile_list, url=args.url or None,
                 model=args.model, seed=args.seed, peers=args.peers,
                 peer_policies=args.peer_policies, repeat=args.repeat,
-                time_scale=args.time_scale, startup_delay_s=args.startup_delay_s)
+                time_scale=args.time_scale, startup_delay_s=args.startup_delay_s,
+                profiles_file=args.profiles_file)
+    except ConfigError as e:
+        print(f"infermesh bench: {e}", file=sys.stderr)
+        return 2
     except P.PeerError as e:
         print(f"infermesh bench: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ that system prompt, a space and a unique random question of ``question_len``
 tokens; the prompts of all groups are shuffled together (seeded) so groups
 interleave. :func:`multi_turn` builds chat conversations whose every turn extends
 the previous one, and :func:`low_sharing` is the control of unique prompts.
+:func:`zipf_prefix` is the shared-prefix workload with a skewed popularity: each request
+draws its group from a Zipf law over the groups' ranks, so a few prefixes are hot.
 
 Token counting
 --------------
@@ -72,6 +74,8 @@ __all__ = [
     "shared_prefix",
     "total_duration",
     "word_pool",
+    "zipf_prefix",
+    "zipf_weights",
 ]
 
 
@@ -386,6 +390,65 @@ def low_sharing(
                 group=None,
                 session=None,
                 prompt_tokens=_completion_tokens(tok, pool, prompt, prompt_len),
+            )
+        )
+    return out
+
+
+def zipf_weights(num_groups: int, s: float) -> list[float]:
+    """The Zipf law over ranks 1..``num_groups``: P(rank k) = k^-s / Σ j^-s (s = 0: uniform)."""
+    _check_positive(num_groups=num_groups)
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+        raise ValueError(f"zipf_s must be a finite number >= 0, got {s!r}")
+    raw = [k ** -s for k in range(1, num_groups + 1)]
+    total = math.fsum(raw)
+    return [w / total for w in raw]
+
+
+def zipf_prefix(
+    tok: TextTokenizer,
+    *,
+    num_groups: int,
+    num_requests: int,
+    zipf_s: float,
+    system_prompt_len: int,
+    question_len: int,
+    output_len: int,
+    seed: int,
+) -> list[BenchRequest]:
+    """Shared prefixes with a skewed popularity, as completion requests.
+
+    Group ``g`` (0-based; ``g`` is its popularity rank − 1, so group 0 is the hottest) has a
+    random system prompt of ``system_prompt_len`` tokens. Each of the ``num_requests``
+    requests draws its group independently with probability ∝ ``(g + 1) ** -zipf_s``
+    (:func:`zipf_weights`) and is ``system + " " + question``, its question of
+    ``question_len`` tokens unique within the group. ``id`` is the position; the order is the
+    draw order, so groups interleave as their popularity says.
+    """
+    _check_positive(num_requests=num_requests, output_len=output_len)
+    _check_nonneg(system_prompt_len=system_prompt_len, question_len=question_len)
+    weights = zipf_weights(num_groups, zipf_s)
+    if system_prompt_len + question_len == 0:
+        raise ValueError("system_prompt_len + question_len must be at least 1")
+    pool = _pool_for(tok)
+    rng = random.Random(f"zipf_prefix:{seed}")
+    systems = [_text(tok, pool, rng, system_prompt_len) for _ in range(num_groups)]
+    groups = rng.choices(range(num_groups), weights=weights, k=num_requests)
+    seen: dict[int, set[str]] = defaultdict(set)
+    out = []
+    for i, group in enumerate(groups):
+        prompt = _join(systems[group], _unique_text(tok, pool, rng, question_len, seen[group]))
+        out.append(
+            BenchRequest(
+                id=i,
+                kind="completion",
+                prompt=prompt,
+                messages=None,
+                max_tokens=output_len,
+                group=group,
+                session=None,
+                prompt_tokens=_completion_tokens(tok, pool, prompt,
+                                                 system_prompt_len + question_len),
             )
         )
     return out

@@ -361,8 +361,11 @@ async def test_killing_a_replica_under_load_loses_no_request(nc, replicas):
                 while not queue.empty():
                     i = queue.get_nowait()
                     try:
+                        # The sticky profile: no request finishes here, so the default
+                        # (token load) would rightly shed pod-a's growing queue to the others;
+                        # this test is about losing no request and no cache-aware decision.
                         done.append(await schedule(nc, request_id=f"req-{i}", timeout=0.3,
-                                                   retries=retries))
+                                                   retries=retries, profile="precise-prefix"))
                     except Exception as e:  # noqa: BLE001 - collected and asserted below
                         failed.append(e)
                     if len(done) >= total // 4:

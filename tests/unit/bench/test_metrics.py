@@ -12,6 +12,7 @@ import pytest
 from infermesh.services.bench.metrics import (
     RequestResult,
     by_offered_rate,
+    by_stage,
     format_table,
     mean,
     percentile,
@@ -140,6 +141,48 @@ def test_by_offered_rate() -> None:
     assert [r["rate_qps"] for r in fast] == [2.0, 8.0]
     assert fast[0]["ttft_p50_s"] == pytest.approx(2.5)
     assert by_offered_rate([RequestResult(id=0, ok=True)]) == []
+
+
+def test_prefill_spread_counts_computed_tokens_per_engine() -> None:
+    results = [RequestResult(id=0, ok=True, prompt_tokens=1000, cached_tokens=900, endpoint="a"),
+               RequestResult(id=1, ok=True, prompt_tokens=1000, cached_tokens=0, endpoint="b"),
+               RequestResult(id=2, ok=True, prompt_tokens=1000, cached_tokens=900, endpoint="b"),
+               RequestResult(id=3, ok=False, prompt_tokens=1000, endpoint="c")]
+    s = summarize(results, duration_s=1.0, endpoints=["a", "b", "c", "d"])
+    spread = s["prefill_spread"]
+    # Requests per engine are 1, 2, 1, 0; the work is 100, 1,100, 0, 0 tokens.
+    assert spread["per_endpoint"] == {"a": 100, "b": 1100, "c": 0, "d": 0}
+    assert spread["max_over_mean"] == pytest.approx(1100 / 300)
+    assert s["prefill_max_over_mean"] == spread["max_over_mean"]
+    assert summarize([], duration_s=1.0)["prefill_max_over_mean"] is None
+
+
+def test_by_stage_windows_and_throughputs() -> None:
+    # Two wall stages: 2 req/s for 2 s, then 4 req/s for 1 s; time scale 0.5 (modelled = 2x).
+    results = [
+        RequestResult(id=0, ok=True, start_s=0.1, ttft_s=0.2, e2e_s=0.5, prompt_tokens=100,
+                      cached_tokens=50, output_tokens=10),
+        RequestResult(id=1, ok=True, start_s=1.5, ttft_s=1.0, e2e_s=1.2, prompt_tokens=200,
+                      output_tokens=20),  # sent in stage 0, prefilled and ended in stage 1
+        RequestResult(id=2, ok=True, start_s=2.2, ttft_s=0.4, e2e_s=0.6, prompt_tokens=300,
+                      output_tokens=30),
+        RequestResult(id=3, ok=False, start_s=2.5, prompt_tokens=300),
+        RequestResult(id=4, ok=True, start_s=2.9, ttft_s=0.5, e2e_s=0.8, prompt_tokens=400,
+                      output_tokens=40),  # prefilled after the last stage: in none
+    ]
+    first, second = by_stage(results, [(2.0, 2.0), (4.0, 1.0)], time_scale=0.5)
+    assert first["stage"] == 0 and first["rate_qps"] == 1.0
+    assert first["count"] == 2 and first["errors"] == 0
+    assert first["ttft_p50_s"] == pytest.approx((0.2 + 1.0) / 2 / 0.5)
+    assert first["cache_hit_rate"] == pytest.approx(50 / 300)
+    assert first["input_tok_s"] == pytest.approx(100 / 2.0 * 0.5)
+    assert first["output_tok_s"] == pytest.approx(10 / 2.0 * 0.5)
+    assert second["rate_qps"] == 2.0
+    assert second["count"] == 3 and second["errors"] == 1
+    assert second["ttft_p90_s"] == pytest.approx((0.4 + 0.9 * 0.1) / 0.5)
+    assert second["input_tok_s"] == pytest.approx((200 + 300) / 1.0 * 0.5)
+    assert second["output_tok_s"] == pytest.approx((20 + 30) / 1.0 * 0.5)
+    assert by_stage([], [(1.0, 1.0)])[0]["ttft_p90_s"] is None
 
 
 def test_request_result_round_trip() -> None:

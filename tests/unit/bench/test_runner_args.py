@@ -177,3 +177,29 @@ def test_peers_need_simulated_engines(tmp_path: Path) -> None:
 
     with pytest.raises(peers.PeerError, match="simulated engines"):
         peers.SimFleet(SystemSpec(engine="vllm", engines=2), tmp_path)
+
+
+def test_a_profiles_file_goes_to_the_ingresses_and_the_scheduler(tmp_path: Path) -> None:
+    from infermesh.libs.scheduling.config import DEFAULT_PIPELINE_YAML
+    from infermesh.services.system.spec import SystemSpec
+
+    f = tmp_path / "candidates.yaml"
+    f.write_text(DEFAULT_PIPELINE_YAML)
+    args = runner.parse_args(["--profiles-file", str(f), "--profiles", "default"])
+    assert args.profiles_file == f
+    base = SystemSpec(engines=2, settings={"ingress": {"schedule_timeout_s": 3}})
+    spec = runner.with_profiles_file(base, f)
+    assert spec.settings["ingress"] == {"schedule_timeout_s": 3, "profiles_file": str(f)}
+    assert spec.settings["scheduler"] == {"profiles_file": str(f)}
+    assert "scheduler" not in base.settings  # the preset's spec is not changed
+    # A bad file stops the bench before anything starts.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profiles: [{name: x, plugins: [{ref: nowhere}]}]\n")
+    with pytest.raises(ValueError, match="nowhere"):
+        runner.with_profiles_file(base, bad)
+
+
+def test_a_profiles_file_cannot_go_with_a_url(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--profiles-file", "x.yaml", "--url", "http://h:1"])
+    assert "--profiles-file" in capsys.readouterr().err

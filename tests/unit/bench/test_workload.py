@@ -28,6 +28,8 @@ from infermesh.services.bench.workload import (
     shared_prefix,
     total_duration,
     word_pool,
+    zipf_prefix,
+    zipf_weights,
 )
 
 
@@ -129,6 +131,77 @@ def test_shared_prefix_rejects_bad_parameters(tok: ModelTokenizer, bad: dict[str
                 output_len=4, seed=0)
     with pytest.raises(ValueError):
         shared_prefix(tok, **{**args, **bad})
+
+
+# --------------------------------------------------------------------------- zipf prefix
+
+
+def test_zipf_weights() -> None:
+    w = zipf_weights(4, 1.0)
+    assert w == pytest.approx([12 / 25, 6 / 25, 4 / 25, 3 / 25])  # 1, 1/2, 1/3, 1/4 over 25/12
+    assert zipf_weights(3, 0.0) == pytest.approx([1 / 3] * 3)
+    for bad in (-0.1, math.inf, math.nan):
+        with pytest.raises(ValueError):
+            zipf_weights(3, bad)
+    with pytest.raises(ValueError):
+        zipf_weights(0, 1.0)
+
+
+def test_zipf_prefix_popularity_is_skewed_as_specified(tok: ModelTokenizer) -> None:
+    n, groups, s = 4000, 16, 1.1
+    reqs = zipf_prefix(tok, num_groups=groups, num_requests=n, zipf_s=s, system_prompt_len=4,
+                       question_len=6, output_len=3, seed=7)
+    assert [r.id for r in reqs] == list(range(n))
+    counts = [sum(r.group == g for r in reqs) for g in range(groups)]
+    expected = zipf_weights(groups, s)
+    assert expected[0] == pytest.approx(0.330, abs=0.001)  # what the preset's description says
+    for g in range(groups):
+        # Within 4 binomial standard deviations of the law.
+        sd = math.sqrt(n * expected[g] * (1 - expected[g]))
+        assert abs(counts[g] - n * expected[g]) <= 4 * sd, (g, counts[g], n * expected[g])
+    # Skewed: the hottest group alone outnumbers the coldest half of the groups together.
+    assert counts[0] > sum(counts[groups // 2:])
+    assert counts[0] > counts[1] > counts[3] > counts[-1]
+
+
+def test_zipf_prefix_prompts_share_their_group_prefix(tok: ModelTokenizer) -> None:
+    reqs = zipf_prefix(tok, num_groups=5, num_requests=60, zipf_s=1.0, system_prompt_len=64,
+                       question_len=16, output_len=4, seed=3)
+    by_group: dict[int, list[BenchRequest]] = {}
+    for r in reqs:
+        assert r.kind == "completion" and r.prompt is not None and r.max_tokens == 4
+        ids = tok.encode(r.prompt)
+        assert len(ids) == r.prompt_tokens == 1 + 64 + 16
+        assert r.group is not None
+        by_group.setdefault(r.group, []).append(r)
+    for members in by_group.values():
+        if len(members) > 1:
+            assert group_prefix([tok.encode(m.prompt or "") for m in members]) == 1 + 64
+            assert len({m.prompt for m in members}) == len(members)  # unique questions
+    firsts = [tok.encode(v[0].prompt or "") for v in by_group.values()]
+    assert max(common_prefix(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:]) <= 4
+
+
+def test_zipf_prefix_is_deterministic_with_its_seed(tok: ModelTokenizer) -> None:
+    args: dict[str, Any] = dict(num_groups=6, num_requests=40, zipf_s=1.2, system_prompt_len=20,
+                                question_len=5, output_len=2)
+    a = zipf_prefix(tok, seed=1, **args)
+    assert a == zipf_prefix(tok, seed=1, **args)
+    b = zipf_prefix(tok, seed=2, **args)
+    assert [r.group for r in a] != [r.group for r in b]
+    assert {r.prompt for r in a}.isdisjoint({r.prompt for r in b})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(num_groups=0), dict(num_requests=0), dict(output_len=0), dict(zipf_s=-1.0),
+     dict(system_prompt_len=-1), dict(system_prompt_len=0, question_len=0)],
+)
+def test_zipf_prefix_rejects_bad_parameters(tok: ModelTokenizer, bad: dict[str, Any]) -> None:
+    args: dict[str, Any] = dict(num_groups=2, num_requests=4, zipf_s=1.0, system_prompt_len=4,
+                                question_len=4, output_len=4, seed=0)
+    with pytest.raises(ValueError):
+        zipf_prefix(tok, **{**args, **bad})
 
 
 # --------------------------------------------------------------------------- multi-turn

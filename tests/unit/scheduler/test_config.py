@@ -17,6 +17,7 @@ from infermesh.libs.scheduling.config import (
 from infermesh.libs.scheduling.framework import Parameters
 from infermesh.libs.scheduling.plugins import (
     PLUGIN_TYPES,
+    LoraFilter,
     MaxScorePicker,
     PDProfileHandler,
     PrecisePrefixCacheScorer,
@@ -43,9 +44,18 @@ def test_default_pipeline_has_the_benchmark_profiles(handle):
     assert {"default", "random", "round-robin", "load", "approx-prefix",
             "precise-prefix", "llm-d"} <= set(p.profiles)
     d = p.profiles["default"]
-    assert [type(f) for f in d.filters] == [RoleFilter]
+    assert [type(f) for f in d.filters] == [RoleFilter, LoraFilter]
     assert [(s.type_name, w) for s, w in d.scorers] == [
+        ("precise-prefix-cache-scorer", 1.0), ("token-load-scorer", 1.0),
+        ("lora-affinity-scorer", 1.0), ("session-affinity-scorer", 1.0)]
+    # The old default, under the name benchmarks use.
+    assert [(s.type_name, w) for s, w in p.profiles["precise-prefix"].scorers] == [
         ("precise-prefix-cache-scorer", 3.0), ("load-aware-scorer", 1.0)]
+    # pd-always and pd-never are the default with the other deciders.
+    for name in ("pd-always", "pd-never"):
+        assert [(s.name, w) for s, w in p.profiles[name].scorers] == [
+            (s.name, w) for s, w in d.scorers]
+        assert [type(f) for f in p.profiles[name].filters] == [RoleFilter, LoraFilter]
     assert [(s.type_name, w) for s, w in p.profiles["llm-d"].scorers] == [
         ("precise-prefix-cache-scorer", 3.0), ("queue-scorer", 2.0),
         ("kv-cache-utilization-scorer", 2.0)]
@@ -58,7 +68,7 @@ def test_default_pipeline_has_the_benchmark_profiles(handle):
     assert p.handler.decider.threshold == 512
     assert [f.roles for f in p.profiles["prefill"].filters] == [frozenset({"prefill"})]
     # Both prefix scorers follow routed requests (precise: its speculative matches).
-    assert [o.name for o in p.observers()] == ["precise-prefix", "approx-prefix"]
+    assert [o.name for o in p.observers()] == ["precise-prefix", "session", "approx-prefix"]
     # One instance per YAML entry, shared by the profiles that refer to it.
     assert p.profiles["precise-prefix"].scorers[0][0] is d.scorers[0][0]
     assert load_pipeline(DEPLOY, handle).profiles.keys() == p.profiles.keys()

@@ -42,15 +42,15 @@ async def test_affinity_prefers_residency() -> None:
         "run": 1.0, "loaded": 0.9, "wait": 0.8, "room": 0.5}
 
 
-async def test_lora_profile_routes_to_the_engine_holding_the_adapter(handle) -> None:
+async def test_the_default_profile_routes_to_the_engine_holding_the_adapter(handle) -> None:
     p = load_pipeline(None, handle)
-    prof = p.profiles["lora"]
+    prof = p.profiles["default"]
     assert [type(f) for f in prof.filters] == [RoleFilter, LoraFilter]
-    assert ("lora-affinity-scorer", 2.0) in [(s.type_name, w) for s, w in prof.scorers]
+    assert ("lora-affinity-scorer", 1.0) in [(s.type_name, w) for s, w in prof.scorers]
     sched = Scheduler(p, SchedulerMetrics())
     pods = [pod("cold", adapters=["x"]),  # could load x on demand
             pod("base"),  # does not serve x
             pod("warm", adapters=["x"], lora=LoraInfo(loaded=["x"], max_lora=4))]
     for i in range(5):
-        d = await sched.schedule(req(f"r{i}", lora_name="x", profile="lora"), pods)
+        d = await sched.schedule(req(f"r{i}", lora_name="x"), pods)
         assert d.pod == "warm"

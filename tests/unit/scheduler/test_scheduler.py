@@ -42,13 +42,20 @@ def make_scheduler() -> Scheduler:
 
 async def test_profile_selection_by_name_default_and_unknown():
     s = make_scheduler()
-    pods = [pod("a"), pod("b"), pod("c")]
+    pods = [pod("a", block_size=16), pod("b", block_size=16), pod("c", block_size=16)]
     d = await s.schedule(req(keys=[1, 2, 3, 4]), pods)
     assert d.profile == "default" and d.pod == "b" and d.url == "http://b:8000"
     assert d.cached_blocks == 3
-    assert set(d.scores) == {"precise-prefix", "load", "total"}
+    assert set(d.scores) == {"precise-prefix", "token-load", "lora-affinity", "session", "total"}
+    # No adapter, no session: those two score every pod alike.
+    assert d.scores["lora-affinity"] == d.scores["session"] == {"a": 1.0, "b": 1.0, "c": 1.0}
     assert d.scores["precise-prefix"] == {"a": 0.0, "b": 0.75, "c": 0.0}
-    assert d.scores["total"]["b"] == pytest.approx(3 * 0.75 + 1)
+    # Nothing in flight: b, holding 3 of the 4 blocks, has the least of this prompt to compute.
+    assert d.scores["token-load"] == {"a": 0.0, "b": 1.0, "c": 0.0}
+    assert d.scores["total"]["b"] == pytest.approx(0.75 + 1 + 1 + 1)
+    old = await s.schedule(req(keys=[1, 2, 3, 4], profile="precise-prefix"), pods)
+    assert set(old.scores) == {"precise-prefix", "load", "total"} and old.pod == "b"
+    assert old.scores["total"]["b"] == pytest.approx(3 * 0.75 + 1)
     m = await s.schedule(req(keys=[1, 2, 3, 4], profile="llm-d"), pods)
     assert set(m.scores) == {"precise-prefix", "queue", "kv-utilization", "total"}
     assert m.scores["total"]["b"] == pytest.approx(3 * 0.75 + 2 + 2)
@@ -68,7 +75,7 @@ async def test_plugin_timings_are_recorded_per_plugin():
     s = make_scheduler()
     await s.schedule(req(keys=[1]), [pod("a"), pod("b")])
     text = generate_latest(s.metrics.registry).decode()
-    for plugin in ("precise-prefix", "load", "serving-roles", "max-score"):
+    for plugin in ("precise-prefix", "token-load", "serving-roles", "max-score"):
         assert f'infermesh_scheduler_plugin_seconds_count{{plugin="{plugin}"' in text
     assert 'infermesh_scheduler_decision_seconds_count{profile="default"} 1.0' in text
 
