@@ -60,8 +60,11 @@ def test_rows_filter_classes_drop_headers_and_set_the_ingress(work) -> None:
     settings = {n: F.fleet_spec(spec, f, 4.0, 0.0).settings["ingress"] for n, f in rows.items()}
     assert settings["no flow control"]["flow_control"] is False
     assert settings["flow fcfs"]["flow_fairness"] == "off"
-    # The preset's own ingress setting stays under each row's.
-    assert all(s["saturation_uncached_tokens"] == 1000 for s in settings.values())
+    # The preset's own ingress setting stays under each row's: one prompt in flight saturates
+    # an engine, with room for the tokenizer's early estimate of a never-seen prompt's length
+    # (a few percent either side) — at the prompt's own length, half the prompts did not.
+    assert all(s["saturation_uncached_tokens"] == 500 for s in settings.values())
+    assert 500 <= T.PROMPT_LEN // 2
 
 
 def test_per_class_ttfts_flow_answers_and_the_comparison() -> None:
