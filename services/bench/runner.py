@@ -902,6 +902,39 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _stages(text: str) -> list[W.Stage]:
+    """``RATE:SECONDS[,RATE:SECONDS...]``: arrival stages (modelled requests a second, seconds)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        rate, sep, seconds = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            r, d = float(rate), float(seconds)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"a stage is RATE:SECONDS (modelled requests a second and seconds), got "
+                f"{item!r}") from None
+        if not (math.isfinite(r) and r >= 0 and math.isfinite(d) and d > 0):
+            raise argparse.ArgumentTypeError(
+                f"a stage's rate must be >= 0 and its seconds > 0, got {item!r}")
+        out.append(W.Stage(r, d))
+    if not out:
+        raise argparse.ArgumentTypeError("no stage given")
+    return out
+
+
+def with_stages(preset: Preset, stages: Sequence[W.Stage]) -> Preset:
+    """``preset`` with other arrival stages; its knee stays the stage at the same index (none
+    when there are fewer stages)."""
+    knee = preset.knee_stage
+    return dataclasses.replace(preset, stages=list(stages),
+                               knee_stage=knee if knee is not None and knee < len(stages)
+                               else None)
+
+
 def _names(known: Sequence[str], what: str) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         items = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
@@ -946,6 +979,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profiles-file", type=Path, default=None,
                    help="scheduling profiles (YAML, docs/scheduler.md) for the local systems, "
                    "to compare candidates that are not shipped (default: the built-in ones)")
+    p.add_argument("--stages", type=_stages, default=None,
+                   help="arrival stages instead of the preset's: RATE:SECONDS,... (modelled "
+                   "requests a second and seconds, Poisson; e.g. 25:2.5,45:8 holds the "
+                   "saturation preset's knee for 8 s); a preset's knee stays the stage at its "
+                   "index")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -1001,6 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("bench", level=None if "INFERMESH_LOG_LEVEL" in os.environ else "warning")
     preset = PRESETS[args.preset]
     out = args.out / preset.name if args.out == Path(".bench") else args.out
+    if args.stages:
+        preset = with_stages(preset, args.stages)
     try:
         with _sigterm_as_interrupt():
             run(preset, out, profiles=args.profile_list, url=args.url or None,

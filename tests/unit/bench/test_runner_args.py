@@ -203,3 +203,22 @@ def test_a_profiles_file_cannot_go_with_a_url(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         runner.parse_args(["--profiles-file", "x.yaml", "--url", "http://h:1"])
     assert "--profiles-file" in capsys.readouterr().err
+
+
+def test_stages_replace_the_presets_and_keep_its_knee(capsys: pytest.CaptureFixture[str]) -> None:
+    args = runner.parse_args(["--preset", "saturation", "--stages", "25:2.5, 45:8"])
+    assert [(s.rate_qps, s.duration_s) for s in args.stages] == [(25.0, 2.5), (45.0, 8.0)]
+    preset = runner.with_stages(runner.PRESETS["saturation"], args.stages)
+    assert preset.stages == args.stages and preset.knee_stage == 1
+    # Fewer stages than the knee's index: no knee.
+    one = runner.with_stages(runner.PRESETS["saturation"], args.stages[:1])
+    assert one.knee_stage is None
+    assert runner.PRESETS["saturation"].stages[1].duration_s == 2.5  # the preset is unchanged
+    work = runner.build_workload(preset, 0, 4.0, "m")
+    assert work.knee_stage == 1
+    sent = [r.arrival_s for r in work.requests]
+    # 25 x 2.5 + 45 x 8 modelled = 422 requests (Poisson, 4 sigma), over 42 wall seconds.
+    assert abs(len(sent) - 422.5) < 4 * 422.5 ** 0.5 and max(sent) < 42.0
+    for bad in ("45", "45:0", "-1:2", "a:b", ",", "45:inf"):
+        assert "--stages" in _error(capsys, ["--stages", bad]), bad
+    assert runner.parse_args([]).stages is None
