@@ -27,7 +27,7 @@ class Thresholds:
 
     waiting: int = 5
     kv_usage: float = 0.8
-    uncached_tokens: int = 8192
+    uncached_tokens: int = 0
     requests: int = 0
 
     def __post_init__(self) -> None:

@@ -335,8 +335,8 @@ PRESETS: dict[str, Preset] = {
         # 4 engines computing 8,000 prompt tokens/s, one prefill at a time: 0.125 s a
         # 1,000-token prompt, 32 requests/s for the fleet; the heavy tenant sends 96. Quarter
         # speed (time scale 4): 25 requests/s of wall clock for the 2-core machine. An engine counts
-        # as saturated with one prompt waiting for its prefill (the default 8,192 keeps 8 of
-        # these queued at the engine: docs/flow-control.md). The threshold is half a prompt,
+        # as saturated with one prompt waiting for its prefill (the signal is off by default:
+        # docs/flow-control.md). The threshold is half a prompt,
         # not a whole one: a never-seen prompt's count is the tokenizer's early estimate
         # (characters per token), a few percent either side of its 1,001 tokens, and at 1,000
         # the prompts estimated short left their engine "unsaturated" with a prefill running.

@@ -89,8 +89,8 @@ class IngressConfig(BusKnobs, TokenizingKnobs, SchedulingKnobs):
         0.8, "An engine with this fraction of its KV cache in use is saturated (0: off)"
     )
     saturation_uncached_tokens: int = knob(
-        8192, "An engine with this many prompt tokens routed and not yet prefilled is saturated "
-        "(0: off)"
+        0, "An engine with this many prompt tokens routed and not yet prefilled is saturated "
+        "(0: off, the default: with long prompts it ends cache affinity, docs/flow-control.md)"
     )
     saturation_requests: int = knob(
         0, "An engine with this many requests in flight is saturated (0: off)"

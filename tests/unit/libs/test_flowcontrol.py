@@ -161,7 +161,7 @@ def test_each_signal_saturates_a_pod_at_its_threshold_and_zero_turns_it_off() ->
 
 
 def test_a_pool_is_saturated_when_every_pod_is_and_when_it_has_none() -> None:
-    t = Thresholds()
+    t = Thresholds(uncached_tokens=8192)
     full = PodLoad("a", uncached_tokens=10_000)
     assert pool_saturated([], t) == "no_engine"
     assert pool_saturated([full, PodLoad("b", waiting=1)], t) is None
@@ -203,3 +203,15 @@ def test_would_refuse_says_what_push_would_do() -> None:
     assert not q.would_refuse(Ticket(band=0, tenant="y"))  # displaces x's newest
     assert not q.would_refuse(Ticket(band=1, tenant="x"))  # a higher band
     assert q.would_refuse(Ticket(band=-1, tenant="y"))
+
+
+def test_the_uncached_token_signal_is_off_by_default() -> None:
+    # With it on (8,192), llmd-kvcache-wins' 7,200-token prompts saturated every pod under load,
+    # the requests let go for room missed their prefixes on the pods that had it, and the pool
+    # spiralled: TTFT p90 0.61 s -> 11 s, 729 of 2,165 refused (docs/flow-control.md).
+    from infermesh.services.ingress.config import IngressConfig
+
+    assert Thresholds().uncached_tokens == 0
+    t = IngressConfig().thresholds()
+    assert t.uncached_tokens == 0 and t.waiting == 5 and t.kv_usage == 0.8
+    assert pod_saturated(PodLoad("p", uncached_tokens=10**9), t) is None
